@@ -1,0 +1,1 @@
+"""Model adapters implementing `ModelAdapter` (see trainer/denoiser.py)."""

@@ -1,0 +1,178 @@
+"""Diffusers adapter: UNet2DConditionModel teachers (SD1.5 eps/v, SDXL, flow-matching UNets)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ..denoiser import Conditioning, ModelAdapter
+from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, append_dims, prediction_to_x0
+
+logger = logging.getLogger(__name__)
+
+# The LCM-LoRA / DMD2 SDXL LoRA targets: attention, feed-forward, resnet convs, samplers, time embedding.
+UNET_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+
+
+def schedule_from_scheduler_config(config: dict) -> tuple[NoiseSchedule, str]:
+    """(schedule, prediction_type) from a diffusers scheduler config, using diffusers' own beta tables."""
+    class_name = config.get("_class_name", "")
+    if "FlowMatch" in class_name:
+        if config.get("shift", 1.0) != 1.0 or config.get("use_dynamic_shifting", False):
+            logger.info("flow scheduler shift is a sampling choice; training levels stay unshifted")
+        return FlowSchedule(config.get("num_train_timesteps", 1000)), "flow"
+    from diffusers import DDPMScheduler
+
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported; use epsilon or v_prediction")
+    ddpm = DDPMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return DiscreteVPSchedule(ddpm.alphas_cumprod), prediction_type
+
+
+class DiffusersAdapter(ModelAdapter):
+    """A diffusers UNet teacher with its CLIP text encoder(s), tokenizer(s) and optional VAE."""
+
+    def __init__(self, unet, text_encoders: list, tokenizers: list, schedule: NoiseSchedule, prediction_type: str,
+                 vae=None, uncond_mode: str = "empty_prompt"):
+        self.network = unet
+        self.text_encoders = list(text_encoders)
+        self.tokenizers = list(tokenizers)
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.vae = vae
+        self.uncond_mode = uncond_mode
+        self.is_sdxl = unet.config.addition_embed_type == "text_time"
+        if self.is_sdxl and len(self.text_encoders) != 2:
+            raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs two text encoders")
+        if prediction_type == "flow":
+            self.family = "flow"
+        else:
+            self.family = "sdxl" if self.is_sdxl else "sd15"
+        self.latent_channels = unet.config.in_channels
+        self.latent_downscale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        size = unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        self.default_resolution = (size * self.latent_downscale, size * self.latent_downscale)
+
+    # --- loading -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, uncond_mode: str = "empty_prompt", dtype=torch.float32,
+                        load_vae: bool = True) -> "DiffusersAdapter":
+        """Load a diffusers pipeline folder (or hub id) without the pipeline class: unet, text encoders, VAE."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        local = os.path.isdir(path)
+        if local:
+            missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler") if not os.path.isdir(os.path.join(path, s))]
+            if missing:
+                raise FileNotFoundError(
+                    f"{path!r} is not a diffusers model folder: missing {', '.join(missing)}/ "
+                    "(single-file .safetensors checkpoints need the checkpoint loader)")
+        common = {"local_files_only": local}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)
+        scheduler_config = _read_scheduler_config(path, local)
+        schedule, prediction_type = schedule_from_scheduler_config(scheduler_config)
+        encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **common)]
+        tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)]
+        if unet.config.addition_embed_type == "text_time":
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", torch_dtype=dtype, **common))
+            tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **common))
+        vae = None
+        if load_vae and (not local or os.path.isdir(os.path.join(path, "vae"))):
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common)
+        for module in [unet, vae, *encoders]:
+            if module is not None:
+                module.requires_grad_(False).eval()
+        return cls(unet, encoders, tokenizers, schedule, prediction_type, vae=vae, uncond_mode=uncond_mode)
+
+    # --- the denoiser ------------------------------------------------------------------------------------
+    def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        level = torch.as_tensor(level, dtype=torch.float64, device=x_t.device)
+        alpha, sigma = self.schedule.alpha_sigma(level)
+        timestep = self.schedule.timestep(level).to(torch.float32)
+        kwargs = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+        if self.is_sdxl:
+            height, width = (s * self.latent_downscale for s in x_t.shape[-2:])
+            # (original size, crop top-left, target size) = (H, W, 0, 0, H, W): uncropped square-on training
+            time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=x_t.device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
+                                           "time_ids": time_ids.expand(x_t.shape[0], 6)}
+        prediction = network(x_t, timestep, return_dict=False, **kwargs)[0]
+        return prediction_to_x0(x_t.float(), prediction.float(), alpha, sigma, self.prediction_type)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        cond = self._encode(prompts)
+        if self.uncond_mode != "zeros":
+            return cond
+        # DMD2's SDXL choice: the unconditional input is all zeros rather than the encoded empty prompt.
+        empty = torch.tensor([p == "" for p in prompts])
+        return Conditioning({name: torch.where(append_dims(empty.to(v.device), v.ndim), torch.zeros_like(v), v)
+                             for name, v in cond.tensors.items()})
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            device = next(encoder.parameters()).device
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            output = encoder(ids, output_hidden_states=self.is_sdxl)
+            if self.is_sdxl:
+                hidden.append(output.hidden_states[-2])  # SDXL conditions on the penultimate layer
+                if hasattr(output, "text_embeds"):
+                    pooled = output.text_embeds
+            else:
+                hidden.append(output.last_hidden_state)
+        tensors = {"encoder_hidden_states": torch.cat(hidden, dim=-1).float()}
+        if self.is_sdxl:
+            tensors["text_embeds"] = pooled.float()
+        return Conditioning(tensors)
+
+    # --- the rest ----------------------------------------------------------------------------------------
+    def default_lora_target_modules(self) -> list[str]:
+        return list(UNET_LORA_TARGETS)
+
+    def enable_gradient_checkpointing(self, network: nn.Module) -> None:
+        network.enable_gradient_checkpointing()
+
+    def offload_text_encoders(self) -> None:
+        for encoder in self.text_encoders:
+            encoder.to("cpu")
+
+    def place(self, device, weight_dtype) -> None:
+        self.network.to(device=device, dtype=weight_dtype)
+        for encoder in self.text_encoders:
+            encoder.to(device=device, dtype=weight_dtype)
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=torch.float32)  # SD VAEs overflow in fp16
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:
+            return super().decode(latents)
+        config = self.vae.config
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        parameter = next(self.vae.parameters())
+        images = self.vae.decode(latents.to(parameter.device, parameter.dtype), return_dict=False)[0]
+        return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _read_scheduler_config(path: str, local: bool) -> dict:
+    import json
+
+    if local:
+        with open(os.path.join(path, "scheduler", "scheduler_config.json"), encoding="utf-8") as handle:
+            return json.load(handle)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(path, "scheduler/scheduler_config.json"), encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,0 +1,305 @@
+"""Training configuration: one frozen dataclass, kohya-style TOML in and out, strict validation.
+
+TOML sections are cosmetic (kohya's habit): every key is flat snake_case and means the same in any section.
+Unknown keys and bad values fail here, before any model is loaded, naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields
+
+import toml
+
+from .losses import REGULARIZERS, UPDATE_NORMALIZATIONS
+from .schedules import RENOISE_SCHEDULES, is_strictly_decreasing
+
+TRAINING_MODES = ("lora", "full")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+UNCOND_MODES = ("empty_prompt", "zeros")
+FAKE_LOSS_TARGETS = ("native", "x0")
+LOG_WITH = ("auto", "tensorboard", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the user must change; the message says what to write instead."""
+
+
+def _key(default, help: str, choices: tuple | None = None, section: str = "training"):
+    meta = {"help": help, "choices": choices, "section": section}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- model and files ---
+    pretrained_model_name_or_path: str = _key(
+        "", "Teacher: a diffusers folder or Hugging Face id (SD1.5/SDXL/flow UNet), or builtin:tiny-sd15 / builtin:tiny-sdxl.",
+        section="model")
+    output_dir: str = _key("output", "Folder for the student, training states, samples and logs.", section="model")
+    output_name: str = _key("dmd_student", "Base name of the saved student files.", section="model")
+    prompt_file: str = _key("", "Text file with one training prompt per line (DMD needs no images).", section="model")
+    sample_prompts: typing.Any = _key(
+        "", "Prompts for preview grids: a text file path or a TOML list; empty uses the first 4 training prompts.",
+        section="model")
+    logging_dir: str = _key("", "TensorBoard and JSONL log folder; empty means <output_dir>/logs.", section="model")
+    log_with: str = _key("auto", "Tracker: auto (TensorBoard if installed), tensorboard, none. JSONL is always written.",
+                         LOG_WITH, section="model")
+    resume: str = _key("", "Resume from a training state folder, or 'latest' for the newest in output_dir.",
+                       section="model")
+
+    # --- the method ---
+    student_timesteps: list = _key(
+        [999, 749, 499, 249], "Timesteps of the few-step student, noisy to clean (DMD2 4-step SDXL grid).",
+        section="method")
+    renoise_schedule: str = _key(
+        "decoupled-hybrid", "Re-noise levels of CA and DM (paper Table 1).", RENOISE_SCHEDULES, section="method")
+    min_timestep: int = _key(20, "Lowest timestep re-noising may use (DMD2: 20).", section="method")
+    max_timestep: int = _key(980, "Highest timestep re-noising may use (DMD2: 980).", section="method")
+    guidance_scale: typing.Any = _key(
+        None, "CFG scale alpha of the CA term; empty uses the family default (SDXL 8, SD1.5 1.75 as DMD2, else 5).",
+        section="method")
+    cfg_augmentation: bool = _key(
+        True, "Use the CA engine. false with regularizer = dm reproduces the paper's DM-only ablation.",
+        section="method")
+    regularizer: str = _key("dm", "Regulariser beside CA: dm (fake model), mean_variance (Eq. 7), none.",
+                            REGULARIZERS, section="method")
+    mean_variance_target_mean: float = _key(0.075, "Eq. 7 target per-image mean (SDXL latents: 0.075).",
+                                            section="method")
+    mean_variance_target_var: float = _key(0.81, "Eq. 7 target per-image variance (SDXL latents: 0.81).",
+                                           section="method")
+    mean_variance_weight: float = _key(1.0, "Weight of the Eq. 7 loss.", section="method")
+    update_normalization: str = _key(
+        "per_term", "Normalise each term by mean|x - x0_real| (per_term, DMD2), both by one scale (shared), or none.",
+        UPDATE_NORMALIZATIONS, section="method")
+    dmd_loss_weight: float = _key(1.0, "lambda of the proxy loss ||x - sg(x + lambda * Delta)||^2.", section="method")
+    fake_updates_per_step: int = _key(5, "Fake-model updates per generator update (TTUR; DMD2: 5).", section="method")
+    fake_loss_target: str = _key(
+        "native", "Fake denoising loss on the teacher's own objective (eps/v/flow, as DMD2) or plain x0 (Alg. 1).",
+        FAKE_LOSS_TARGETS, section="method")
+    uncond_mode: str = _key("empty_prompt", "Unconditional input of CFG: empty_prompt, or zeros (DMD2's SDXL choice).",
+                            UNCOND_MODES, section="method")
+
+    # --- training ---
+    training_mode: str = _key("lora", "lora: student and fake are two LoRA adapters on one frozen base; "
+                              "full: three full copies (small models only).", TRAINING_MODES)
+    network_dim: int = _key(64, "LoRA rank (DMD2 SDXL: 64).")
+    network_alpha: float = _key(8.0, "LoRA alpha (DMD2 SDXL: 8).")
+    lora_target_modules: list = _key([], "Module names LoRA wraps; empty uses the model family's default.")
+    max_train_steps: int = _key(2000, "Generator updates to train.")
+    resolution: typing.Any = _key("", "Training resolution: 1024, or '1024,768' (width,height); empty = model default.")
+    train_batch_size: int = _key(1, "Prompts per generator update, per process.")
+    learning_rate: float = _key(5e-5, "Student learning rate (DMD2 SDXL LoRA: 5e-5).")
+    fake_learning_rate: typing.Any = _key(None, "Fake-model learning rate; empty = learning_rate.")
+    weight_decay: float = _key(0.01, "AdamW weight decay.")
+    adam_beta1: float = _key(0.9, "AdamW beta1.")
+    adam_beta2: float = _key(0.999, "AdamW beta2.")
+    max_grad_norm: float = _key(10.0, "Gradient clipping norm for both models; 0 disables.")
+    lr_warmup_steps: int = _key(0, "Linear warm-up steps of both learning rates.")
+    seed: int = _key(0, "Seed of every random draw (a resumed run continues the same sequence).")
+    mixed_precision: str = _key("no", "Autocast precision; frozen weights are stored in it too.", MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _key(False, "Trade compute for memory in the UNet.")
+    save_every_n_steps: int = _key(0, "Save the student and a resumable state every N steps; 0 = only at the end.")
+    keep_last_n_states: int = _key(2, "Resumable states kept in output_dir (older ones are deleted).")
+    sample_every_n_steps: int = _key(0, "Write a preview grid every N steps; 0 = only at the end.")
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def effective_fake_learning_rate(self) -> float:
+        return self.learning_rate if self.fake_learning_rate is None else self.fake_learning_rate
+
+    @property
+    def uses_fake_model(self) -> bool:
+        return self.regularizer == "dm"
+
+    def resolution_hw(self) -> tuple[int, int] | None:
+        """(height, width) from `resolution`, or None for the model's default."""
+        if self.resolution in ("", None):
+            return None
+        width, height = _parse_resolution(self.resolution)
+        return height, width
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_toml(self) -> str:
+        """Kohya-shaped TOML: sections by topic, None values left out (they mean 'default')."""
+        sections: dict[str, dict] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                sections.setdefault(f.metadata["section"], {})[f.name] = value
+        return toml.dumps(sections)
+
+
+KEYS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _parse_resolution(value) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    parts = str(value).replace("x", ",").split(",")
+    try:
+        numbers = [int(p.strip()) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != 2:
+        raise ConfigError(f"resolution: {value!r} is not a size; write 1024 or '1024,768' (width,height)")
+    return numbers[0], numbers[1]
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Check every value; raise ConfigError naming the key and what is allowed."""
+    for f in fields(config):
+        choices = f.metadata["choices"]
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            _fail(f.name, f"{value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+
+    def positive(key, allow_zero=False):
+        value = getattr(config, key)
+        ok = value >= 0 if allow_zero else value > 0
+        if not ok or (isinstance(value, float) and math.isnan(value)):
+            _fail(key, f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+    for key in ("network_dim", "network_alpha", "max_train_steps", "train_batch_size", "learning_rate",
+                "mean_variance_target_var", "keep_last_n_states"):
+        positive(key)
+    for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
+                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight"):
+        positive(key, allow_zero=True)
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(config, key) < 1.0:
+            _fail(key, f"{getattr(config, key)!r} must be in [0, 1)")
+    if config.fake_learning_rate is not None and not config.fake_learning_rate > 0:
+        _fail("fake_learning_rate", f"{config.fake_learning_rate!r} must be > 0, or left empty for learning_rate")
+    if config.guidance_scale is not None and not config.guidance_scale >= 1.0:
+        _fail("guidance_scale", f"{config.guidance_scale!r} must be >= 1 (1 turns CFG augmentation off)")
+    if config.min_timestep >= config.max_timestep:
+        _fail("min_timestep", f"{config.min_timestep} must be below max_timestep {config.max_timestep}")
+    timesteps = config.student_timesteps
+    if not timesteps or not is_strictly_decreasing(timesteps) or any(t < 0 for t in timesteps):
+        _fail("student_timesteps", f"{timesteps!r} must be non-negative and strictly decreasing, e.g. [999, 749, 499, 249]")
+    if timesteps[-1] <= config.min_timestep:
+        _fail("student_timesteps", f"the last step {timesteps[-1]} must be above min_timestep {config.min_timestep}")
+    if not config.cfg_augmentation and config.regularizer != "dm":
+        _fail("cfg_augmentation", "false needs regularizer = 'dm' (the DM-only ablation); otherwise nothing trains the student")
+    if config.regularizer == "dm" and config.fake_updates_per_step < 1:
+        _fail("fake_updates_per_step", "must be >= 1 with regularizer = 'dm': the fake model has to follow the student")
+    if config.resolution not in ("", None):
+        width, height = _parse_resolution(config.resolution)
+        if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
+            _fail("resolution", f"{width}x{height} must be multiples of 8 between 8 and 8192")
+    if not config.output_name or os.sep in config.output_name or config.output_name in (".", ".."):
+        _fail("output_name", f"{config.output_name!r} must be a plain file name without folders")
+    if not isinstance(config.sample_prompts, (str, list)):
+        _fail("sample_prompts", "must be a file path or a list of prompts")
+
+
+def _coerce(key: str, value):
+    """Convert a TOML or command-line value to the key's type, or fail naming the key."""
+    f = KEYS[key]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kind = type(default)
+    from_text = isinstance(value, str)
+    try:
+        if key in ("guidance_scale", "fake_learning_rate"):
+            return None if value in ("", None) else float(value)
+        if key == "resolution":
+            return value if isinstance(value, int) else str(value)
+        if key == "sample_prompts":
+            return value
+        if kind is bool:
+            if from_text and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is list:
+            items = [v.strip() for v in value.split(",") if v.strip()] if from_text else list(value)
+            return [int(v) for v in items] if key == "student_timesteps" else [str(v) for v in items]
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}: {value!r} is not a valid {kind.__name__}; default is {default!r}")
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see the README for the list of keys"
+    return f"unknown key {key!r}{hint}"
+
+
+def flatten_toml(data: dict) -> dict:
+    """Drop kohya's cosmetic sections: {section: {key: v}} and {key: v} both give {key: v}."""
+    flat: dict = {}
+    for name, value in data.items():
+        items = value.items() if isinstance(value, dict) else [(name, value)]
+        for key, item in items:
+            if isinstance(item, dict):
+                raise ConfigError(f"{name}.{key}: sections nest one level only; write {key}'s keys flat")
+            if key in flat:
+                raise ConfigError(f"{key}: set twice in the config file")
+            flat[key] = item
+    return flat
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    for key in values:
+        if key not in KEYS:
+            raise ConfigError(_unknown_key_message(key))
+    return TrainConfig(**{key: _coerce(key, value) for key, value in values.items()})
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -> TrainConfig:
+    """Read a TOML file (optional) and apply overrides (command-line flags win), then validate."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = flatten_toml(toml.load(os.fspath(path)))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {os.fspath(path)!r} does not exist") from None
+        except toml.TomlDecodeError as error:
+            raise ConfigError(f"config file {os.fspath(path)!r} is not valid TOML: {error}") from None
+    values.update(overrides or {})
+    return config_from_dict(values)
+
+
+def reference_markdown() -> str:
+    """The README's table of keys, generated so it cannot drift from the code."""
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "(empty)" if default in ("", None, []) else f"`{toml.dumps({'v': default})[4:].strip()}`"
+        choices = f.metadata["choices"]
+        extra = f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else ""
+        lines.append(f"| `{f.name}` | {shown} | {f.metadata['help']}{extra} |")
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The one denoiser contract every trainer and sampler uses: D(x_t, level, cond) -> x0.
+
+A `ModelAdapter` knows one kind of model (diffusers UNet, ComfyUI ModelPatcher, ...): how to encode prompts,
+call a network and resolve its output to x0, its `NoiseSchedule`, and how to decode latents for previews.
+Above this file nothing knows whether a model predicts eps, v or a flow velocity.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import NoiseSchedule
+
+FAMILY_GUIDANCE_DEFAULTS = {"sdxl": 8.0, "sd15": 1.75}  # DMD2's choices; other families use 5.0
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Named per-sample conditioning tensors (batch first), e.g. encoder_hidden_states and pooled embeds."""
+
+    tensors: dict[str, Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning({k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                             for k, v in self.tensors.items()})
+
+    def select(self, indices: Tensor | list[int]) -> "Conditioning":
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return Conditioning({k: v[index.to(v.device)] for k, v in self.tensors.items()})
+
+    def zeros_like(self) -> "Conditioning":
+        return Conditioning({k: torch.zeros_like(v) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        names = parts[0].tensors.keys()
+        return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in names})
+
+
+class Denoiser(Protocol):
+    """D(x_t, level, cond) -> x0, with level the paper's t per sample (0 noise, 1 clean)."""
+
+    schedule: NoiseSchedule
+
+    def __call__(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor: ...
+
+
+class ModelAdapter(ABC):
+    """Everything model-specific the trainer needs, behind one small surface."""
+
+    family: str
+    prediction_type: str
+    schedule: NoiseSchedule
+    network: nn.Module  # the denoising backbone (UNet): teacher weights, adapters are added on it
+    latent_channels: int
+    latent_downscale: int  # pixels per latent cell (8 for SD VAEs, 1 for pixel-space models)
+    default_resolution: tuple[int, int]  # (height, width) in pixels
+
+    @abstractmethod
+    def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """Call `network` (this backbone, possibly wrapped for DDP) and resolve its output to x0 (float32)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts with the model's own tokenizers and text encoders (no grad)."""
+
+    @abstractmethod
+    def default_lora_target_modules(self) -> list[str]:
+        """Module names LoRA wraps by default for this backbone."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents to images in [0, 1], (B, 3, H, W); pixel-space models map [-1, 1] to [0, 1]."""
+        return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def enable_gradient_checkpointing(self, network: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
+
+    def place(self, device, weight_dtype) -> None:
+        """Put the backbone (in `weight_dtype`) and the encoders on the training device (a no-op where the
+        host application manages devices)."""
+
+    def offload_text_encoders(self) -> None:
+        """Free the text encoders' memory once every prompt is cached (a no-op where they are shared)."""
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return FAMILY_GUIDANCE_DEFAULTS.get(self.family, 5.0)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        if height % self.latent_downscale or width % self.latent_downscale:
+            raise ValueError(f"resolution {width}x{height} must be a multiple of {self.latent_downscale}")
+        return self.latent_channels, height // self.latent_downscale, width // self.latent_downscale
+
+    def denoiser(self, network: nn.Module | None = None, activate: Callable[[], None] | None = None) -> Denoiser:
+        """A `Denoiser` over `network` (default: this backbone); `activate` selects adapters before each call."""
+        return _BoundDenoiser(self, network if network is not None else self.network, activate)
+
+
+class _BoundDenoiser:
+    def __init__(self, adapter: ModelAdapter, network: nn.Module, activate):
+        self.adapter, self.network, self.activate = adapter, network, activate
+        self.schedule = adapter.schedule
+
+    def __call__(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        if self.activate is not None:
+            self.activate()
+        return self.adapter.predict_x0(self.network, x_t, level, cond)
+
+
+class PromptCache:
+    """Encodes each distinct prompt once and keeps it on the CPU; hands out batches on the compute device."""
+
+    def __init__(self, adapter: ModelAdapter, batch_size: int = 16):
+        self.adapter, self.batch_size = adapter, batch_size
+        self._cache: dict[str, Conditioning] = {}
+
+    def add(self, prompts: list[str]) -> None:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            encoded = self.adapter.encode_prompts(chunk).to("cpu")
+            for i, prompt in enumerate(chunk):
+                self._cache[prompt] = encoded.select([i])
+
+    def get(self, prompts: list[str], device=None) -> Conditioning:
+        self.add(prompts)
+        return Conditioning.cat([self._cache[p] for p in prompts]).to(device)
+
+    def __len__(self) -> int:
+        return len(self._cache)

@@ -1,0 +1,454 @@
+"""The Decoupled DMD trainer on accelerate (Algorithm 1): generator_step, fake_step, save, resume.
+
+Model-agnostic: it sees a `ModelAdapter` (denoiser contract) and a `Roles` object (which weights a forward
+uses). Every random draw goes through one seeded torch.Generator per process that is saved with the state,
+so a resumed run continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+from .denoiser import Conditioning, ModelAdapter, PromptCache
+from .losses import (cfg_augmentation, classifier_free_guidance, distribution_matching, mean_variance_kl,
+                     normalize_update, per_image_statistics, proxy_loss, weighted_denoising_loss)
+from .networks import FullRoles, LoraRoles, Roles
+from .outputs import atomic_save_safetensors, save_image_grid, student_metadata
+from .sampling import few_step_sample, student_levels
+from .schedules import check_student_timesteps, sample_renoise_levels, timestep_level_bounds, uniform_levels
+
+logger = logging.getLogger(__name__)
+
+STATE_PREFIX = "state-"
+PROMPT_CACHE_LIMIT = 4096  # above this many prompts, encode per batch instead of caching all
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainerCallbacks:
+    """Hooks for front ends (CLI, ComfyUI): progress, previews, and cooperative stopping between steps."""
+
+    should_stop: Callable[[], bool] = lambda: False
+    on_step: Callable[[int, dict], None] = lambda step, logs: None
+    on_preview: Callable[[int, Tensor], None] = lambda step, images: None
+
+
+@dataclass
+class _RandomState:
+    """The trainer's own random stream, saved per process with every state."""
+
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+
+class DecoupledDMDTrainer:
+    def __init__(self, config: TrainConfig, adapter: ModelAdapter, prompts: list[str],
+                 sample_prompts: list[str] | None = None, accelerator=None,
+                 callbacks: TrainerCallbacks | None = None):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        if not prompts:
+            raise ValueError("no training prompts: give at least one prompt (one per line in prompt_file)")
+        self.config, self.adapter, self.prompts = config, adapter, list(prompts)
+        self.sample_prompts = list(sample_prompts or self.prompts[:4])
+        self.callbacks = callbacks or TrainerCallbacks()
+        self.logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
+        if accelerator is None:
+            accelerator = Accelerator(
+                mixed_precision=config.mixed_precision,
+                log_with=_tracker(config.log_with),
+                project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=self.logging_dir),
+                # student and fake adapters share one module: each backward uses only one of them
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                step_scheduler_with_optimizer=False,
+            )
+        self.accelerator = accelerator
+        if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            raise ValueError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+        check_student_timesteps(adapter.schedule, config.student_timesteps, config.min_timestep)
+        self.levels = student_levels(adapter.schedule, config.student_timesteps)
+        self.level_bounds = timestep_level_bounds(adapter.schedule, config.min_timestep, config.max_timestep)
+        self.guidance_scale = config.guidance_scale or adapter.default_guidance_scale
+        height, width = config.resolution_hw() or adapter.default_resolution
+        self.latent_shape = adapter.latent_shape(height, width)
+
+        set_seed(config.seed)  # same adapter initialisation on every process
+        self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+        adapter.place(accelerator.device, self.weight_dtype)
+        self.roles = self._build_roles()
+        self.random = _RandomState()
+        self.nonfinite_skips = 0
+        self.random.generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+        self.step = 0
+
+        self._prepare_prompts()
+        self._build_optimizers()
+        self.accelerator.register_save_state_pre_hook(self._save_weights_hook)
+        self.accelerator.register_load_state_pre_hook(self._load_weights_hook)
+        os.makedirs(config.output_dir, exist_ok=True)
+
+    # --- set-up --------------------------------------------------------------------------------------------
+    def _build_roles(self) -> Roles:
+        config, network = self.config, self.adapter.network
+        if config.training_mode == "lora":
+            targets = config.lora_target_modules or self.adapter.default_lora_target_modules()
+            roles = LoraRoles(network, config.network_dim, config.network_alpha, targets)
+        else:
+            roles = FullRoles(network)
+        if config.gradient_checkpointing:
+            for module in set(roles.trained_modules().values()):
+                self.adapter.enable_gradient_checkpointing(module)
+        return roles
+
+    def _prepare_prompts(self):
+        self.prompt_cache = PromptCache(self.adapter)
+        everything = self.prompts + self.sample_prompts + [""]
+        if len(set(everything)) <= PROMPT_CACHE_LIMIT:
+            with self.accelerator.autocast():
+                self.prompt_cache.add(everything)
+            self.adapter.offload_text_encoders()
+
+    def _build_optimizers(self):
+        accelerator, config = self.accelerator, self.config
+        roles = ["student"] + (["fake"] if config.uses_fake_model else [])
+        learning_rates = {"student": config.learning_rate, "fake": config.effective_fake_learning_rate}
+        modules = self.roles.trained_modules()
+        self.optimizers, self.schedulers, self.wrapped = {}, {}, {}
+        prepared: dict[int, torch.nn.Module] = {}
+        for role in roles:
+            module = modules[role]
+            if id(module) not in prepared:
+                prepared[id(module)] = accelerator.prepare_model(module)
+            self.wrapped[role] = prepared[id(module)]
+            optimizer = torch.optim.AdamW(self.roles.trainable_parameters(role), lr=learning_rates[role],
+                                          betas=(config.adam_beta1, config.adam_beta2),
+                                          weight_decay=config.weight_decay)
+            warmup = config.lr_warmup_steps
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            self.optimizers[role] = accelerator.prepare_optimizer(optimizer)
+            self.schedulers[role] = accelerator.prepare_scheduler(scheduler)
+
+    # --- the denoisers ---------------------------------------------------------------------------------------
+    def _x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False) -> Tensor:
+        """x0 prediction of `role`; `train` routes through the data-parallel wrapper so gradients sync."""
+        module = self.roles.module(role)
+        network = self.wrapped[role] if train else module
+        with self.accelerator.autocast():
+            return self.adapter.predict_x0(network, x_t, level, cond)
+
+    def denoiser(self, role: str):
+        return self.adapter.denoiser(self.roles.module(role), activate=lambda: self.roles.module(role))
+
+    # --- random draws ----------------------------------------------------------------------------------------
+    def _randn(self, batch: int) -> Tensor:
+        return torch.randn((batch, *self.latent_shape), generator=self.random.generator).to(self.accelerator.device)
+
+    def _draw_batch(self) -> tuple[Conditioning, int, Tensor]:
+        """Prompts (encoded), the student step to train, and the starting noise of one batch."""
+        generator = self.random.generator
+        batch = self.config.train_batch_size
+        indices = torch.randint(len(self.prompts), (batch,), generator=generator).tolist()
+        step_index = int(torch.randint(len(self.levels), (1,), generator=generator))
+        cond = self._conditioning([self.prompts[i] for i in indices])
+        return cond, step_index, self._randn(batch)
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        with self.accelerator.autocast():
+            return self.prompt_cache.get(prompts, self.accelerator.device)
+
+    @torch.no_grad()
+    def _generator_input(self, cond: Conditioning, step_index: int, noise: Tensor) -> Tensor:
+        """z_t for student step `step_index`: pure noise, or backward simulation with the current student."""
+        if step_index == 0:
+            return noise
+        return few_step_sample(self.denoiser("student"), noise, self.levels, cond,
+                               generator=self.random.generator, stop_after=step_index)
+
+    def _level(self, value: float, batch: int) -> Tensor:
+        return torch.full((batch,), value, dtype=torch.float64, device=self.accelerator.device)
+
+    # --- training phases -------------------------------------------------------------------------------------
+    def fake_step(self) -> dict[str, float]:
+        """Algorithm 1 lines 45-51: train the fake model to denoise fresh student samples."""
+        cond, step_index, noise = self._draw_batch()
+        batch = noise.shape[0]
+        with torch.no_grad():
+            z = self._generator_input(cond, step_index, noise)
+            x_gen = self._x0("student", z, self._level(self.levels[step_index], batch), cond).float()
+        low = torch.full((batch,), self.level_bounds[0], dtype=torch.float64)
+        tau = uniform_levels(low, self.level_bounds[1], self.random.generator).to(self.accelerator.device)
+        x_tau = self.adapter.schedule.renoise(x_gen, self._randn(batch), tau)
+        x0_fake = self._x0("fake", x_tau, tau, cond, train=True)
+        weight = None
+        if self.config.fake_loss_target == "native":
+            weight = self.adapter.schedule.denoising_loss_weight(tau, self.adapter.prediction_type).float()
+        loss = weighted_denoising_loss(x0_fake, x_gen, weight)
+        grad_norm = self._optimize("fake", loss)
+        return {"loss_fake": loss.item(), "grad_norm_fake": grad_norm}
+
+    def generator_step(self) -> dict[str, float]:
+        """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8)."""
+        config, schedule = self.config, self.adapter.schedule
+        cond, step_index, noise = self._draw_batch()
+        batch = noise.shape[0]
+        z = self._generator_input(cond, step_index, noise)
+        student_level = self._level(self.levels[step_index], batch)
+        x = self._x0("student", z, student_level, cond, train=True)
+        tau_ca, tau_dm = sample_renoise_levels(config.renoise_schedule, student_level.cpu(), self.level_bounds,
+                                               self.random.generator)
+        tau_ca, tau_dm = tau_ca.to(x.device), tau_dm.to(x.device)
+        x_detached = x.detach()
+        ca_term = x0_cfg = dm_term = x0_real_dm = None
+        with torch.no_grad():
+            if config.cfg_augmentation:
+                x_ca = schedule.renoise(x_detached, self._randn(batch), tau_ca)
+                uncond = self._conditioning([""] * batch)
+                x0_cond, x0_uncond = self._x0("teacher", torch.cat([x_ca, x_ca]), torch.cat([tau_ca, tau_ca]),
+                                              Conditioning.cat([cond, uncond])).chunk(2)
+                ca_term = cfg_augmentation(x0_cond, x0_uncond, self.guidance_scale)
+                x0_cfg = classifier_free_guidance(x0_cond, x0_uncond, self.guidance_scale)
+            if config.regularizer == "dm":
+                if config.renoise_schedule == "coupled-shared" and config.cfg_augmentation:
+                    x_dm, x0_real_dm = x_ca, x0_cond  # original DMD: one re-noised sample for both terms
+                else:
+                    x_dm = schedule.renoise(x_detached, self._randn(batch), tau_dm)
+                    x0_real_dm = self._x0("teacher", x_dm, tau_dm, cond)
+                dm_term = distribution_matching(x0_real_dm, self._x0("fake", x_dm, tau_dm, cond))
+        ca_term, dm_term = normalize_update(ca_term, dm_term, x_detached, x0_cfg, x0_real_dm,
+                                            config.update_normalization)
+        logs = {"tau_ca": tau_ca.float().mean().item(), "tau_dm": tau_dm.float().mean().item(),
+                "student_step": float(step_index)}
+        terms = [term for term in (ca_term, dm_term) if term is not None]
+        loss = x.new_zeros((), dtype=torch.float32)
+        if terms:
+            loss = loss + proxy_loss(x, sum(terms), config.dmd_loss_weight)
+        if ca_term is not None:
+            logs["ca_magnitude"] = ca_term.abs().mean().item()
+        if dm_term is not None:
+            logs["dm_magnitude"] = dm_term.abs().mean().item()
+        if config.regularizer == "mean_variance":
+            kl = mean_variance_kl(x, config.mean_variance_target_mean, config.mean_variance_target_var)
+            logs["loss_mean_variance_kl"] = kl.item()
+            loss = loss + config.mean_variance_weight * kl
+        logs["loss_generator"] = loss.item()
+        logs["grad_norm_student"] = self._optimize("student", loss)
+        logs.update(per_image_statistics(x_detached))
+        return logs
+
+    def _optimize(self, role: str, loss: Tensor) -> float:
+        """Backward, clip, step; a non-finite gradient (identical on every process) skips the update."""
+        optimizer, accelerator = self.optimizers[role], self.accelerator
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        parameters = self.roles.trainable_parameters(role)
+        max_norm = self.config.max_grad_norm or math.inf
+        grad_norm = float(accelerator.clip_grad_norm_(parameters, max_norm))
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            self.nonfinite_skips += 1
+            logger.warning("step %d: non-finite %s gradient, update skipped", self.step, role)
+        self.schedulers[role].step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train_step(self) -> dict[str, float]:
+        """One generator update preceded by `fake_updates_per_step` fake updates (TTUR)."""
+        logs: dict[str, float] = {}
+        if self.config.uses_fake_model:
+            fake_logs = [self.fake_step() for _ in range(self.config.fake_updates_per_step)]
+            logs = {k: sum(d[k] for d in fake_logs) / len(fake_logs) for k in fake_logs[0]}
+        logs.update(self.generator_step())
+        self.step += 1
+        logs["nonfinite_skips"] = float(self.nonfinite_skips)
+        return logs
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> str:
+        """Train to max_train_steps (or until stopped); returns the path of the saved student."""
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        if config.resume:
+            self.resume(config.resume)
+        if accelerator.is_main_process:
+            accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
+                                                               if isinstance(v, (int, float, str, bool))})
+        progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
+                        disable=not accelerator.is_local_main_process)
+        started = time.time()
+        while self.step < config.max_train_steps:
+            if self.callbacks.should_stop():
+                logger.info("stop requested: saving step %d", self.step)
+                break
+            logs = self._reduce(self.train_step())
+            logs["seconds_per_step"] = (time.time() - started) / max(1, progress.n - progress.initial + 1)
+            self._log(logs)
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss_generator']:.4f}", std=f"{logs['gen_std']:.3f}")
+            self.callbacks.on_step(self.step, logs)
+            if config.save_every_n_steps and self.step % config.save_every_n_steps == 0 \
+                    and self.step < config.max_train_steps:
+                self.save()
+            if config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0:
+                self.sample_preview()
+        progress.close()
+        path = self.save()
+        if not (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0):
+            self.sample_preview()  # the final preview, unless the last step already wrote one
+        accelerator.end_training()
+        return path
+
+    def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
+        """Average every logged number over processes, in one collective."""
+        if self.accelerator.num_processes == 1:
+            return logs
+        names = sorted(logs)
+        values = torch.tensor([logs[k] for k in names], dtype=torch.float64, device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(names, values.tolist()))
+
+    def _log(self, logs: dict[str, float]):
+        self.accelerator.log(logs, step=self.step)
+        if self.accelerator.is_main_process:
+            os.makedirs(self.logging_dir, exist_ok=True)
+            with open(os.path.join(self.logging_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": self.step, **logs}) + "\n")
+
+    # --- previews, saving, resuming --------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts: list[str], seed: int) -> Tensor:
+        """Student few-step samples for `prompts` as images in [0, 1] (fixed seed, independent of training)."""
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(prompts), *self.latent_shape), generator=generator).to(self.accelerator.device)
+        cond = self._conditioning(prompts)
+        with self.accelerator.autocast():
+            latents = few_step_sample(self.denoiser("student"), noise, self.levels, cond, generator=generator)
+        return self.adapter.decode(latents)
+
+    def sample_preview(self) -> str | None:
+        images = self.sample(self.sample_prompts, self.config.seed)
+        self.callbacks.on_preview(self.step, images)
+        if not self.accelerator.is_main_process:
+            return None
+        path = os.path.join(self.config.output_dir, "samples", f"step_{self.step:06d}.png")
+        save_image_grid(images, path)
+        return path
+
+    def student_file(self) -> str:
+        return os.path.join(self.config.output_dir, f"{self.config.output_name}.safetensors")
+
+    def save(self) -> str:
+        """Write the student weights and a resumable state for the current step; returns the student path."""
+        accelerator = self.accelerator
+        state_dir = self.save_state()
+        path = self.student_file()
+        if accelerator.is_main_process:
+            if isinstance(self.roles, LoraRoles):
+                tensors = {f"unet.{k}": v for k, v in self.roles.peft_state_dict("student").items()}
+            else:
+                tensors = dict(self.roles.trainable_state_dict("student"))
+            metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale)
+            atomic_save_safetensors(tensors, path, metadata)
+            logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
+        accelerator.wait_for_everyone()
+        return path
+
+    def save_state(self) -> str:
+        """Atomically write a resumable state folder state-<step> (old ones beyond keep_last_n_states go)."""
+        accelerator, output_dir = self.accelerator, self.config.output_dir
+        final = os.path.join(output_dir, f"{STATE_PREFIX}{self.step:06d}")
+        staging = os.path.join(output_dir, f".{STATE_PREFIX}{self.step:06d}.partial")
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(staging)
+        from safetensors.torch import save_file
+
+        save_file({"generator": self.random.generator.get_state()},
+                  os.path.join(staging, f"trainer_random_{accelerator.process_index}.safetensors"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as handle:
+                json.dump({"step": self.step, "nonfinite_skips": self.nonfinite_skips,
+                           "num_processes": accelerator.num_processes, "config": self.config.to_toml()}, handle)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for old in list_states(output_dir)[:-self.config.keep_last_n_states]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, where: str) -> None:
+        """Load a state written by `save_state`; 'latest' picks the newest in output_dir."""
+        from safetensors.torch import load_file
+
+        state_dir = where
+        if where == "latest":
+            states = list_states(self.config.output_dir)
+            if not states:
+                logger.info("resume = latest: no state in %s, starting fresh", self.config.output_dir)
+                return
+            state_dir = states[-1]
+        marker = os.path.join(state_dir, "trainer_state.json")
+        if not os.path.isfile(marker):
+            raise FileNotFoundError(f"resume: {state_dir!r} is not a training state folder (no trainer_state.json)")
+        with open(marker, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved["num_processes"] != self.accelerator.num_processes:
+            raise ValueError(f"resume: the state was written by {saved['num_processes']} processes; "
+                             f"resume it with the same number (now {self.accelerator.num_processes})")
+        self.accelerator.load_state(state_dir)
+        random_file = os.path.join(state_dir, f"trainer_random_{self.accelerator.process_index}.safetensors")
+        self.random.generator.set_state(load_file(random_file)["generator"])
+        self.step, self.nonfinite_skips = saved["step"], saved["nonfinite_skips"]
+        logger.info("resumed from %s at step %d", state_dir, self.step)
+
+    def _save_weights_hook(self, models, weights, output_dir):
+        # accelerate would write the whole (possibly multi-GB, frozen) UNet: save only what is trained.
+        from safetensors.torch import save_file
+
+        weights.clear()
+        if self.accelerator.is_main_process:
+            for role in self.optimizers:
+                tensors = {k: v.contiguous() for k, v in self.roles.trainable_state_dict(role).items()}
+                save_file(tensors, os.path.join(output_dir, f"{role}_weights.safetensors"))
+
+    def _load_weights_hook(self, models, input_dir):
+        from safetensors.torch import load_file
+
+        models.clear()
+        for role in self.optimizers:
+            self.roles.load_trainable_state_dict(role, load_file(os.path.join(input_dir, f"{role}_weights.safetensors")))
+
+
+def list_states(output_dir: str) -> list[str]:
+    """Complete state folders in `output_dir`, oldest first."""
+    return sorted(p for p in glob.glob(os.path.join(output_dir, f"{STATE_PREFIX}*"))
+                  if os.path.isfile(os.path.join(p, "trainer_state.json")))
+
+
+def _tracker(log_with: str):
+    if log_with == "none":
+        return None
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        if log_with == "tensorboard":
+            raise ValueError("log_with: tensorboard is not installed; `pip install tensorboard` or use 'none'") from None
+        return None
+    return "tensorboard"

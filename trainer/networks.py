@@ -1,0 +1,143 @@
+"""The three roles of DMD (teacher, student, fake) over one backbone.
+
+`LoraRoles`: student and fake are two peft LoRA adapters on one frozen base; the teacher is the base with
+adapters off. Memory is one base plus two small adapters and their optimizer states.
+`FullRoles`: three full copies (teacher frozen), for small models or when LoRA capacity is not enough.
+Both initialise student and fake as the teacher (Algorithm 1, lines 2-3).
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+ROLES = ("teacher", "student", "fake")
+TRAINABLE_ROLES = ("student", "fake")
+
+
+class Roles(ABC):
+    """Selects which weights a forward pass of the backbone uses."""
+
+    @abstractmethod
+    def module(self, role: str) -> nn.Module:
+        """The (unwrapped) module that computes `role`, after activating it."""
+
+    @abstractmethod
+    def trainable_parameters(self, role: str) -> list[nn.Parameter]: ...
+
+    @abstractmethod
+    def trainable_state_dict(self, role: str) -> dict[str, Tensor]:
+        """Exactly the trained tensors of `role`, under stable names (for resume and export)."""
+
+    @abstractmethod
+    def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None: ...
+
+    @abstractmethod
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """Modules the trainer must wrap for data parallelism; two roles may share one module."""
+
+
+class LoraRoles(Roles):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, target_modules: list[str]):
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        base.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
+        try:
+            for role in TRAINABLE_ROLES:
+                inject_adapter_in_model(copy.deepcopy(config), base, adapter_name=role)
+        except ValueError as error:
+            raise ValueError(f"lora_target_modules {list(target_modules)} match no layer of this model: {error}") from None
+        self.base = base
+        self._layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+        self._parameters = {
+            role: {name: p for name, p in base.named_parameters() if f".{role}." in name and "lora_" in name}
+            for role in TRAINABLE_ROLES
+        }
+        for params in self._parameters.values():
+            for p in params.values():
+                p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+        self._set_trainable()
+        self._active: str | None = None
+
+    def _set_trainable(self):
+        # peft's set_adapter freezes inactive adapters; both stay trainable so that data parallelism sees a
+        # fixed set of parameters (each optimizer only steps on its own role's gradients).
+        for params in self._parameters.values():
+            for p in params.values():
+                p.requires_grad_(True)
+
+    def module(self, role: str) -> nn.Module:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        if role != self._active:
+            for layer in self._layers:
+                if role == "teacher":
+                    layer.enable_adapters(False)
+                else:
+                    layer.enable_adapters(True)
+                    layer.set_adapter(role)
+            self._set_trainable()
+            self._active = role
+        return self.base
+
+    def trainable_parameters(self, role: str) -> list[nn.Parameter]:
+        return list(self._parameters[role].values())
+
+    def trainable_state_dict(self, role: str) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in self._parameters[role].items()}
+
+    def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None:
+        _copy_exact(self._parameters[role], state, role)
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return {"student": self.base, "fake": self.base}
+
+    def peft_state_dict(self, role: str) -> dict[str, Tensor]:
+        """The adapter in peft's naming (`...lora_A.weight`), as diffusers' LoRA loaders expect."""
+        marker = f".{role}."
+        return {name.replace(marker, "."): p.detach() for name, p in self._parameters[role].items()}
+
+
+class FullRoles(Roles):
+    def __init__(self, base: nn.Module):
+        base.requires_grad_(False)
+        self.teacher = base
+        self.copies = {}
+        for role in TRAINABLE_ROLES:
+            network = copy.deepcopy(base).float()
+            network.requires_grad_(True).train()
+            self.copies[role] = network
+
+    def module(self, role: str) -> nn.Module:
+        if role == "teacher":
+            return self.teacher
+        if role not in self.copies:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        return self.copies[role]
+
+    def trainable_parameters(self, role: str) -> list[nn.Parameter]:
+        return list(self.copies[role].parameters())
+
+    def trainable_state_dict(self, role: str) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in self.copies[role].named_parameters()}
+
+    def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None:
+        _copy_exact(dict(self.copies[role].named_parameters()), state, role)
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        return dict(self.copies)
+
+
+def _copy_exact(params: dict[str, nn.Parameter], state: dict[str, Tensor], role: str) -> None:
+    missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or unexpected:
+        raise ValueError(f"saved {role} weights do not fit this model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}): was it trained with other LoRA settings?")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])

@@ -1,0 +1,234 @@
+"""Noise levels, re-noising and the re-noise level (tau) schedules of Decoupled DMD. Pure torch, no I/O.
+
+Everything here speaks the paper's *level* ``t`` in [0, 1] (flow-matching notation: 0 is pure noise, 1 is
+clean data). A `NoiseSchedule` maps a level to a model's own coordinates: the re-noising coefficients
+``x_t = alpha * x0 + sigma * noise``, the timestep the network is called with, and the k-diffusion / ComfyUI
+sigma. The tau samplers are written once on levels and work for every schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+RENOISE_SCHEDULES = ("coupled-shared", "decoupled-full", "decoupled-constrained", "decoupled-hybrid")
+
+
+def append_dims(values: Tensor, target_ndim: int) -> Tensor:
+    """Broadcast per-sample values (B,) against a (B, ...) tensor of any rank (images, video latents)."""
+    missing = target_ndim - values.ndim
+    if missing < 0:
+        raise ValueError(f"values have {values.ndim} dims, more than the target's {target_ndim}")
+    return values[(...,) + (None,) * missing]
+
+
+class NoiseSchedule(ABC):
+    """A model's forward process expressed on the paper's level t (0 noise, 1 clean)."""
+
+    num_train_timesteps: int
+
+    @abstractmethod
+    def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        """Coefficients of ``x_t = alpha * x0 + sigma * noise`` at each level (float64 precision inside)."""
+
+    @abstractmethod
+    def timestep(self, level: Tensor) -> Tensor:
+        """The timestep the network is conditioned on at each level."""
+
+    @abstractmethod
+    def level(self, timestep: Tensor | float | int) -> Tensor:
+        """Inverse of `timestep`: the level a model timestep stands for."""
+
+    @abstractmethod
+    def valid_timestep_range(self) -> tuple[float, float]:
+        """Smallest and largest timestep this schedule accepts."""
+
+    def k_sigma(self, level: Tensor) -> Tensor:
+        """The sigma that k-diffusion and ComfyUI index this model by."""
+        alpha, sigma = self.alpha_sigma(level)
+        return sigma / alpha
+
+    def renoise(self, x0: Tensor, noise: Tensor, level: Tensor) -> Tensor:
+        """Re-noise a clean sample to `level` (the forward process q(x_t | x0))."""
+        alpha, sigma = self.alpha_sigma(level)
+        alpha = append_dims(alpha.to(x0.dtype), x0.ndim)
+        sigma = append_dims(sigma.to(x0.dtype), x0.ndim)
+        return alpha * x0 + sigma * noise
+
+    def denoising_loss_weight(self, level: Tensor, prediction_type: str) -> Tensor:
+        """Weight w(t) with ``||native_pred - native_target||^2 == w(t) * ||x0_pred - x0||^2``.
+
+        Lets the fake model be trained on the teacher's own objective (eps, v or flow) while every loss is
+        written in x0 space: eps gives alpha^2/sigma^2 (the SNR), v and flow give 1/sigma^2.
+        """
+        alpha, sigma = self.alpha_sigma(level)
+        if prediction_type == "epsilon":
+            return (alpha / sigma) ** 2
+        if prediction_type in ("v_prediction", "flow"):
+            return 1.0 / sigma**2
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+class DiscreteVPSchedule(NoiseSchedule):
+    """DDPM variance-preserving schedule with integer timesteps (SD1.5, SDXL).
+
+    Timestep k covers the level bin (1 - (k+1)/T, 1 - k/T]; its own level is the clean edge 1 - k/T, so a
+    tau sampled strictly cleaner than a student step at timestep k always lands on a timestep below k.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if alphas_cumprod.numel() < 2 or not torch.all((alphas_cumprod > 0) & (alphas_cumprod < 1)):
+            raise ValueError("alphas_cumprod must hold at least 2 values strictly between 0 and 1")
+        self.alphas_cumprod = alphas_cumprod
+        self.num_train_timesteps = alphas_cumprod.numel()
+
+    @classmethod
+    def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012):
+        """The SD1.5/SDXL schedule ("scaled_linear" betas)."""
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def from_k_sigmas(cls, sigmas: Tensor):
+        """Build from a k-diffusion sigma table (ComfyUI's ``model_sampling.sigmas``): alpha_bar = 1/(1+sigma^2)."""
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        return cls(1.0 / (1.0 + sigmas**2))
+
+    def timestep_index(self, level: Tensor) -> Tensor:
+        continuous = (1.0 - torch.as_tensor(level, dtype=torch.float64)) * self.num_train_timesteps
+        return continuous.floor().clamp(0, self.num_train_timesteps - 1).long()
+
+    def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        alpha_bar = self.alphas_cumprod.to(torch.as_tensor(level).device)[self.timestep_index(level)]
+        return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+
+    def timestep(self, level: Tensor) -> Tensor:
+        return self.timestep_index(level).to(torch.float64)
+
+    def level(self, timestep) -> Tensor:
+        return 1.0 - torch.as_tensor(timestep, dtype=torch.float64) / self.num_train_timesteps
+
+    def valid_timestep_range(self) -> tuple[float, float]:
+        return 0.0, float(self.num_train_timesteps - 1)
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified-flow schedule: ``x_t = t * x0 + (1 - t) * noise``; timestep = (1 - t) * T as in diffusers."""
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        self.num_train_timesteps = num_train_timesteps
+
+    def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        level = torch.as_tensor(level, dtype=torch.float64)
+        return level, 1.0 - level
+
+    def k_sigma(self, level: Tensor) -> Tensor:
+        # ComfyUI's CONST model sampling indexes flow models by the noise fraction itself.
+        return 1.0 - torch.as_tensor(level, dtype=torch.float64)
+
+    def timestep(self, level: Tensor) -> Tensor:
+        return (1.0 - torch.as_tensor(level, dtype=torch.float64)) * self.num_train_timesteps
+
+    def level(self, timestep) -> Tensor:
+        return 1.0 - torch.as_tensor(timestep, dtype=torch.float64) / self.num_train_timesteps
+
+    def valid_timestep_range(self) -> tuple[float, float]:
+        return 0.0, float(self.num_train_timesteps)
+
+
+def prediction_to_x0(x_t: Tensor, prediction: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """Resolve a network output (eps, v or flow velocity) to the denoised sample x0."""
+    alpha = append_dims(alpha.to(x_t.dtype), x_t.ndim)
+    sigma = append_dims(sigma.to(x_t.dtype), x_t.ndim)
+    if prediction_type == "epsilon":
+        return (x_t - sigma * prediction) / alpha
+    if prediction_type == "v_prediction":
+        # v = alpha * eps - sigma * x0 with alpha^2 + sigma^2 = 1
+        return alpha * x_t - sigma * prediction
+    if prediction_type == "flow":
+        # diffusers' flow matching velocity: v = noise - x0, x_t = alpha * x0 + sigma * noise with alpha = 1 - sigma
+        return x_t - sigma * prediction
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def timestep_level_bounds(schedule: NoiseSchedule, min_timestep: int, max_timestep: int) -> tuple[float, float]:
+    """Level interval (lo, hi] whose samples land on timesteps min_timestep..max_timestep (DMD2: 20..980)."""
+    if not 0 <= min_timestep < max_timestep:
+        raise ValueError(f"need 0 <= min_timestep < max_timestep, got {min_timestep} and {max_timestep}")
+    total = schedule.num_train_timesteps
+    if isinstance(schedule, DiscreteVPSchedule):
+        # Timestep k owns the level bin (1-(k+1)/T, 1-k/T]: cover bins min..max inclusive.
+        return 1.0 - (max_timestep + 1) / total, 1.0 - min_timestep / total
+    return 1.0 - max_timestep / total, 1.0 - min_timestep / total
+
+
+def uniform_levels(low: Tensor, high: float, generator: torch.Generator | None = None) -> Tensor:
+    """Sample tau ~ U(low, high] per sample; `low` is a (B,) tensor (bounds clamped so low <= high)."""
+    low = torch.as_tensor(low, dtype=torch.float64).clamp(max=high)
+    unit = torch.rand(low.shape, generator=generator, dtype=torch.float64, device=low.device)
+    return high - (high - low) * unit  # unit in [0, 1) puts tau in (low, high]
+
+
+def sample_renoise_levels(
+    schedule_name: str,
+    student_level: Tensor,
+    level_bounds: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Re-noise levels (tau_CA, tau_DM) for one generator update (Table 1 of the paper).
+
+    ``student_level`` is the level t of the student's input per sample. With (lo, hi] the allowed levels:
+    coupled-shared: one tau ~ U(lo, hi] for both terms (original DMD);
+    decoupled-full: independent tau_CA, tau_DM ~ U(lo, hi];
+    decoupled-constrained: both ~ U(max(t, lo), hi];
+    decoupled-hybrid: tau_CA ~ U(max(t, lo), hi] (only what the student has not resolved yet), tau_DM ~ U(lo, hi].
+    """
+    lo, hi = level_bounds
+    student_level = torch.as_tensor(student_level, dtype=torch.float64)
+    full_low = torch.full_like(student_level, lo)
+    constrained_low = student_level.clamp(min=lo)
+    if schedule_name == "coupled-shared":
+        tau = uniform_levels(full_low, hi, generator)
+        return tau, tau.clone()
+    if schedule_name == "decoupled-full":
+        return uniform_levels(full_low, hi, generator), uniform_levels(full_low, hi, generator)
+    if schedule_name == "decoupled-constrained":
+        return uniform_levels(constrained_low, hi, generator), uniform_levels(constrained_low, hi, generator)
+    if schedule_name == "decoupled-hybrid":
+        return uniform_levels(constrained_low, hi, generator), uniform_levels(full_low, hi, generator)
+    raise ValueError(f"unknown renoise_schedule {schedule_name!r}; expected one of {RENOISE_SCHEDULES}")
+
+
+def teacher_sampling_levels(schedule: NoiseSchedule, steps: int) -> list[float]:
+    """Evenly spaced levels for an N-step teacher sampler, from the noisiest timestep to clean (1.0)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    _, max_timestep = schedule.valid_timestep_range()
+    start = float(schedule.level(max_timestep))
+    return [start + (1.0 - start) * i / steps for i in range(steps)] + [1.0]
+
+
+def is_strictly_decreasing(values) -> bool:
+    return all(a > b for a, b in zip(values, values[1:]))
+
+
+def check_student_timesteps(schedule: NoiseSchedule, timesteps, min_timestep: int) -> None:
+    """Fail early on a student grid the schedule cannot express."""
+    low, high = schedule.valid_timestep_range()
+    if not timesteps:
+        raise ValueError("student_timesteps is empty; give the student's timesteps, e.g. [999, 749, 499, 249]")
+    if not is_strictly_decreasing(list(timesteps)):
+        raise ValueError(f"student_timesteps must be strictly decreasing (noisy to clean), got {list(timesteps)}")
+    for value in timesteps:
+        if not (low <= value <= high) or (isinstance(value, float) and math.isnan(value)):
+            raise ValueError(f"student timestep {value} is outside this model's range [{low:g}, {high:g}]")
+    if timesteps[-1] <= min_timestep:
+        raise ValueError(
+            f"the last student timestep {timesteps[-1]} must be above min_timestep {min_timestep}: "
+            "re-noising must be able to reach levels cleaner than every student step"
+        )

@@ -1,0 +1,124 @@
+"""Tiny SD1.5- and SDXL-shaped teachers built from config with the real diffusers/transformers classes.
+
+They need no download: tests and the `builtin:tiny-sd15` / `builtin:tiny-sdxl` smoke models use them to run
+every real code path (tokenizer files, text encoders, UNet, VAE, scheduler) in seconds on a CPU. Their
+weights are random, so their images are noise: they check plumbing, not quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+TINY_MODELS = ("tiny-sd15", "tiny-sd15-v", "tiny-sdxl", "tiny-flow")
+_WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "house", "tree", "in", "on", "and", "with",
+          "painting", "digit", "seven", "one"]
+
+
+def write_tiny_clip_tokenizer(folder: str, max_length: int = 16) -> str:
+    """A CLIP BPE tokenizer folder (vocab.json, merges.txt): characters, a few whole words, CLIP's specials."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    merges = []
+    for word in _WORDS:
+        # Left-to-right merges build each word; the final piece carries the end-of-word marker.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    merges = list(dict.fromkeys(merges))
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, handle)
+    return folder
+
+
+def _text_config(vocab_size: int, hidden: int, projection: int, max_length: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+                          projection_dim=projection, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sample_size: int = 8) -> str:
+    """Write a diffusers model folder (unet, text encoder(s), tokenizer(s), scheduler, vae) with random weights.
+
+    kind: tiny-sd15 (eps), tiny-sd15-v (v-prediction), tiny-sdxl (two encoders, text_time), tiny-flow
+    (pixel space, flow matching, no VAE).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if kind not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {kind!r}; choose one of {TINY_MODELS}")
+    torch.manual_seed(seed)
+    max_length = 16
+    tokenizer_dir = write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"), max_length)
+    vocab_size = len(CLIPTokenizer.from_pretrained(tokenizer_dir))
+    sdxl = kind == "tiny-sdxl"
+    pixel_space = kind == "tiny-flow"
+
+    encoder = CLIPTextModel(_text_config(vocab_size, 32, 32, max_length))
+    encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    cross_attention_dim = 32
+    unet_extra = {}
+    if sdxl:
+        write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), max_length)
+        encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, 32, 16, max_length))
+        encoder_2.save_pretrained(os.path.join(folder, "text_encoder_2"))
+        cross_attention_dim = 64  # the two encoders' hidden states concatenated
+        unet_extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                          projection_class_embeddings_input_dim=6 * 8 + 16, transformer_layers_per_block=[1, 2])
+    channels = 3 if pixel_space else 4
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8, **unet_extra)
+    unet.save_pretrained(os.path.join(folder, "unet"))
+
+    if pixel_space:
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(folder, "scheduler"))
+    else:
+        prediction_type = "v_prediction" if kind == "tiny-sd15-v" else "epsilon"
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      prediction_type=prediction_type).save_pretrained(os.path.join(folder, "scheduler"))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 2)
+        vae.save_pretrained(os.path.join(folder, "vae"))
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
+        json.dump({"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+                   "_tiny_model": kind}, handle)
+    return folder
+
+
+def resolve_builtin(name_or_path: str) -> str:
+    """Map builtin:<tiny model> to a folder built once per machine in the temp dir; pass others through."""
+    if not name_or_path.startswith("builtin:"):
+        return name_or_path
+    kind = name_or_path.split(":", 1)[1]
+    if kind not in TINY_MODELS:
+        raise ValueError(f"unknown built-in model {name_or_path!r}; choose builtin:{', builtin:'.join(TINY_MODELS)}")
+    folder = os.path.join(tempfile.gettempdir(), "decoupled_dmd_builtin", kind)
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f"{kind}-", dir=os.path.dirname(folder))
+        build_tiny_pipeline(staging, kind)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process won the race; its folder is equally good
+            pass
+    return folder
+
