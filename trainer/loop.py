@@ -66,6 +66,11 @@ class DecoupledDMDTrainer:
         self.callbacks = callbacks or TrainerCallbacks()
         self.logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
         if accelerator is None:
+            # A long-lived host process (ComfyUI, a test session) may train several times with different
+            # precisions; accelerate keeps one global state per process, so start each run from a clean one.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
             accelerator = Accelerator(
                 mixed_precision=config.mixed_precision,
                 log_with=_tracker(config.log_with),

@@ -9,6 +9,7 @@ Both initialise student and fake as the teacher (Algorithm 1, lines 2-3).
 from __future__ import annotations
 
 import copy
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
@@ -48,8 +49,10 @@ class LoraRoles(Roles):
         base.requires_grad_(False)
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
         try:
-            for role in TRAINABLE_ROLES:
-                inject_adapter_in_model(copy.deepcopy(config), base, adapter_name=role)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # two adapters is the design
+                for role in TRAINABLE_ROLES:
+                    inject_adapter_in_model(copy.deepcopy(config), base, adapter_name=role)
         except ValueError as error:
             raise ValueError(f"lora_target_modules {list(target_modules)} match no layer of this model: {error}") from None
         self.base = base

@@ -77,7 +77,7 @@ class DiscreteVPSchedule(NoiseSchedule):
     """DDPM variance-preserving schedule with integer timesteps (SD1.5, SDXL).
 
     Timestep k covers the level bin (1 - (k+1)/T, 1 - k/T]; its own level is the clean edge 1 - k/T, so a
-    tau sampled strictly cleaner than a student step at timestep k always lands on a timestep below k.
+    tau sampled cleaner than a student step at timestep k (by more than float error, 1e-9) lands below k.
     """
 
     def __init__(self, alphas_cumprod: Tensor):
@@ -101,7 +101,8 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     def timestep_index(self, level: Tensor) -> Tensor:
         continuous = (1.0 - torch.as_tensor(level, dtype=torch.float64)) * self.num_train_timesteps
-        return continuous.floor().clamp(0, self.num_train_timesteps - 1).long()
+        # 1e-6 absorbs float error in 1 - (1 - k/T): level(k) must map back to k, not k - 1.
+        return (continuous + 1e-6).floor().clamp(0, self.num_train_timesteps - 1).long()
 
     def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
         alpha_bar = self.alphas_cumprod.to(torch.as_tensor(level).device)[self.timestep_index(level)]

@@ -74,7 +74,7 @@ class DiffusersAdapter(ModelAdapter):
             missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler") if not os.path.isdir(os.path.join(path, s))]
             if missing:
                 raise FileNotFoundError(
-                    f"{path!r} is not a diffusers model folder: missing {', '.join(missing)}/ "
+                    f"{path!r} is not a diffusers model folder: missing {', '.join(m + '/' for m in missing)} "
                     "(single-file .safetensors checkpoints need the checkpoint loader)")
         common = {"local_files_only": local}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)

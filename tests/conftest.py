@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny teachers built once per session from config with the real diffusers classes."""
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Returns a function kind -> folder of a tiny diffusers teacher (built once per kind)."""
+    from decoupled_dmd.trainer.tiny_models import build_tiny_pipeline
+
+    built = {}
+
+    def get(kind: str = "tiny-sd15") -> str:
+        if kind not in built:
+            built[kind] = build_tiny_pipeline(str(tmp_path_factory.mktemp(kind)), kind)
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photo of the cat\na red house\n# a comment line\n\nthe dog in the tree\na blue painting\n")
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("accelerate").setLevel(logging.WARNING)

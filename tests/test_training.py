@@ -1,0 +1,181 @@
+"""The accelerate trainer on tiny real models: what moves, what must not, resume, every method variant."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
+from decoupled_dmd.trainer.api import apply_student, read_student_metadata
+from decoupled_dmd.trainer.config import config_from_dict
+from decoupled_dmd.trainer.loop import DecoupledDMDTrainer, TrainerCallbacks, list_states
+from decoupled_dmd.trainer.networks import LoraRoles
+
+PROMPTS = ["a photo of the cat", "a red house", "the dog in the tree", "a blue painting"]
+
+
+def make_trainer(tiny_model_dir, tmp_path, kind="tiny-sd15", callbacks=None, **overrides):
+    values = dict(pretrained_model_name_or_path=kind, output_dir=str(tmp_path / "out"), max_train_steps=2,
+                  network_dim=4, network_alpha=4, learning_rate=1e-3, fake_updates_per_step=2, log_with="none",
+                  train_batch_size=2, student_timesteps=[999, 749, 499, 249])
+    values.update(overrides)
+    config = config_from_dict(values)
+    adapter = DiffusersAdapter.from_pretrained(tiny_model_dir(kind), uncond_mode=config.uncond_mode)
+    return DecoupledDMDTrainer(config, adapter, PROMPTS, callbacks=callbacks)
+
+
+def fixed_inputs(trainer, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *trainer.latent_shape, generator=generator)
+    level = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    return x, level, trainer._conditioning(PROMPTS[:2])
+
+
+def x0_of(trainer, role):
+    with torch.no_grad():
+        return trainer._x0(role, *fixed_inputs(trainer))
+
+
+def jsonl(path):
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_lora_mode_trains_student_and_fake_and_leaves_the_teacher(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    assert isinstance(trainer.roles, LoraRoles)
+    teacher_before = x0_of(trainer, "teacher")
+    torch.testing.assert_close(x0_of(trainer, "student"), teacher_before)  # LoRA B = 0: student starts as teacher
+    base_before = {k: v.clone() for k, v in trainer.adapter.network.named_parameters() if "lora_" not in k}
+
+    trainer.train()
+
+    torch.testing.assert_close(x0_of(trainer, "teacher"), teacher_before, rtol=0, atol=0)
+    for name, value in trainer.adapter.network.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(value, base_before[name]), f"frozen base weight {name} changed"
+    assert not torch.allclose(x0_of(trainer, "student"), teacher_before)
+    assert not torch.allclose(x0_of(trainer, "fake"), teacher_before)
+    trainable = sum(p.numel() for p in trainer.roles.trainable_parameters("student"))
+    assert 0 < trainable < 0.2 * sum(p.numel() for p in base_before.values())
+
+    logs = jsonl(tmp_path / "out" / "logs" / "metrics.jsonl")
+    assert [entry["step"] for entry in logs] == [1, 2]
+    for key in ("loss_generator", "loss_fake", "grad_norm_student", "grad_norm_fake", "gen_mean", "gen_std",
+                "ca_magnitude", "dm_magnitude", "tau_ca", "tau_dm"):
+        assert all(map(lambda e: e[key] == e[key] and abs(e[key]) < 1e6, logs)), key
+    assert os.path.isfile(tmp_path / "out" / "samples" / "step_000002.png")
+
+
+def test_saved_lora_reproduces_the_trained_student(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    path = trainer.train()
+    metadata = read_student_metadata(path)
+    assert json.loads(metadata["decoupled_dmd.student_timesteps"]) == [999, 749, 499, 249]
+    assert metadata["decoupled_dmd.method"] == "decoupled-dmd"
+    assert "renoise_schedule" in metadata["decoupled_dmd.config"]
+
+    fresh = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+    assert apply_student(fresh, path) == [999, 749, 499, 249]
+    x, level, cond = fixed_inputs(trainer)
+    with torch.no_grad():
+        reloaded = fresh.predict_x0(fresh.network, x, level, cond)
+    torch.testing.assert_close(reloaded, x0_of(trainer, "student"), rtol=1e-5, atol=1e-5)
+
+
+def test_full_mode_keeps_three_copies(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, training_mode="full", learning_rate=1e-4, max_train_steps=1)
+    teacher_before = x0_of(trainer, "teacher")
+    path = trainer.train()
+    torch.testing.assert_close(x0_of(trainer, "teacher"), teacher_before, rtol=0, atol=0)
+    assert not torch.allclose(x0_of(trainer, "student"), teacher_before)
+    fresh = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+    apply_student(fresh, path)
+    x, level, cond = fixed_inputs(trainer)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict_x0(fresh.network, x, level, cond), x0_of(trainer, "student"))
+
+
+def test_resume_continues_bit_for_bit(tiny_model_dir, tmp_path):
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=4, save_every_n_steps=2)
+    straight.train()
+
+    first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=2)
+    first.train()
+    state = list_states(str(tmp_path / "b" / "out"))[-1]
+    assert state.endswith("state-000002")
+    resumed = make_trainer(tiny_model_dir, tmp_path / "c", max_train_steps=4, resume=state)
+    resumed.train()
+
+    for role in ("student", "fake"):
+        expected = straight.roles.trainable_state_dict(role)
+        actual = resumed.roles.trainable_state_dict(role)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{role} {key} differs after resume"
+    log_a = jsonl(tmp_path / "a" / "out" / "logs" / "metrics.jsonl")
+    log_c = jsonl(tmp_path / "c" / "out" / "logs" / "metrics.jsonl")
+    drop = lambda entry: {k: v for k, v in entry.items() if k != "seconds_per_step"}  # noqa: E731
+    assert [drop(e) for e in log_a[2:]] == [drop(e) for e in log_c]
+
+
+def test_stop_request_saves_a_resumable_state(tiny_model_dir, tmp_path):
+    calls = []
+    callbacks = TrainerCallbacks(should_stop=lambda: len(calls) >= 1, on_step=lambda step, logs: calls.append(step))
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_train_steps=50, callbacks=callbacks)
+    path = trainer.train()
+    assert calls == [1]
+    assert [os.path.basename(p) for p in list_states(str(tmp_path / "out"))] == ["state-000001"]
+    assert read_student_metadata(path)["decoupled_dmd.train_steps"] == "1"
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")], "a partial file was left behind"
+
+
+def test_hybrid_ca_levels_are_cleaner_than_the_student_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, train_batch_size=1)
+    for _ in range(12):
+        logs = trainer.generator_step()
+        student_level = trainer.levels[int(logs["student_step"])]
+        assert logs["tau_ca"] > student_level
+        assert trainer.level_bounds[0] < logs["tau_dm"] <= trainer.level_bounds[1]
+
+
+@pytest.mark.parametrize("overrides, present, absent", [
+    (dict(renoise_schedule="coupled-shared"), ["ca_magnitude", "dm_magnitude", "loss_fake"], []),
+    (dict(renoise_schedule="decoupled-full", update_normalization="shared"), ["dm_magnitude"], []),
+    (dict(renoise_schedule="decoupled-constrained", update_normalization="none"), ["dm_magnitude"], []),
+    (dict(regularizer="none"), ["ca_magnitude"], ["dm_magnitude", "loss_fake"]),
+    (dict(regularizer="mean_variance"), ["loss_mean_variance_kl"], ["dm_magnitude", "loss_fake"]),
+    (dict(cfg_augmentation=False), ["dm_magnitude", "loss_fake"], ["ca_magnitude"]),
+    (dict(fake_loss_target="x0", uncond_mode="zeros", gradient_checkpointing=True), ["loss_fake"], []),
+])
+def test_every_method_variant_trains(tiny_model_dir, tmp_path, overrides, present, absent):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_train_steps=1, **overrides)
+    trainer.train()
+    logs = jsonl(tmp_path / "out" / "logs" / "metrics.jsonl")[-1]
+    for key in present:
+        assert key in logs and logs[key] == logs[key], key
+    for key in absent:
+        assert key not in logs, key
+    assert logs["grad_norm_student"] > 0
+    assert ("fake" in trainer.optimizers) == (trainer.config.regularizer == "dm")
+
+
+@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd15-v", "tiny-flow"])
+def test_other_families_train(tiny_model_dir, tmp_path, kind):
+    timesteps = [1000, 500] if kind == "tiny-flow" else [999, 499]
+    trainer = make_trainer(tiny_model_dir, tmp_path, kind=kind, max_train_steps=1, student_timesteps=timesteps)
+    path = trainer.train()
+    assert load_file(path)
+    logs = jsonl(tmp_path / "out" / "logs" / "metrics.jsonl")[-1]
+    assert logs["grad_norm_student"] > 0 and logs["loss_fake"] > 0
+
+
+def test_bf16_autocast_on_cpu(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_train_steps=1, mixed_precision="bf16")
+    assert next(p for n, p in trainer.adapter.network.named_parameters() if "lora_" not in n).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.roles.trainable_parameters("student"))
+    trainer.train()
+    logs = jsonl(tmp_path / "out" / "logs" / "metrics.jsonl")[-1]
+    assert logs["grad_norm_student"] == logs["grad_norm_student"] and logs["grad_norm_student"] > 0
