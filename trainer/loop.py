@@ -294,13 +294,13 @@ class DecoupledDMDTrainer:
                                                                if isinstance(v, (int, float, str, bool))})
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
                         disable=not accelerator.is_local_main_process)
-        started = time.time()
+        started, first_step = time.time(), self.step
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():
                 logger.info("stop requested: saving step %d", self.step)
                 break
             logs = self._reduce(self.train_step())
-            logs["seconds_per_step"] = (time.time() - started) / max(1, progress.n - progress.initial + 1)
+            logs["seconds_per_step"] = (time.time() - started) / (self.step - first_step)
             self._log(logs)
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss_generator']:.4f}", std=f"{logs['gen_std']:.3f}")
