@@ -99,7 +99,6 @@ def sample_images(adapter: ModelAdapter, prompts: list[str], seed: int, timestep
                   teacher_steps: int | None = None, guidance_scale: float | None = None,
                   resolution: tuple[int, int] | None = None, device: str | None = None) -> torch.Tensor:
     """Few-step student samples (timesteps given) or teacher CFG samples (teacher_steps given), in [0, 1]."""
-    from .denoiser import Conditioning
     from .sampling import cfg_sample, few_step_sample, student_levels
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,5 +114,5 @@ def sample_images(adapter: ModelAdapter, prompts: list[str], seed: int, timestep
                              teacher_steps)
     else:
         levels = student_levels(adapter.schedule, timesteps)
-        latents = few_step_sample(denoiser, noise, levels, Conditioning(cond.tensors), generator=generator)
+        latents = few_step_sample(denoiser, noise, levels, cond, generator=generator)
     return adapter.decode(latents)

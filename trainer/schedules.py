@@ -162,6 +162,8 @@ def timestep_level_bounds(schedule: NoiseSchedule, min_timestep: int, max_timest
     if not 0 <= min_timestep < max_timestep:
         raise ValueError(f"need 0 <= min_timestep < max_timestep, got {min_timestep} and {max_timestep}")
     total = schedule.num_train_timesteps
+    if isinstance(schedule, FlowSchedule) and min_timestep == 0:
+        raise ValueError("min_timestep must be >= 1 for flow models: at timestep 0 nothing is noised")
     if isinstance(schedule, DiscreteVPSchedule):
         # Timestep k owns the level bin (1-(k+1)/T, 1-k/T]: cover bins min..max inclusive.
         return 1.0 - (max_timestep + 1) / total, 1.0 - min_timestep / total
