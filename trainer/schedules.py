@@ -162,12 +162,14 @@ def timestep_level_bounds(schedule: NoiseSchedule, min_timestep: int, max_timest
     if not 0 <= min_timestep < max_timestep:
         raise ValueError(f"need 0 <= min_timestep < max_timestep, got {min_timestep} and {max_timestep}")
     total = schedule.num_train_timesteps
-    if isinstance(schedule, FlowSchedule) and min_timestep == 0:
-        raise ValueError("min_timestep must be >= 1 for flow models: at timestep 0 nothing is noised")
+    low, high = 1.0 - max_timestep / total, 1.0 - min_timestep / total
     if isinstance(schedule, DiscreteVPSchedule):
         # Timestep k owns the level bin (1-(k+1)/T, 1-k/T]: cover bins min..max inclusive.
-        return 1.0 - (max_timestep + 1) / total, 1.0 - min_timestep / total
-    return 1.0 - max_timestep / total, 1.0 - min_timestep / total
+        low = 1.0 - (max_timestep + 1) / total
+    if float(schedule.alpha_sigma(torch.tensor(high))[1]) == 0.0:
+        raise ValueError(f"min_timestep {min_timestep} leaves no noise on this model (flow: use >= 1); "
+                         "re-noised samples would be clean and the fake model's loss weight infinite")
+    return low, high
 
 
 def uniform_levels(low: Tensor, high: float, generator: torch.Generator | None = None) -> Tensor:
