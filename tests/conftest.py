@@ -34,3 +34,23 @@ def prompt_file(tmp_path):
 @pytest.fixture(autouse=True)
 def _quiet_logs():
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def ldm_checkpoint(tiny_model_dir, tmp_path_factory):
+    """Returns a function (kind, dtype) -> a single-file LDM-layout checkpoint of that tiny teacher."""
+    import torch
+
+    from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
+    from decoupled_dmd.trainer.checkpoint import write_ldm_checkpoint
+
+    built = {}
+
+    def get(kind: str = "tiny-sd15", dtype=torch.float16) -> str:
+        if (kind, dtype) not in built:
+            adapter = DiffusersAdapter.from_pretrained(tiny_model_dir(kind))
+            path = str(tmp_path_factory.mktemp("ldm") / f"{kind}.safetensors")
+            built[kind, dtype] = write_ldm_checkpoint(path, adapter, {"source": "test"}, dtype=dtype)
+        return built[kind, dtype]
+
+    return get

@@ -86,7 +86,8 @@ def test_saved_lora_reproduces_the_trained_student(tiny_model_dir, tmp_path):
 
 
 def test_full_mode_keeps_three_copies(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tmp_path, training_mode="full", learning_rate=1e-4, max_train_steps=1)
+    trainer = make_trainer(tiny_model_dir, tmp_path, training_mode="full", learning_rate=1e-4, max_train_steps=1,
+                           save_precision="float")
     teacher_before = x0_of(trainer, "teacher")
     path = trainer.train()
     torch.testing.assert_close(x0_of(trainer, "teacher"), teacher_before, rtol=0, atol=0)

@@ -30,17 +30,20 @@ def read_prompts(source, what: str = "prompt_file") -> list[str]:
     return prompts
 
 
-def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt") -> ModelAdapter:
-    """A diffusers folder / hub id, or builtin:<tiny model>, as a `ModelAdapter`."""
+def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer_path: str = "",
+                 v_parameterization: bool | None = None) -> ModelAdapter:
+    """A single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder / hub id, or builtin:<tiny model>."""
     from .adapters.diffusers import DiffusersAdapter
+    from .checkpoint import load_single_file
     from .tiny_models import resolve_builtin
 
     if not name_or_path:
-        raise ConfigError("pretrained_model_name_or_path: empty; give a diffusers model folder or builtin:tiny-sd15")
+        raise ConfigError("pretrained_model_name_or_path: empty; give a .safetensors checkpoint, a diffusers model "
+                          "folder or builtin:tiny-sd15")
     path = resolve_builtin(name_or_path)
-    if os.path.isfile(path):
-        raise ConfigError(f"pretrained_model_name_or_path: {path!r} is a file; single-file checkpoints are not "
-                          "supported yet, give a diffusers model folder")
+    if os.path.isfile(path) or path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+        return load_single_file(path, tokenizer_path=tokenizer_path or None, v_parameterization=v_parameterization,
+                                uncond_mode=uncond_mode)
     return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode)
 
 
@@ -51,47 +54,81 @@ def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
     if not prompts:
         raise ConfigError("prompt_file: not set; give a text file with one training prompt per line")
     sample_prompts = read_prompts(config.sample_prompts, "sample_prompts") or None
-    adapter = adapter or load_teacher(config.pretrained_model_name_or_path, config.uncond_mode)
+    adapter = adapter or load_teacher(config.pretrained_model_name_or_path, config.uncond_mode,
+                                      config.tokenizer_path, config.v_parameterization)
     trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, callbacks=callbacks)
     return trainer.train()
 
 
 def read_student_metadata(path: str) -> dict[str, str]:
-    from safetensors import safe_open
+    """The `decoupled_dmd.*` header of a student file (LoRA, UNet or all-in-one checkpoint)."""
+    from .checkpoint import read_safetensors_header
 
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    header, _ = read_safetensors_header(path)
+    metadata = header.get("__metadata__") or {}
     if metadata.get("decoupled_dmd.method") != "decoupled-dmd":
-        raise ValueError(f"{path!r} is not a Decoupled DMD student (no decoupled_dmd metadata)")
+        raise ConfigError(f"{path!r} is not a Decoupled DMD student (no decoupled_dmd metadata)")
     return metadata
 
 
+def student_timesteps(metadata: dict[str, str]) -> list[int]:
+    return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
+
+
 def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
-    """Load a saved student into the adapter's backbone in place; returns its trained timesteps."""
-    from peft import LoraConfig, inject_adapter_in_model
+    """Load a saved student into the adapter's backbone in place; returns its trained timesteps.
+
+    LoRA files (kohya `lora_unet_*` or peft names) are injected as a peft adapter; a full UNet file replaces the
+    weights; an all-in-one checkpoint is already the model (load it as the teacher) and only gives its timesteps.
+    """
     from safetensors.torch import load_file
 
+    from .checkpoint import is_kohya_lora, peft_from_kohya
+    from .ldm_layout import UNET_PREFIX
+
     metadata = read_student_metadata(student_path)
+    kind = metadata.get("decoupled_dmd.format", "lora" if metadata["decoupled_dmd.training_mode"] == "lora" else "unet")
+    if kind == "checkpoint":
+        return student_timesteps(metadata)
     tensors = load_file(student_path)
     network = adapter.network
-    if metadata["decoupled_dmd.training_mode"] == "lora":
-        config = LoraConfig(r=int(metadata["decoupled_dmd.network_dim"]),
-                            lora_alpha=float(metadata["decoupled_dmd.network_alpha"]),
-                            target_modules=json.loads(metadata["decoupled_dmd.lora_target_modules"]))
-        inject_adapter_in_model(config, network, adapter_name="student")
-        renamed = {}
-        for key, value in tensors.items():
-            name = key.removeprefix("unet.")
-            for part in ("lora_A", "lora_B"):
-                name = name.replace(f".{part}.weight", f".{part}.student.weight")
-            renamed[name] = value
-        missing = [k for k in renamed if k not in dict(network.named_parameters())]
-        if missing:
-            raise ValueError(f"{student_path!r} does not fit this model: unknown keys such as {missing[:2]}")
-        network.load_state_dict(renamed, strict=False)
+    ldm_keys = adapter.unet_ldm_keys or {}
+    if kind == "lora":
+        if is_kohya_lora(tensors):
+            modules = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in ldm_keys.items() if k.endswith(".weight")}
+            state, rank, alpha = peft_from_kohya(tensors, modules)
+        else:
+            state = {k.removeprefix("unet."): v.float() for k, v in tensors.items()}
+            rank, alpha = int(metadata["decoupled_dmd.network_dim"]), float(metadata["decoupled_dmd.network_alpha"])
+        _inject_lora(network, state, rank, alpha, student_path)
     else:
-        network.load_state_dict(tensors)
-    return json.loads(metadata["decoupled_dmd.student_timesteps"])
+        if any(k.startswith(UNET_PREFIX) for k in tensors):
+            from_ldm = {UNET_PREFIX + ldm: name for name, ldm in ldm_keys.items()}
+            unknown = [k for k in tensors if k not in from_ldm]
+            if unknown:
+                raise ConfigError(f"{student_path!r} does not fit this model: unknown keys such as {unknown[:2]}")
+            tensors = {from_ldm[k]: v for k, v in tensors.items()}
+        reference = network.state_dict()
+        network.load_state_dict({k: v.to(reference[k].dtype) if k in reference else v for k, v in tensors.items()})
+    return student_timesteps(metadata)
+
+
+def _inject_lora(network, state: dict[str, torch.Tensor], rank: int, alpha: float, path: str) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules), network,
+                            adapter_name="student")
+    renamed = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.weight", f".{part}.student.weight")
+        renamed[key] = value
+    parameters = dict(network.named_parameters())
+    missing = [k for k in renamed if k not in parameters]
+    if missing:
+        raise ConfigError(f"{path!r} does not fit this model: unknown keys such as {missing[:2]}")
+    network.load_state_dict(renamed, strict=False)
 
 
 @torch.no_grad()

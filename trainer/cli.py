@@ -48,8 +48,11 @@ def distill_main(argv: list[str] | None = None) -> int:
 
 def sample_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dmd-sample", description="Sample a distilled student (or its teacher).")
-    parser.add_argument("--model", required=True, help="the teacher: diffusers folder, hub id or builtin:<tiny>")
-    parser.add_argument("--student", help="student .safetensors written by dmd-distill (LoRA or full)")
+    parser.add_argument("--model", required=True,
+                        help="a distilled all-in-one checkpoint, or the base model: a single-file .safetensors "
+                             "checkpoint, a diffusers folder, a hub id or builtin:<tiny>")
+    parser.add_argument("--student", help="student LoRA / UNet .safetensors written by dmd-distill, applied to --model")
+    parser.add_argument("--tokenizer_path", default="", help="CLIP tokenizer folder for single-file checkpoints")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompt_file", help="text file with one prompt per line")
     parser.add_argument("--timesteps", help="student timesteps, e.g. 999,749,499,249 (default: from the file)")
@@ -74,10 +77,13 @@ def sample_main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if not prompts:
         parser.error("give at least one --prompt or a --prompt_file")
-    if not args.student and not args.teacher_steps:
-        parser.error("give --student (a distilled file) or --teacher_steps N to sample the teacher")
-    adapter = load_teacher(args.model)
-    timesteps = apply_student(adapter, args.student) if args.student else None
+    try:
+        adapter = load_teacher(args.model, tokenizer_path=args.tokenizer_path)
+        timesteps = apply_student(adapter, args.student or args.model) if (args.student or not args.teacher_steps) \
+            else None
+    except ConfigError as error:
+        parser.error(f"{error} (give --student with a distilled file, a distilled checkpoint as --model, or "
+                     "--teacher_steps N to sample the teacher)")
     if args.timesteps:
         timesteps = [int(t) for t in args.timesteps.split(",")]
     images = sample_images(adapter, prompts, args.seed, timesteps=timesteps, teacher_steps=args.teacher_steps,

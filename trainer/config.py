@@ -23,6 +23,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 UNCOND_MODES = ("empty_prompt", "zeros")
 FAKE_LOSS_TARGETS = ("native", "x0")
 LOG_WITH = ("auto", "tensorboard", "none")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,14 @@ def _key(default, help: str, choices: tuple | None = None, section: str = "train
 class TrainConfig:
     # --- model and files ---
     pretrained_model_name_or_path: str = _key(
-        "", "Teacher: a diffusers folder or Hugging Face id (SD1.5/SDXL/flow UNet), or builtin:tiny-sd15 / builtin:tiny-sdxl.",
+        "", "Teacher: a single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder or Hugging Face id "
+        "(SD1.5/SDXL/flow UNet), or builtin:tiny-sd15 / builtin:tiny-sdxl.", section="model")
+    tokenizer_path: str = _key(
+        "", "Folder with the CLIP BPE files vocab.json and merges.txt for single-file checkpoints (e.g. "
+        "openai/clip-vit-large-patch14, ComfyUI's comfy/sd1_tokenizer); empty looks in the Hugging Face cache.",
+        section="model")
+    v_parameterization: typing.Any = _key(
+        None, "Single-file checkpoints: true = v-prediction, false = epsilon; empty detects it (a `v_pred` key).",
         section="model")
     output_dir: str = _key("output", "Folder for the student, training states, samples and logs.", section="model")
     output_name: str = _key("dmd_student", "Base name of the saved student files.", section="model")
@@ -53,6 +61,13 @@ class TrainConfig:
                          LOG_WITH, section="model")
     resume: str = _key("", "Resume from a training state folder, or 'latest' for the newest in output_dir.",
                        section="model")
+    save_merged_checkpoint: bool = _key(
+        False, "Also write <output_name>_checkpoint.safetensors: the input single-file checkpoint with the student "
+        "merged into its UNet (same layout and dtype; loads in CheckpointLoaderSimple).", section="model")
+    save_precision: str = _key("fp16", "dtype of the saved LoRA / full UNet: float, fp16 or bf16 (the merged "
+                               "checkpoint keeps the input file's dtype).", SAVE_PRECISIONS, section="model")
+    overwrite: bool = _key(False, "Replace existing output files of the same name; false adds a counter "
+                           "(name_00001_.safetensors) as ComfyUI does.", section="model")
 
     # --- the method ---
     student_timesteps: list = _key(
@@ -222,6 +237,12 @@ def _coerce(key: str, value):
     try:
         if key in ("guidance_scale", "fake_learning_rate"):
             return None if value in ("", None) else float(value)
+        if key == "v_parameterization":
+            if value in ("", None) or isinstance(value, bool):
+                return None if value == "" else value
+            if from_text and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
         if key == "resolution":
             return value if isinstance(value, int) else str(value)
         if key == "sample_prompts":

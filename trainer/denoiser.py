@@ -70,6 +70,9 @@ class ModelAdapter(ABC):
     latent_channels: int
     latent_downscale: int  # pixels per latent cell (8 for SD VAEs, 1 for pixel-space models)
     default_resolution: tuple[int, int]  # (height, width) in pixels
+    source_checkpoint: str | None = None  # the single-file checkpoint the teacher came from (merged outputs)
+    source_model: str | None = None  # what the user named: file, folder or hub id
+    unet_ldm_keys: dict[str, str] | None = None  # backbone weight name -> LDM name (kohya LoRA keys), if any
 
     @abstractmethod
     def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:

@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .denoiser import Conditioning, ModelAdapter, PromptCache
 from .losses import (cfg_augmentation, classifier_free_guidance, distribution_matching, mean_variance_kl,
                      normalize_update, per_image_statistics, proxy_loss, weighted_denoising_loss)
 from .networks import FullRoles, LoraRoles, Roles
-from .outputs import atomic_save_safetensors, save_image_grid, student_metadata
+from .outputs import atomic_save_safetensors, free_path, save_image_grid, student_metadata
 from .sampling import few_step_sample, student_levels
 from .schedules import check_student_timesteps, sample_renoise_levels, timestep_level_bounds, uniform_levels
 
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 STATE_PREFIX = "state-"
 PROMPT_CACHE_LIMIT = 4096  # above this many prompts, encode per batch instead of caching all
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -80,6 +81,11 @@ class DecoupledDMDTrainer:
                 step_scheduler_with_optimizer=False,
             )
         self.accelerator = accelerator
+        if config.save_merged_checkpoint and not adapter.source_checkpoint and adapter.family not in ("sd15", "sdxl"):
+            raise ConfigError("save_merged_checkpoint: needs an SD1.5/SDXL teacher (a single-file checkpoint or a "
+                              f"diffusers folder), not a {adapter.family!r} model; set it to false")
+        self.output_paths: dict[str, str] | None = None
+        self._base: dict[str, str] | None = None
         if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise ValueError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
         check_student_timesteps(adapter.schedule, config.student_timesteps, config.min_timestep)
@@ -289,6 +295,7 @@ class DecoupledDMDTrainer:
         config, accelerator = self.config, self.accelerator
         if config.resume:
             self.resume(config.resume)
+        self._reserve_output_paths()
         if accelerator.is_main_process:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
                                                                if isinstance(v, (int, float, str, bool))})
@@ -311,7 +318,7 @@ class DecoupledDMDTrainer:
             if config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0:
                 self.sample_preview()
         progress.close()
-        path = self.save()
+        path = self.save(final=True)
         if not (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0):
             self.sample_preview()  # the final preview, unless the last step already wrote one
         accelerator.end_training()
@@ -353,24 +360,90 @@ class DecoupledDMDTrainer:
         save_image_grid(images, path)
         return path
 
-    def student_file(self) -> str:
-        return os.path.join(self.config.output_dir, f"{self.config.output_name}.safetensors")
+    def _reserve_output_paths(self) -> None:
+        """Pick this run's file names once: an existing file from another run gets a counter, not overwritten
+        (unless `overwrite`); a resumed run keeps the names it started with."""
+        if self.output_paths is not None:
+            return
+        config = self.config
+        wanted = {"student": os.path.join(config.output_dir, f"{config.output_name}.safetensors"),
+                  "checkpoint": os.path.join(config.output_dir, f"{config.output_name}_checkpoint.safetensors")}
+        self.output_paths = {role: path if config.overwrite else free_path(path) for role, path in wanted.items()}
+        for role, path in self.output_paths.items():
+            if path != wanted[role]:
+                logger.info("%s exists; this run writes %s (set overwrite = true to replace)", wanted[role], path)
 
-    def save(self) -> str:
-        """Write the student weights and a resumable state for the current step; returns the student path."""
+    def student_file(self) -> str:
+        self._reserve_output_paths()
+        return self.output_paths["student"]
+
+    def save(self, final: bool = False) -> str:
+        """Write the student weights and a resumable state for the current step; returns the student path.
+
+        The final save also writes the all-in-one checkpoint when `save_merged_checkpoint` is set."""
         accelerator = self.accelerator
-        state_dir = self.save_state()
         path = self.student_file()
+        state_dir = self.save_state()
         if accelerator.is_main_process:
-            if isinstance(self.roles, LoraRoles):
-                tensors = {f"unet.{k}": v for k, v in self.roles.peft_state_dict("student").items()}
-            else:
-                tensors = dict(self.roles.trainable_state_dict("student"))
-            metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale)
-            atomic_save_safetensors(tensors, path, metadata)
+            kind, tensors = self._student_tensors()
+            metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
+                                        base=self._base_identity())
+            atomic_save_safetensors(tensors, path, metadata, overwrite=True)  # this run's own file
             logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
+            if final and self.config.save_merged_checkpoint:
+                logger.info("merged checkpoint written to %s", self.save_merged_checkpoint())
         accelerator.wait_for_everyone()
         return path
+
+    def _student_tensors(self) -> tuple[str, dict[str, Tensor]]:
+        """(format, tensors): a kohya LoRA (`lora_unet_<ldm path>`) or a full UNet in LDM names, where the
+        backbone has an LDM layout; diffusers/peft names otherwise."""
+        from .checkpoint import kohya_lora_state_dict
+        from .ldm_layout import UNET_PREFIX
+
+        dtype = SAVE_DTYPES[self.config.save_precision]
+        ldm_keys = self.adapter.unet_ldm_keys
+        if isinstance(self.roles, LoraRoles):
+            peft_state = self.roles.peft_state_dict("student")
+            if ldm_keys is None:
+                return "lora", {f"unet.{k}": v.to(dtype) for k, v in peft_state.items()}
+            modules = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in ldm_keys.items() if k.endswith(".weight")}
+            return "lora", kohya_lora_state_dict(peft_state, modules, self.config.network_alpha, dtype)
+        state = self.roles.merged_state_dict("student")
+        if ldm_keys is None:
+            return "unet", {k: v.to(dtype) for k, v in state.items()}
+        return "unet", {UNET_PREFIX + ldm_keys[k]: v.to(dtype) for k, v in state.items()}
+
+    def _base_identity(self) -> dict[str, str]:
+        from .checkpoint import file_sha256
+
+        if self._base is None:
+            source = self.adapter.source_checkpoint or self.adapter.source_model or ""
+            self._base = {"model": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source}
+            weights = self.adapter.source_checkpoint or _diffusers_unet_file(source)
+            if weights:
+                self._base["sha256"] = file_sha256(weights)
+        return self._base
+
+    def save_merged_checkpoint(self) -> str:
+        """The all-in-one checkpoint: the teacher's own file (or an LDM export of its diffusers parts) with the
+        student merged into the UNet."""
+        from .checkpoint import write_ldm_checkpoint, write_merged_checkpoint
+
+        adapter, config = self.adapter, self.config
+        metadata = student_metadata(config, self.step, adapter, self.guidance_scale, kind="checkpoint",
+                                    base=self._base_identity())
+        path = self.output_paths["checkpoint"]
+        if adapter.source_checkpoint:
+            if isinstance(self.roles, LoraRoles):
+                return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
+                                               adapter.prediction_type, deltas=self.roles.lazy_delta_weights("student"),
+                                               overwrite=True)
+            return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
+                                           adapter.prediction_type, unet_state=self.roles.merged_state_dict("student"),
+                                           overwrite=True)
+        return write_ldm_checkpoint(path, adapter, metadata, overwrite=True, dtype=SAVE_DTYPES[config.save_precision],
+                                    unet_state=self.roles.merged_state_dict("student"))
 
     def save_state(self) -> str:
         """Atomically write a resumable state folder state-<step> (old ones beyond keep_last_n_states go)."""
@@ -389,7 +462,7 @@ class DecoupledDMDTrainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as handle:
-                json.dump({"step": self.step, "nonfinite_skips": self.nonfinite_skips,
+                json.dump({"step": self.step, "nonfinite_skips": self.nonfinite_skips, "output_paths": self.output_paths,
                            "num_processes": accelerator.num_processes, "config": self.config.to_toml()}, handle)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
@@ -421,6 +494,8 @@ class DecoupledDMDTrainer:
         random_file = os.path.join(state_dir, f"trainer_random_{self.accelerator.process_index}.safetensors")
         self.random.generator.set_state(load_file(random_file)["generator"])
         self.step, self.nonfinite_skips = saved["step"], saved["nonfinite_skips"]
+        if saved.get("output_paths"):
+            self.output_paths = saved["output_paths"]  # keep writing the files this run started
         logger.info("resumed from %s at step %d", state_dir, self.step)
 
     def _save_weights_hook(self, models, weights, output_dir):
@@ -439,6 +514,14 @@ class DecoupledDMDTrainer:
         models.clear()
         for role in self.optimizers:
             self.roles.load_trainable_state_dict(role, load_file(os.path.join(input_dir, f"{role}_weights.safetensors")))
+
+
+def _diffusers_unet_file(folder: str) -> str | None:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        path = os.path.join(folder, "unet", name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def list_states(output_dir: str) -> list[str]:

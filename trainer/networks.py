@@ -9,7 +9,9 @@ Both initialise student and fake as the teacher (Algorithm 1, lines 2-3).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
+from typing import Callable
 from abc import ABC, abstractmethod
 
 import torch
@@ -35,6 +37,10 @@ class Roles(ABC):
 
     @abstractmethod
     def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None: ...
+
+    @abstractmethod
+    def merged_state_dict(self, role: str) -> dict[str, Tensor]:
+        """`role`'s complete backbone weights under the backbone's original names (for export)."""
 
     @abstractmethod
     def trained_modules(self) -> dict[str, nn.Module]:
@@ -100,6 +106,31 @@ class LoraRoles(Roles):
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"student": self.base, "fake": self.base}
 
+    def lazy_delta_weights(self, role: str) -> dict[str, Callable[[], Tensor]]:
+        """{base weight name: () -> (alpha / rank) * B @ A in float32}: one full-size delta in memory at a time."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        def delta(module):
+            with torch.no_grad():
+                return module.get_delta_weight(role).float()
+
+        return {f"{name}.weight": functools.partial(delta, module) for name, module in self.base.named_modules()
+                if isinstance(module, BaseTunerLayer) and role in module.lora_A}
+
+    def delta_weights(self, role: str) -> dict[str, Tensor]:
+        return {name: make() for name, make in self.lazy_delta_weights(role).items()}
+
+    def merged_state_dict(self, role: str) -> dict[str, Tensor]:
+        """The backbone's own state dict (original names) with `role`'s LoRA merged in, base left untouched."""
+        deltas = self.lazy_delta_weights(role)
+        merged = {}
+        for name, value in self.base.state_dict().items():
+            if "lora_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
+            merged[name] = (value.float() + deltas[name]()).to(value.dtype) if name in deltas else value
+        return merged
+
     def peft_state_dict(self, role: str) -> dict[str, Tensor]:
         """The adapter in peft's naming (`...lora_A.weight`), as diffusers' LoRA loaders expect."""
         marker = f".{role}."
@@ -128,6 +159,9 @@ class FullRoles(Roles):
 
     def trainable_state_dict(self, role: str) -> dict[str, Tensor]:
         return {name: p.detach() for name, p in self.copies[role].named_parameters()}
+
+    def merged_state_dict(self, role: str) -> dict[str, Tensor]:
+        return dict(self.module(role).state_dict())
 
     def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None:
         _copy_exact(dict(self.copies[role].named_parameters()), state, role)

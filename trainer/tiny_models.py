@@ -14,11 +14,12 @@ import tempfile
 import torch
 
 TINY_MODELS = ("tiny-sd15", "tiny-sd15-v", "tiny-sdxl", "tiny-flow")
+TINY_MODELS_VERSION = 2  # bump when the tiny models change, so cached copies are rebuilt
 _WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "house", "tree", "in", "on", "and", "with",
           "painting", "digit", "seven", "one"]
 
 
-def write_tiny_clip_tokenizer(folder: str, max_length: int = 16) -> str:
+def write_tiny_clip_tokenizer(folder: str, max_length: int = 16, pad_token: str | None = None) -> str:
     """A CLIP BPE tokenizer folder (vocab.json, merges.txt): characters, a few whole words, CLIP's specials."""
     os.makedirs(folder, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -39,16 +40,21 @@ def write_tiny_clip_tokenizer(folder: str, max_length: int = 16) -> str:
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
         handle.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
-        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, handle)
+        config = {"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}
+        if pad_token:
+            config["pad_token"] = pad_token
+        json.dump(config, handle)
     return folder
 
 
-def _text_config(vocab_size: int, hidden: int, projection: int, max_length: int):
+def _text_config(vocab_size: int, hidden: int, projection: int, max_length: int, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
+    # Head count and activation follow the real encoders' rules (64-channel heads; OpenCLIP uses gelu), which
+    # a single-file loader has to assume because tensor shapes do not record them.
     return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
-                          projection_dim=projection, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                          num_hidden_layers=2, num_attention_heads=max(1, hidden // 64), max_position_embeddings=max_length,
+                          projection_dim=projection, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act=act)
 
 
 def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sample_size: int = 8) -> str:
@@ -74,18 +80,19 @@ def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sam
     cross_attention_dim = 32
     unet_extra = {}
     if sdxl:
-        write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), max_length)
-        encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, 32, 16, max_length))
+        write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), max_length, pad_token="!")  # as SDXL's
+        encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, 32, 16, max_length, act="gelu"))
         encoder_2.save_pretrained(os.path.join(folder, "text_encoder_2"))
         cross_attention_dim = 64  # the two encoders' hidden states concatenated
         unet_extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                          projection_class_embeddings_input_dim=6 * 8 + 16, transformer_layers_per_block=[1, 2])
+                          projection_class_embeddings_input_dim=6 * 8 + 16, transformer_layers_per_block=[1, 2],
+                          use_linear_projection=True, attention_head_dim=[1, 1])  # SDXL's rule: 64 channels per head (at least one head)
     channels = 3 if pixel_space else 4
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=8, **unet_extra)
+        **{"attention_head_dim": 8, **unet_extra})  # SD1.x's rule: 8 heads; GroupNorm(32) as every SD UNet
     unet.save_pretrained(os.path.join(folder, "unet"))
 
     if pixel_space:
@@ -94,9 +101,10 @@ def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sam
         prediction_type = "v_prediction" if kind == "tiny-sd15-v" else "epsilon"
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                       prediction_type=prediction_type).save_pretrained(os.path.join(folder, "scheduler"))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 2)
+                            layers_per_block=1, sample_size=sample_size * 2,
+                            scaling_factor=0.13025 if sdxl else 0.18215)
         vae.save_pretrained(os.path.join(folder, "vae"))
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
         json.dump({"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
@@ -109,9 +117,14 @@ def resolve_builtin(name_or_path: str) -> str:
     if not name_or_path.startswith("builtin:"):
         return name_or_path
     kind = name_or_path.split(":", 1)[1]
+    if kind == "demo":  # the trained MNIST flow teacher shipped in decoupled_dmd/demo/teacher
+        from ..demo.models import TEACHER_DIR
+
+        return TEACHER_DIR
     if kind not in TINY_MODELS:
-        raise ValueError(f"unknown built-in model {name_or_path!r}; choose builtin:{', builtin:'.join(TINY_MODELS)}")
-    folder = os.path.join(tempfile.gettempdir(), "decoupled_dmd_builtin", kind)
+        raise ValueError(f"unknown built-in model {name_or_path!r}; choose builtin:demo or "
+                         f"builtin:{', builtin:'.join(TINY_MODELS)}")
+    folder = os.path.join(tempfile.gettempdir(), f"decoupled_dmd_builtin_v{TINY_MODELS_VERSION}", kind)
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f"{kind}-", dir=os.path.dirname(folder))

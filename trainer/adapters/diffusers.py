@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Conditioning, ModelAdapter
+from ..ldm_layout import unet_key_map
 from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, append_dims, prediction_to_x0
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,13 @@ class DiffusersAdapter(ModelAdapter):
         size = unet.config.sample_size
         size = size if isinstance(size, int) else size[0]
         self.default_resolution = (size * self.latent_downscale, size * self.latent_downscale)
+        self.source_checkpoint: str | None = None  # the single-file checkpoint it was read from, if any
+        self.source_model: str | None = None  # the folder / hub id / file the user named
+        try:  # the LDM names of the UNet's weights: LoRA keys and merged checkpoints use them
+            self.unet_ldm_keys: dict[str, str] | None = unet_key_map(dict(unet.config), unet.state_dict().keys())
+        except (KeyError, ValueError) as error:
+            logger.info("no LDM layout for this UNet (%s); its LoRA is saved in diffusers/peft names", error)
+            self.unet_ldm_keys = None
 
     # --- loading -----------------------------------------------------------------------------------------
     @classmethod
@@ -92,7 +100,9 @@ class DiffusersAdapter(ModelAdapter):
         for module in [unet, vae, *encoders]:
             if module is not None:
                 module.requires_grad_(False).eval()
-        return cls(unet, encoders, tokenizers, schedule, prediction_type, vae=vae, uncond_mode=uncond_mode)
+        adapter = cls(unet, encoders, tokenizers, schedule, prediction_type, vae=vae, uncond_mode=uncond_mode)
+        adapter.source_model = path
+        return adapter
 
     # --- the denoiser ------------------------------------------------------------------------------------
     def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:

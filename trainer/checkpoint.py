@@ -1,0 +1,572 @@
+"""Single-file (LDM layout) SD1.5 / SDXL checkpoints in, kohya LoRA and all-in-one checkpoints out.
+
+Reading: only safetensors; the architecture, prediction type and UNet config come from the tensors, the CLIP
+tokenizer from `tokenizer_path` (or the Hugging Face cache). Writing: the all-in-one checkpoint is the user's
+own file with only the UNet tensors replaced; every other tensor is copied byte for byte, streamed, so a
+multi-GB checkpoint never has to sit in memory twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import ldm_layout as layout
+from .config import ConfigError
+from .outputs import atomic_write
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+CLIP_HUB_REPO = "openai/clip-vit-large-patch14"
+VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be used, with what to do instead."""
+
+
+# --- reading headers ------------------------------------------------------------------------------------------
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(header, byte offset of the data) of a safetensors file, checked against the file's size."""
+    refuse_pickle(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path!r} does not exist")
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path!r} is not a safetensors file (only {size} bytes)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path!r} is not a safetensors file (or its header is damaged)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path!r} is not a safetensors file (unreadable header)") from None
+    data_start = 8 + length
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if data_start + end > size:
+        raise CheckpointError(f"{path!r} is truncated: the header describes {data_start + end} bytes but the file "
+                              f"has {size}; download or copy it again")
+    return header, data_start
+
+
+def refuse_pickle(path: str) -> None:
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(f"{path!r} is a pickled checkpoint; loading one can run arbitrary code, so only "
+                              ".safetensors files are read. Convert it to .safetensors (or download that version)")
+    if os.path.isfile(path):
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+        if magic in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            raise CheckpointError(f"{path!r} holds a pickle (a .ckpt/.pt file renamed?); only safetensors are read. "
+                                  "Convert it to .safetensors")
+
+
+def tensor_shapes(header: dict) -> dict[str, tuple]:
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+@dataclass
+class CheckpointInfo:
+    """What a single-file checkpoint holds, read from its header alone."""
+
+    path: str
+    family: str  # sd15 | sdxl
+    prediction_type: str  # epsilon | v_prediction
+    unet_config: dict
+    has_vae: bool
+    metadata: dict = field(default_factory=dict)
+
+
+def inspect_checkpoint(path: str, v_parameterization: bool | None = None) -> CheckpointInfo:
+    """Detect an SD1.5 or SDXL single-file checkpoint from its tensor names and shapes; refuse anything else."""
+    header, _ = read_safetensors_header(path)
+    shapes = tensor_shapes(header)
+    name = os.path.basename(path)
+    if not shapes:
+        raise CheckpointError(f"{name}: holds no tensors")
+    if any(".lora_" in k or k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k for k in shapes):
+        raise CheckpointError(f"{name} is a LoRA, not a checkpoint: give the base checkpoint it was trained for, "
+                              "and apply the LoRA with a LoraLoader before the Load Teacher node")
+    unet = {k[len(layout.UNET_PREFIX):]: s for k, s in shapes.items() if k.startswith(layout.UNET_PREFIX)}
+    if any(k.startswith(("double_blocks.", "joint_blocks.", "transformer_blocks.")) for k in unet) \
+            or any(k.startswith(("double_blocks.", "single_blocks.")) for k in shapes):
+        raise CheckpointError(f"{name}: a transformer (Flux / SD3-style) model; only SD1.5 and SDXL UNets are supported")
+    if not unet:
+        if any(k.startswith("input_blocks.") for k in shapes):
+            raise CheckpointError(f"{name}: a UNet-only file (no text encoders); give a full checkpoint that holds "
+                                  "the text encoders too (model.diffusion_model.* and cond_stage_model.*/conditioner.*)")
+        raise CheckpointError(f"{name}: no `model.diffusion_model.*` tensors; not an SD1.5/SDXL single-file checkpoint")
+    if "input_blocks.0.0.weight" not in unet or "out.2.weight" not in unet:
+        raise CheckpointError(f"{name}: the UNet is incomplete (no input_blocks.0.0 / out.2); the file is damaged")
+    proj_in = [s for k, s in unet.items() if k.endswith(".proj_in.weight")]
+    linear = bool(proj_in) and len(proj_in[0]) == 2
+    has_adm = "label_emb.0.0.weight" in unet
+    has_clip_l = any(k.startswith((layout.SD15_CLIP_PREFIX, layout.SDXL_CLIP_L_PREFIX)) for k in shapes)
+    has_clip_g = any(k.startswith(layout.SDXL_CLIP_G_PREFIX) for k in shapes)
+    if has_adm and linear and has_clip_l and has_clip_g:
+        family = "sdxl"
+    elif not has_adm and not linear and has_clip_l:
+        family = "sd15"
+    elif has_adm and not has_clip_l:
+        raise CheckpointError(f"{name}: an SDXL refiner (OpenCLIP-G only); distil an SDXL base checkpoint instead")
+    elif not has_adm and linear:
+        raise CheckpointError(f"{name}: a Stable Diffusion 2.x checkpoint; only SD1.5 and SDXL are supported")
+    else:
+        raise CheckpointError(f"{name}: unknown architecture (ADM input {has_adm}, linear proj_in {linear}, "
+                              f"CLIP-L {has_clip_l}, OpenCLIP-G {has_clip_g}); only SD1.5 and SDXL are supported")
+    if unet["input_blocks.0.0.weight"][1] != 4:
+        raise CheckpointError(f"{name}: the UNet takes {unet['input_blocks.0.0.weight'][1]} input channels "
+                              "(an inpainting or instruct model?); only plain 4-channel text-to-image UNets")
+    try:
+        config = layout.unet_config_from_ldm(unet, family)
+    except (KeyError, ValueError, StopIteration) as error:
+        raise CheckpointError(f"{name}: cannot derive the UNet layout from its tensors ({error})") from None
+    prediction_type = "v_prediction" if "v_pred" in shapes else "epsilon"
+    if v_parameterization is not None:
+        wanted = "v_prediction" if v_parameterization else "epsilon"
+        if wanted != prediction_type:
+            logger.warning("%s: v_parameterization=%s overrides the file (%s)", name, v_parameterization, prediction_type)
+        prediction_type = wanted
+    return CheckpointInfo(path, family, prediction_type, config, any(k.startswith(layout.VAE_PREFIX) for k in shapes),
+                          header.get("__metadata__", {}) or {})
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+def resolve_tokenizer_folder(tokenizer_path: str | None) -> str:
+    """A folder with CLIP's BPE files: `tokenizer_path`, else openai/clip-vit-large-patch14 in the HF cache."""
+    if tokenizer_path:
+        if not os.path.isdir(tokenizer_path):
+            raise CheckpointError(f"tokenizer_path: {tokenizer_path!r} is not a folder; give a folder with the CLIP "
+                                  f"BPE files {' and '.join(CLIP_TOKENIZER_FILES)}")
+        missing = [f for f in CLIP_TOKENIZER_FILES if not os.path.isfile(os.path.join(tokenizer_path, f))]
+        if missing:
+            raise CheckpointError(f"tokenizer_path: {tokenizer_path!r} lacks {', '.join(missing)}; it needs the CLIP "
+                                  "BPE files vocab.json and merges.txt (as in openai/clip-vit-large-patch14 or "
+                                  "ComfyUI's comfy/sd1_tokenizer)")
+        return tokenizer_path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [try_to_load_from_cache(CLIP_HUB_REPO, f) for f in CLIP_TOKENIZER_FILES]
+    except Exception:  # noqa: BLE001 - an unusable cache is the same as no cache
+        found = [None, None]
+    if all(isinstance(f, str) for f in found):
+        return os.path.dirname(found[0])
+    raise CheckpointError("single-file checkpoints carry no tokenizer: set tokenizer_path to a folder with the CLIP "
+                          "BPE files vocab.json and merges.txt (a download of openai/clip-vit-large-patch14, or "
+                          f"ComfyUI's comfy/sd1_tokenizer); the Hugging Face cache has no {CLIP_HUB_REPO} either")
+
+
+def load_single_file(path: str, tokenizer_path: str | None = None, v_parameterization: bool | None = None,
+                     uncond_mode: str = "empty_prompt", dtype=torch.float32, load_vae: bool = True):
+    """Load an SD1.5/SDXL single-file checkpoint as a `DiffusersAdapter`, with no network access."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from .adapters.diffusers import DiffusersAdapter
+    from .schedules import DiscreteVPSchedule
+
+    info = inspect_checkpoint(path, v_parameterization)
+    tokenizer_folder = resolve_tokenizer_folder(tokenizer_path)
+    header, _ = read_safetensors_header(path)
+    shapes = tensor_shapes(header)
+
+    def tensors(prefix: str) -> dict[str, Tensor]:
+        with safe_open(path, framework="pt") as handle:
+            return {k[len(prefix):]: _to_dtype(handle.get_tensor(k), dtype) for k in handle.keys() if k.startswith(prefix)}
+
+    encoders, tokenizers = [], []
+    if info.family == "sd15":
+        clip_l = _clip_l_state(tensors(layout.SD15_CLIP_PREFIX))
+        encoders.append(_build_clip(clip_l, projection=False, act="quick_gelu", tokenizer_folder=tokenizer_folder))
+        tokenizers.append(_tokenizer(tokenizer_folder, encoders[0], pad_token=None))
+    else:
+        clip_l = _clip_l_state(tensors(layout.SDXL_CLIP_L_PREFIX))
+        encoders.append(_build_clip(clip_l, projection=False, act="quick_gelu", tokenizer_folder=tokenizer_folder))
+        clip_g = open_clip_to_hf(tensors(layout.SDXL_CLIP_G_PREFIX))
+        encoders.append(_build_clip(clip_g, projection=True, act="gelu", tokenizer_folder=tokenizer_folder))
+        tokenizers.append(_tokenizer(tokenizer_folder, encoders[0], pad_token=None))
+        tokenizers.append(_tokenizer(tokenizer_folder, encoders[1], pad_token="!"))  # OpenCLIP pads with "!"
+        pooled = encoders[1].config.projection_dim
+        adm = info.unet_config["projection_class_embeddings_input_dim"]
+        if (adm - pooled) % 6:
+            raise CheckpointError(f"{os.path.basename(path)}: ADM input {adm} does not fit a pooled embedding of "
+                                  f"{pooled} plus 6 size embeddings")
+        info.unet_config["addition_time_embed_dim"] = (adm - pooled) // 6
+
+    unet_state = {layout.UNET_PREFIX + k: v for k, v in tensors(layout.UNET_PREFIX).items()}
+    with init_empty_weights(include_buffers=False):
+        unet = UNet2DConditionModel(**info.unet_config)
+    key_map = layout.unet_key_map(dict(unet.config), unet.state_dict().keys())
+    missing = [k for k, ldm in key_map.items() if layout.UNET_PREFIX + ldm not in unet_state]
+    if missing:
+        raise CheckpointError(f"{os.path.basename(path)}: UNet tensors missing for {missing[:3]}; the file is damaged")
+    unet.load_state_dict({k: unet_state[layout.UNET_PREFIX + ldm] for k, ldm in key_map.items()}, strict=True, assign=True)
+    del unet_state
+
+    vae = None
+    if load_vae and info.has_vae:
+        vae = _load_vae(tensors(layout.VAE_PREFIX), shapes, info.family)
+    for module in [unet, vae, *encoders]:
+        if module is not None:
+            module.requires_grad_(False).eval()
+    adapter = DiffusersAdapter(unet, encoders, tokenizers, DiscreteVPSchedule.scaled_linear(), info.prediction_type,
+                               vae=vae, uncond_mode=uncond_mode)
+    adapter.source_checkpoint = os.path.abspath(path)
+    adapter.unet_ldm_keys = key_map
+    return adapter
+
+
+def _to_dtype(tensor: Tensor, dtype) -> Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _clip_l_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # Old SD1.x files store the CLIP transformer without the `text_model.` level.
+    state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()}
+    state.pop("text_model.embeddings.position_ids", None)
+    return state
+
+
+def open_clip_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """OpenCLIP text tower (SDXL's second encoder) -> transformers CLIPTextModelWithProjection names."""
+    layers = 1 + max(int(m.group(1)) for k in state for m in [re.match(r"transformer\.resblocks\.(\d+)\.", k)] if m)
+    hidden = state["token_embedding.weight"].shape[1]
+    out = {}
+    inverse = {}
+    probe = [f"text_model.encoder.layers.{i}.{p}.{leaf}" for i in range(layers) for leaf in ("weight", "bias")
+             for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")]
+    probe += ["text_model.embeddings.token_embedding.weight", "text_model.embeddings.position_embedding.weight",
+              "text_model.final_layer_norm.weight", "text_model.final_layer_norm.bias", "text_projection.weight"]
+    for hf_key, oc_key in layout.open_clip_key_map(probe, layers).items():
+        inverse.setdefault(oc_key, []).append(hf_key)
+    for oc_key, hf_keys in inverse.items():
+        if oc_key not in state:
+            raise CheckpointError(f"OpenCLIP text encoder tensor {layout.SDXL_CLIP_G_PREFIX}{oc_key} is missing")
+        value = state[oc_key]
+        if oc_key.endswith(("in_proj_weight", "in_proj_bias")):
+            for index, hf_key in enumerate(sorted(hf_keys, key=_qkv_order)):
+                out[hf_key] = value[index * hidden:(index + 1) * hidden]
+        elif oc_key == "text_projection":
+            out[hf_keys[0]] = value.t().contiguous()  # OpenCLIP applies x @ P; a Linear stores P^T
+        else:
+            out[hf_keys[0]] = value
+    return out
+
+
+def _qkv_order(key: str) -> int:
+    return next(i for i, p in enumerate(("q_proj", "k_proj", "v_proj")) if p in key)
+
+
+def _build_clip(state: dict[str, Tensor], projection: bool, act: str, tokenizer_folder: str):
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in state for m in [re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)] if m)
+    special = _special_token_ids(tokenizer_folder)
+    config = CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_attention_heads=max(1, hidden // layout.CLIP_HEAD_CHANNELS),
+        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+        projection_dim=state["text_projection.weight"].shape[0] if projection else hidden,
+        hidden_act=act, **special)
+    with init_empty_weights(include_buffers=False):
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    state = _native_clip_names(model, state)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise CheckpointError(f"text encoder tensors do not fit a CLIP text model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def canonical_clip_state(encoder) -> dict[str, Tensor]:
+    """A CLIP text model's weights under the `text_model.*` names LDM files use (transformers 5 dropped the
+    prefix on CLIPTextModel)."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}"): v
+            for k, v in encoder.state_dict().items()}
+
+
+def _native_clip_names(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    if any(k.startswith("text_model.") for k in model.state_dict()):
+        return state
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def _special_token_ids(tokenizer_folder: str) -> dict[str, int]:
+    with open(os.path.join(tokenizer_folder, "vocab.json"), encoding="utf-8") as handle:
+        vocab = json.load(handle)
+    bos, eos = vocab.get("<|startoftext|>"), vocab.get("<|endoftext|>")
+    if bos is None or eos is None:
+        raise CheckpointError(f"tokenizer_path: {tokenizer_folder!r}/vocab.json lacks CLIP's <|startoftext|> / "
+                              "<|endoftext|> tokens; is it a CLIP tokenizer?")
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+
+
+def _tokenizer(folder: str, encoder, pad_token: str | None):
+    from transformers import CLIPTokenizer
+
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    tokenizer.model_max_length = encoder.config.max_position_embeddings
+    if len(tokenizer) > encoder.config.vocab_size:
+        raise CheckpointError(f"tokenizer_path: {folder!r} has {len(tokenizer)} tokens but the text encoder only "
+                              f"{encoder.config.vocab_size}; it is not this model's tokenizer")
+    return tokenizer
+
+
+def _load_vae(state: dict[str, Tensor], shapes: dict, family: str):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    prefix = layout.VAE_PREFIX
+    levels = 1 + max(int(m.group(1)) for k in shapes for m in [re.match(r"first_stage_model\.encoder\.down\.(\d+)\.", k)] if m)
+    channels = [shapes[f"{prefix}encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
+    config = {
+        "in_channels": shapes[f"{prefix}encoder.conv_in.weight"][1],
+        "out_channels": shapes[f"{prefix}decoder.conv_out.weight"][0],
+        "latent_channels": shapes[f"{prefix}post_quant_conv.weight"][0],
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": 1 + max(int(m.group(1)) for k in shapes
+                                    for m in [re.match(r"first_stage_model\.encoder\.down\.0\.block\.(\d+)\.", k)] if m),
+        "scaling_factor": VAE_SCALING[family],
+    }
+    converted = convert_ldm_vae_checkpoint({prefix + k: v for k, v in state.items()}, config)
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKL(**config)
+    vae.load_state_dict(converted, strict=True, assign=True)
+    return vae
+
+
+# --- LoRA in the kohya layout ---------------------------------------------------------------------------------
+def kohya_lora_state_dict(peft_state: dict[str, Tensor], ldm_modules: dict[str, str], alpha: float,
+                          dtype=None) -> dict[str, Tensor]:
+    """peft `<module>.lora_A/B.weight` -> kohya `lora_unet_<ldm_path>.lora_down/lora_up.weight` + `.alpha`.
+
+    The scale is alpha / rank in both conventions, so the weights carry over unchanged.
+    """
+    out = {}
+    for key, value in peft_state.items():
+        module, part = re.match(r"(.+)\.(lora_A|lora_B)\.weight$", key).groups()
+        name = "lora_unet_" + ldm_modules[module].replace(".", "_")
+        out[f"{name}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = value.to(dtype) if dtype else value
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+    return out
+
+
+def peft_from_kohya(tensors: dict[str, Tensor], ldm_modules: dict[str, str]) -> tuple[dict[str, Tensor], int, float]:
+    """The inverse of `kohya_lora_state_dict`: (peft state dict, rank, alpha)."""
+    by_kohya = {"lora_unet_" + ldm.replace(".", "_"): module for module, ldm in ldm_modules.items()}
+    state, ranks, alphas = {}, set(), set()
+    for key, value in tensors.items():
+        name, _, part = key.partition(".")
+        if name not in by_kohya:
+            raise CheckpointError(f"LoRA key {key!r} names no layer of this UNet; was it trained for another model?")
+        if part == "alpha":
+            alphas.add(float(value))
+        elif part in ("lora_down.weight", "lora_up.weight"):
+            state[f"{by_kohya[name]}.{'lora_A' if part == 'lora_down.weight' else 'lora_B'}.weight"] = value.float()
+            if part == "lora_down.weight":
+                ranks.add(value.shape[0])
+        else:
+            raise CheckpointError(f"LoRA key {key!r}: expected .lora_down.weight, .lora_up.weight or .alpha")
+    if len(ranks) != 1 or len(alphas) > 1:
+        raise CheckpointError(f"LoRA mixes ranks {sorted(ranks)} / alphas {sorted(alphas)}; expected one of each")
+    rank = ranks.pop()
+    return state, rank, alphas.pop() if alphas else float(rank)
+
+
+def is_kohya_lora(keys) -> bool:
+    return any(k.startswith("lora_unet_") for k in keys)
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_safetensors_stream(path: str, entries: list[tuple[str, str, list[int], object]], metadata: dict[str, str]):
+    """Write safetensors from (name, dtype name, shape, source) entries, one tensor in memory at a time.
+
+    source: bytes; (file, offset, length) to copy unchanged bytes in chunks (byte-identical); or
+    (make, length), a zero-argument callable that returns the tensor when its turn comes.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape, source in entries:
+        length = len(source) if isinstance(source, bytes) else source[-1]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + length]}
+        offset += length
+    if metadata:
+        header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name, dtype, _, source in entries:
+            if isinstance(source, bytes):
+                out.write(source)
+            elif len(source) == 2:
+                data = _tensor_bytes(source[0]().to(SAFETENSORS_DTYPES[dtype]))
+                if len(data) != source[1]:
+                    raise CheckpointError(f"{name}: produced {len(data)} bytes, expected {source[1]}")
+                out.write(data)
+            else:
+                _copy_range(source, out)
+
+
+def _copy_range(source: tuple[str, int, int], out) -> None:
+    file, start, length = source
+    with open(file, "rb") as handle:
+        handle.seek(start)
+        while length:
+            chunk = handle.read(min(length, 64 << 20))
+            if not chunk:
+                raise CheckpointError(f"{file!r} ended early while copying; is it being modified?")
+            out.write(chunk)
+            length -= len(chunk)
+
+
+def write_merged_checkpoint(source_path: str, output_path: str, unet_ldm_keys: dict[str, str],
+                            metadata: dict[str, str], prediction_type: str, deltas: dict | None = None,
+                            unet_state: dict[str, Tensor] | None = None, overwrite: bool = False) -> str:
+    """The source checkpoint with the student in its UNet, in the source's layout and dtypes.
+
+    deltas (LoRA): {diffusers weight name: delta tensor, or a callable returning it}, added in float32 to the
+    file's own tensor; unet_state (full training): every UNet tensor replaced. All other tensors are copied
+    byte for byte, streamed. Returns the path written (a counter is added unless `overwrite`).
+    """
+    from safetensors import safe_open
+
+    header, data_start = read_safetensors_header(source_path)
+    source_unet = {k for k in header if k.startswith(layout.UNET_PREFIX)}
+    trained = unet_state if unet_state is not None else deltas or {}
+    by_ldm = {layout.UNET_PREFIX + unet_ldm_keys[k]: v for k, v in trained.items()}
+    if not set(by_ldm) <= source_unet or (unet_state is not None and set(by_ldm) != source_unet):
+        raise CheckpointError(f"the trained UNet does not match {os.path.basename(source_path)}: "
+                              f"{sorted(source_unet ^ set(by_ldm))[:3]} differ; merge into the checkpoint the "
+                              "student was trained from")
+
+    def merged(name: str, value) -> Tensor:
+        value = value() if callable(value) else value
+        if unet_state is not None:
+            return value
+        with safe_open(source_path, framework="pt") as handle:
+            return handle.get_tensor(name).float() + value.float()
+
+    entries = []
+    for name, entry in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                              key=lambda item: item[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        if name in by_ldm:
+            shape = tuple(by_ldm[name].shape) if unet_state is not None else tuple(entry["shape"])
+            if list(shape) != entry["shape"]:
+                raise CheckpointError(f"{name}: trained shape {list(shape)} differs from the file's {entry['shape']}")
+            entries.append((name, entry["dtype"], entry["shape"],
+                            (functools.partial(merged, name, by_ldm[name]), end - begin)))
+        else:
+            entries.append((name, entry["dtype"], entry["shape"], (source_path, data_start + begin, end - begin)))
+    if prediction_type == "v_prediction" and "v_pred" not in header:
+        entries.append(("v_pred", "F32", [0], b""))  # ComfyUI's marker, so stock loaders sample it as v
+    merged_metadata = {**(header.get("__metadata__") or {}), **metadata}
+    return atomic_write(output_path, lambda staging: write_safetensors_stream(staging, entries, merged_metadata),
+                        overwrite=overwrite)
+
+
+def write_ldm_checkpoint(path: str, adapter, metadata: dict[str, str] | None = None, overwrite: bool = False,
+                         unet_state: dict[str, Tensor] | None = None, dtype=None) -> str:
+    """A diffusers-built SD1.5/SDXL model (a `DiffusersAdapter`) as one LDM-layout safetensors file."""
+    from safetensors.torch import save_file
+
+    unet = adapter.network
+    unet_state = unet_state if unet_state is not None else unet.state_dict()
+    keys = layout.unet_key_map(dict(unet.config), unet_state.keys())
+    tensors = {layout.UNET_PREFIX + keys[k]: v for k, v in unet_state.items()}
+    if adapter.family == "sd15":
+        tensors.update({layout.SD15_CLIP_PREFIX + k: v for k, v in canonical_clip_state(adapter.text_encoders[0]).items()})
+    elif adapter.family == "sdxl":
+        tensors.update({layout.SDXL_CLIP_L_PREFIX + k: v
+                        for k, v in canonical_clip_state(adapter.text_encoders[0]).items()})
+        tensors.update(hf_to_open_clip(adapter.text_encoders[1]))
+    else:
+        raise CheckpointError(f"only SD1.5/SDXL models have a single-file layout, not {adapter.family!r}")
+    if adapter.vae is not None:
+        vae_state = adapter.vae.state_dict()
+        for key, ldm in layout.vae_key_map(dict(adapter.vae.config), vae_state.keys()).items():
+            value = vae_state[key]
+            if ".mid.attn_1." in ldm and value.ndim == 2:
+                value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+            tensors[layout.VAE_PREFIX + ldm] = value
+    if adapter.prediction_type == "v_prediction":
+        tensors["v_pred"] = torch.zeros(0)
+    tensors = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in tensors.items()}
+    return atomic_write(path, lambda staging: save_file(tensors, staging, metadata=metadata), overwrite=overwrite)
+
+
+def hf_to_open_clip(encoder) -> dict[str, Tensor]:
+    state = canonical_clip_state(encoder)
+    mapping = layout.open_clip_key_map(state.keys(), encoder.config.num_hidden_layers)
+    out, qkv = {}, {}
+    for key, oc_key in mapping.items():
+        if oc_key.endswith(("in_proj_weight", "in_proj_bias")):
+            qkv.setdefault(oc_key, {})[_qkv_order(key)] = state[key]
+        elif oc_key == "text_projection":
+            out[oc_key] = state[key].t().contiguous()
+        else:
+            out[oc_key] = state[key]
+    for oc_key, parts in qkv.items():
+        out[oc_key] = torch.cat([parts[i] for i in range(3)])
+    out["logit_scale"] = torch.tensor(4.6052)  # ln(100): part of every OpenCLIP state, unused for text conditioning
+    return {layout.SDXL_CLIP_G_PREFIX + k: v for k, v in out.items()}
+
+
+# --- identity and metadata ------------------------------------------------------------------------------------
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file (cached per path, size and mtime: a base checkpoint is hashed once per process)."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(16 << 20), b""):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}
+KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+
+
+def comfyui_sampler_settings(steps: int) -> dict:
+    """What a stock KSampler needs to sample the student (the Few-Step Sampler reads the exact timesteps)."""
+    return {"sampler_name": "lcm", "scheduler": "sgm_uniform", "cfg": 1.0, "steps": steps}
