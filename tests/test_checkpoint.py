@@ -160,7 +160,9 @@ def test_refuses_what_it_cannot_load_with_a_message_that_says_what_to_do(ldm_che
 
 
 def test_tokenizer_errors_name_the_missing_files(ldm_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "vocab.json").write_text("{}")
     with pytest.raises(CheckpointError, match="lacks merges.txt"):
@@ -169,6 +171,23 @@ def test_tokenizer_errors_name_the_missing_files(ldm_checkpoint, tmp_path, monke
         from decoupled_dmd.trainer.checkpoint import resolve_tokenizer_folder
 
         resolve_tokenizer_folder("")
+
+
+def test_tokenizer_is_found_in_the_hugging_face_cache(tiny_model_dir, ldm_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(tokenizer_of(tiny_model_dir), name), snapshot / name)
+    (tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "refs").mkdir()
+    (tmp_path / "hub" / "models--openai--clip-vit-large-patch14" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    adapter = load_single_file(ldm_checkpoint("tiny-sd15"))
+    reference = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+    assert adapter.tokenizers[0](PROMPTS).input_ids == reference.tokenizers[0](PROMPTS).input_ids
 
 
 # --- training from a single file and the files it writes -----------------------------------------------------------

@@ -76,3 +76,34 @@ def test_the_pack_imports_as_a_comfyui_custom_node_folder(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["dict", "False"]
+
+
+def test_distill_a_single_file_checkpoint_then_sample_merged_and_base_plus_lora(tiny_model_dir, ldm_checkpoint,
+                                                                               tmp_path):
+    import numpy as np
+
+    checkpoint = ldm_checkpoint("tiny-sd15")
+    tokenizer = os.path.join(tiny_model_dir("tiny-sd15"), "tokenizer")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of the cat\na red house\n")
+    out = tmp_path / "out"
+    run(["distill_main", "--pretrained_model_name_or_path", checkpoint, "--tokenizer_path", tokenizer,
+         "--prompt_file", str(prompts), "--output_dir", str(out), "--output_name", "cat_dmd2",
+         "--student_timesteps", "999,499", "--max_train_steps", "2", "--network_dim", "4", "--resolution", "64",
+         "--fake_updates_per_step", "1", "--log_with", "none", "--save_merged_checkpoint", "true"], tmp_path)
+    lora, merged = out / "cat_dmd2.safetensors", out / "cat_dmd2_checkpoint.safetensors"
+    assert lora.is_file() and merged.is_file()
+
+    common = ["--tokenizer_path", tokenizer, "--prompt", "a red house", "--resolution", "64", "--seed", "5"]
+    run(["sample_main", "--model", str(merged), "--output", str(tmp_path / "merged.png"), *common], tmp_path)
+    run(["sample_main", "--model", checkpoint, "--student", str(lora), "--output", str(tmp_path / "lora.png"),
+         *common], tmp_path)
+    a = np.asarray(Image.open(tmp_path / "merged.png"), dtype=np.float32)
+    b = np.asarray(Image.open(tmp_path / "lora.png"), dtype=np.float32)
+    assert a.shape == (64, 64, 3)
+    assert np.abs(a - b).max() <= 6  # same student by two routes; fp16 rounding moves a few 8-bit levels at most
+
+    result = subprocess.run([sys.executable, "-m", "decoupled_dmd.trainer.cli", "--pretrained_model_name_or_path",
+                             str(tmp_path / "model.ckpt"), "--prompt_file", str(prompts)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 2 and "only .safetensors files are read" in result.stderr
