@@ -31,8 +31,10 @@ def read_prompts(source, what: str = "prompt_file") -> list[str]:
 
 
 def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer_path: str = "",
-                 v_parameterization: bool | None = None) -> ModelAdapter:
-    """A single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder / hub id, or builtin:<tiny model>."""
+                 v_parameterization: bool | None = None, dtype=torch.float32) -> ModelAdapter:
+    """A single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder / hub id, or builtin:<tiny model>.
+
+    dtype: the frozen weights' dtype (the trainer's weight dtype: loading SDXL in bf16 halves host memory)."""
     from .adapters.diffusers import DiffusersAdapter
     from .checkpoint import load_single_file
     from .tiny_models import resolve_builtin
@@ -43,8 +45,8 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
     path = resolve_builtin(name_or_path)
     if os.path.isfile(path) or path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
         return load_single_file(path, tokenizer_path=tokenizer_path or None, v_parameterization=v_parameterization,
-                                uncond_mode=uncond_mode)
-    return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode)
+                                uncond_mode=uncond_mode, dtype=dtype)
+    return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
 
 
 def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
@@ -54,8 +56,11 @@ def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
     if not prompts:
         raise ConfigError("prompt_file: not set; give a text file with one training prompt per line")
     sample_prompts = read_prompts(config.sample_prompts, "sample_prompts") or None
+    from .loop import WEIGHT_DTYPES
+
     adapter = adapter or load_teacher(config.pretrained_model_name_or_path, config.uncond_mode,
-                                      config.tokenizer_path, config.v_parameterization)
+                                      config.tokenizer_path, config.v_parameterization,
+                                      dtype=WEIGHT_DTYPES[config.mixed_precision])
     trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, callbacks=callbacks)
     return trainer.train()
 

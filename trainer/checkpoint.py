@@ -27,6 +27,7 @@ from .outputs import atomic_write
 logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+PICKLE_MAGIC = (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save zip, raw pickle
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")
 CLIP_HUB_REPO = "openai/clip-vit-large-patch14"
 VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
@@ -49,15 +50,18 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path!r} is not a safetensors file (only {size} bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path!r} is not a safetensors file (or its header is damaged)")
+        (length,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
         try:
+            if length > min(size - 8, 100_000_000):
+                raise ValueError("header length beyond the file")
             header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path!r} is not a safetensors file (unreadable header)") from None
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError):
+            if prefix[:2] in PICKLE_MAGIC:
+                raise CheckpointError(f"{path!r} holds a pickle (a .ckpt/.pt file renamed?); only safetensors are "
+                                      "read, because loading a pickle can run code. Convert it to .safetensors") from None
+            raise CheckpointError(f"{path!r} is not a safetensors file (or its header is damaged)") from None
     data_start = 8 + length
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if data_start + end > size:
@@ -70,12 +74,6 @@ def refuse_pickle(path: str) -> None:
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise CheckpointError(f"{path!r} is a pickled checkpoint; loading one can run arbitrary code, so only "
                               ".safetensors files are read. Convert it to .safetensors (or download that version)")
-    if os.path.isfile(path):
-        with open(path, "rb") as handle:
-            magic = handle.read(2)
-        if magic in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-            raise CheckpointError(f"{path!r} holds a pickle (a .ckpt/.pt file renamed?); only safetensors are read. "
-                                  "Convert it to .safetensors")
 
 
 def tensor_shapes(header: dict) -> dict[str, tuple]:
