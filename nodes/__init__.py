@@ -1,5 +1,5 @@
-"""ComfyUI nodes (thin glue over trainer/). The node suite lands with the ComfyUI issue; until then the pack
-registers no nodes, so cloning it into custom_nodes/ is harmless."""
+"""ComfyUI nodes (thin glue over trainer/); importable without ComfyUI so CI can check their schemas."""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .dmd_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -263,6 +263,7 @@ class DecoupledDMDTrainer:
         """Backward, clip, step; a non-finite gradient (identical on every process) skips the update."""
         optimizer, accelerator = self.optimizers[role], self.accelerator
         optimizer.zero_grad(set_to_none=True)
+        self.roles.module(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
         accelerator.backward(loss)
         parameters = self.roles.trainable_parameters(role)
         max_norm = self.config.max_grad_norm or math.inf

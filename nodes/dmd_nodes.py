@@ -1,0 +1,377 @@
+"""The ComfyUI nodes (V1 dict API): schema, type conversion, one call into trainer/.
+
+Node ids are frozen once released (saved workflows name them): DecoupledDMD_<Name>. Nothing here imports ComfyUI
+at module level, so CI can import these classes and check their schemas; `comfy` and `folder_paths` are imported
+inside the node functions, which only run inside ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..trainer.adapters import comfy as comfy_adapter
+from ..trainer.config import MIXED_PRECISIONS, REGULARIZERS, RENOISE_SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CATEGORY = "training/decoupled_dmd"
+SAMPLING_CATEGORY = "sampling/decoupled_dmd"
+MAX_RESOLUTION = 4096
+DEFAULT_PROMPTS = "a photo of a cat sitting on a windowsill\na watercolor painting of a lighthouse at dusk\n" \
+                  "a portrait of an old fisherman, dramatic light\na bowl of ramen, studio photograph"
+
+
+def check_resolution(resolution: int) -> str | None:
+    if resolution == 0 or (64 <= resolution <= MAX_RESOLUTION and resolution % 8 == 0):
+        return None
+    return (f"resolution {resolution}: use 0 (the model's default: SD1.5 512, SDXL 1024) or a multiple of 8 "
+            f"between 64 and {MAX_RESOLUTION}")
+
+
+def _input_file(name: str) -> str:
+    """A prompt file inside ComfyUI's input folder (no `..`, no absolute path)."""
+    import folder_paths
+
+    cleaned = name.strip().replace("\\", "/")
+    if os.path.isabs(cleaned) or ".." in cleaned.split("/"):
+        raise ValueError(f"prompt_file {name!r}: give a file name inside ComfyUI's input folder, without '..'")
+    path = os.path.join(folder_paths.get_input_directory(), cleaned)
+    if not os.path.isfile(path):
+        raise ValueError(f"prompt_file {name!r} is not in ComfyUI's input folder ({folder_paths.get_input_directory()}): "
+                         "put the .txt there (one prompt per line) or leave prompt_file empty")
+    return path
+
+
+def read_prompt_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _pil(images):
+    """(B, 3, H, W) in [0, 1] -> the first image as PIL (progress preview)."""
+    from PIL import Image
+
+    array = (images[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+    return Image.fromarray(array)
+
+
+class LoadTeacher:
+    DESCRIPTION = ("Checks that MODEL is SD1.5 or SDXL (eps or v-prediction) and bundles it with its CLIP and VAE as "
+                   "the teacher for Decoupled DMD. LoRAs applied to MODEL before this node are part of the teacher.")
+    CATEGORY = TRAIN_CATEGORY
+    RETURN_TYPES = ("DMD_TEACHER",)
+    RETURN_NAMES = ("teacher",)
+    OUTPUT_TOOLTIPS = ("The teacher: model, text encoders, VAE, noise schedule, guidance scale.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to distil, from Load Checkpoint (optionally through LoRA loaders)."}),
+            "clip": ("CLIP", {"tooltip": "Its text encoder(s), from the same loader; encodes the training prompts."}),
+            "vae": ("VAE", {"tooltip": "Its VAE; decodes preview samples and goes into the all-in-one checkpoint."}),
+            "guidance_scale": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 30.0, "step": 0.05,
+                "tooltip": "CFG scale of the teacher in the CFG-augmentation term. 0 = family default "
+                           "(SDXL 8, SD1.5 1.75, as DMD2); values between 0 and 1 are not allowed."}),
+            "uncond_mode": (["empty_prompt", "zeros"], {
+                "default": "empty_prompt",
+                "tooltip": "Unconditional input of CFG: the encoded empty prompt, or zeroed embeddings (DMD2's SDXL choice)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, guidance_scale=None):
+        if guidance_scale is not None and guidance_scale != 0 and not 1.0 <= guidance_scale <= 30.0:
+            return f"guidance_scale {guidance_scale}: use 0 (family default) or a value from 1 to 30"
+        return True
+
+    def load(self, model, clip, vae, guidance_scale, uncond_mode):
+        return (comfy_adapter.make_teacher(model, clip, vae, guidance_scale, uncond_mode),)
+
+
+class Train:
+    DESCRIPTION = ("Distils the teacher into a few-step student with Decoupled DMD, inside ComfyUI: student and fake "
+                   "score are two LoRAs on the one loaded model. Cancel saves a resumable state; queue again with "
+                   "resume on to continue.")
+    CATEGORY = TRAIN_CATEGORY
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "DMD_STUDENT", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("student_model", "lora", "student", "previews", "curves")
+    OUTPUT_TOOLTIPS = (
+        "The teacher MODEL with the student LoRA applied: sample it with the Few-Step Sampler or KSampler "
+        "(lcm, sgm_uniform, cfg 1).",
+        "The student LoRA tensors (kohya keys), for LoraModelLoader / Save LoRA.",
+        "The student with its metadata, for Save Distilled and the Few-Step Sampler.",
+        "The last preview samples of the fixed preview prompts.",
+        "Loss, gradient norm and latent mean/std curves.",
+    )
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "teacher": ("DMD_TEACHER", {"tooltip": "From Load Teacher."}),
+                "prompts": ("STRING", {"multiline": True, "default": DEFAULT_PROMPTS,
+                                       "tooltip": "Training prompts, one per line (lines starting with # are skipped). "
+                                                  "DMD needs no images."}),
+                "prompt_file": ("STRING", {"default": "",
+                                           "tooltip": "Optional .txt in ComfyUI's input folder with one prompt per "
+                                                      "line, added to the prompts above. Empty = none."}),
+                "output_name": ("STRING", {"default": "dmd_student",
+                                           "tooltip": "Run name: files go to output/decoupled_dmd/<name>/ (LoRA, "
+                                                      "resumable states, previews, logs)."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": 16,
+                                  "tooltip": "Sampling steps of the student; its timesteps are evenly spaced from 999 "
+                                             "(4 -> 999,749,499,249) unless `timesteps` is set."}),
+                "timesteps": ("STRING", {"default": "",
+                                         "tooltip": "Optional exact student timesteps, noisy to clean, e.g. "
+                                                    "999,749,499,249. Empty = from `steps`."}),
+                "renoise_schedule": (list(RENOISE_SCHEDULES), {
+                    "default": "decoupled-hybrid",
+                    "tooltip": "How the CA and DM terms pick their re-noise levels (paper Table 1); decoupled-hybrid "
+                               "is the paper's choice."}),
+                "regularizer": (list(REGULARIZERS), {
+                    "default": "dm",
+                    "tooltip": "Regulariser beside CFG augmentation: dm (a fake-score LoRA, DMD2), mean_variance "
+                               "(cheap, no fake model), none."}),
+                "network_dim": ("INT", {"default": 64, "min": 1, "max": 256,
+                                        "tooltip": "LoRA rank of student and fake (DMD2 SDXL: 64)."}),
+                "network_alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 256.0, "step": 0.01,
+                                            "tooltip": "LoRA alpha; the LoRA is scaled by alpha/rank (DMD2: 8)."}),
+                "learning_rate": ("FLOAT", {"default": 5e-5, "min": 1e-7, "max": 1e-2, "step": 1e-6, "round": False,
+                                            "tooltip": "Student learning rate (DMD2 SDXL LoRA: 5e-5)."}),
+                "fake_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e-2, "step": 1e-6,
+                                                 "round": False,
+                                                 "tooltip": "Fake-score learning rate; 0 = same as learning_rate."}),
+                "fake_updates_per_step": ("INT", {"default": 5, "min": 1, "max": 20,
+                                                  "tooltip": "Fake-score updates per student update (TTUR; DMD2: 5)."}),
+                "max_train_steps": ("INT", {"default": 2000, "min": 1, "max": 100000,
+                                            "tooltip": "Student updates to train (a resumed run counts on)."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8,
+                                       "tooltip": "Square training resolution in pixels; 0 = model default "
+                                                  "(SD1.5 512, SDXL 1024)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Prompts per student update."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                 "tooltip": "Seed of every random draw; a resumed run continues the same sequence."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True,
+                                                       "tooltip": "Recompute UNet blocks in backward: much less "
+                                                                  "memory, about 30% slower."}),
+                "mixed_precision": (list(MIXED_PRECISIONS), {
+                    "default": "no",
+                    "tooltip": "Autocast precision: no (fp32 compute), bf16 (recent GPUs), fp16 (GPU only)."}),
+                "preview_every": ("INT", {"default": 100, "min": 0, "max": 100000,
+                                          "tooltip": "Sample the preview prompts every N steps (shown on the "
+                                                     "progress bar); 0 = only at the end."}),
+                "save_every": ("INT", {"default": 250, "min": 0, "max": 100000,
+                                       "tooltip": "Save the LoRA and a resumable state every N steps; 0 = at the end "
+                                                  "(and on Cancel)."}),
+                "resume": ("BOOLEAN", {"default": True,
+                                       "tooltip": "Continue from the newest state in output/decoupled_dmd/<name>/ "
+                                                  "if there is one (after Cancel); off starts fresh."}),
+            },
+            "optional": {
+                "preview_prompts": ("STRING", {"multiline": True, "default": "",
+                                               "tooltip": "Fixed prompts for previews, one per line; empty = the "
+                                                          "first 4 training prompts."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, resolution=None, timesteps=None, output_name=None, prompt_file=None):
+        # Inputs named here skip ComfyUI's own min/max check: check_resolution covers resolution.
+        problem = check_resolution(resolution) if isinstance(resolution, int) else None
+        if problem:
+            return problem
+        if isinstance(timesteps, str) and timesteps.strip():
+            try:
+                comfy_adapter.parse_timesteps(timesteps)
+            except ValueError as error:
+                return str(error)
+        name = (output_name or "").strip() if isinstance(output_name, str) or output_name is None else ""
+        if output_name is not None and (not name or any(c in name for c in "/\\:") or name in (".", "..")):
+            return f"output_name {output_name!r}: a plain name without folders, e.g. dmd_student"
+        if isinstance(prompt_file, str) and prompt_file.strip():
+            try:
+                _input_file(prompt_file)
+            except ValueError as error:
+                return str(error)
+        return True
+
+    def train(self, teacher, prompts, prompt_file, output_name, steps, timesteps, renoise_schedule, regularizer,
+              network_dim, network_alpha, learning_rate, fake_learning_rate, fake_updates_per_step, max_train_steps,
+              resolution, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every, save_every, resume,
+              preview_prompts="", unique_id=None):
+        import comfy.model_management as mm
+        import comfy.utils
+        import folder_paths
+
+        from ..trainer.config import config_from_dict
+        from ..trainer.curves import draw_curves, read_metrics
+
+        problem = check_resolution(resolution)
+        if problem:
+            raise ValueError(problem)
+        training_prompts = read_prompt_lines(prompts)
+        if prompt_file.strip():
+            with open(_input_file(prompt_file), encoding="utf-8") as handle:
+                training_prompts += read_prompt_lines(handle.read())
+        if not training_prompts:
+            raise ValueError("no training prompts: write some in `prompts` (one per line) or give a prompt_file")
+        student_timesteps = (comfy_adapter.parse_timesteps(timesteps) if timesteps.strip()
+                             else comfy_adapter.trailing_timesteps(steps))
+        output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
+        config = config_from_dict({
+            "output_dir": output_dir, "output_name": output_name.strip(), "student_timesteps": student_timesteps,
+            "renoise_schedule": renoise_schedule, "regularizer": regularizer, "network_dim": network_dim,
+            "network_alpha": network_alpha, "learning_rate": learning_rate,
+            "fake_learning_rate": fake_learning_rate or None, "fake_updates_per_step": fake_updates_per_step,
+            "max_train_steps": max_train_steps, "resolution": resolution or "", "train_batch_size": batch_size,
+            "seed": seed, "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision,
+            "sample_every_n_steps": preview_every, "save_every_n_steps": save_every,
+            "resume": "latest" if resume else "", "log_with": "none", "guidance_scale": teacher.guidance_scale,
+            "uncond_mode": teacher.uncond_mode,
+        })
+        progress = comfy.utils.ProgressBar(max_train_steps, node_id=unique_id)
+        last_preview = {}
+
+        def on_preview(step, images):
+            last_preview["image"] = _pil(images)
+
+        def on_step(step, logs):
+            preview = last_preview.pop("image", None)
+            try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
+                progress.update_absolute(step, max_train_steps, ("JPEG", preview, 512) if preview else None)
+            except mm.InterruptProcessingException:
+                mm.interrupt_current_processing(True)
+
+        result = comfy_adapter.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
+                                       should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview)
+        if result.interrupted:
+            logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again with resume on)",
+                        result.steps_done, result.state_dir)
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()
+        student = comfy_adapter.Student(teacher, result.student_path, result.metadata, result.timesteps,
+                                        result.state_dir, result.steps_done)
+        model = comfy_adapter.student_model(teacher.model, result.student_path)
+        lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
+        previews = result.previews
+        if previews is None:
+            import torch
+
+            previews = torch.zeros(1, 3, 64, 64)
+        curves = draw_curves(read_metrics(result.metrics_file))[None]
+        return (model, lora, student, previews.movedim(1, -1), curves.movedim(1, -1))
+
+
+class SaveDistilled:
+    DESCRIPTION = ("Saves the student LoRA into models/loras and, optionally, an all-in-one checkpoint (teacher + "
+                   "student merged, CLIP, VAE) into models/checkpoints; an existing file is never overwritten.")
+    CATEGORY = TRAIN_CATEGORY
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("lora_path", "checkpoint_path")
+    OUTPUT_TOOLTIPS = ("Where the LoRA was written (empty if not saved).",
+                       "Where the checkpoint was written (empty if not saved).")
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "student": ("DMD_STUDENT", {"tooltip": "From Decoupled DMD Train."}),
+            "save_lora": ("BOOLEAN", {"default": True, "tooltip": "Write the LoRA into models/loras."}),
+            "lora_name": ("STRING", {"default": "dmd_student_lora",
+                                     "tooltip": "File name inside models/loras (.safetensors added); a counter is "
+                                                "added if it exists. No '..' or absolute paths."}),
+            "save_checkpoint": ("BOOLEAN", {"default": False,
+                                            "tooltip": "Also write an all-in-one checkpoint (full model size)."}),
+            "checkpoint_name": ("STRING", {"default": "dmd_student",
+                                           "tooltip": "File name inside models/checkpoints (.safetensors added)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name=None, checkpoint_name=None):
+        for name, what in ((lora_name, "lora_name"), (checkpoint_name, "checkpoint_name")):
+            if name is None:
+                continue
+            try:
+                comfy_adapter.check_file_name(name, what)
+            except ValueError as error:
+                return str(error)
+        return True
+
+    def save(self, student, save_lora, lora_name, save_checkpoint, checkpoint_name):
+        lora_path = comfy_adapter.save_lora_file(student, lora_name) if save_lora else ""
+        checkpoint_path = comfy_adapter.save_checkpoint_file(student, checkpoint_name) if save_checkpoint else ""
+        written = [p for p in (lora_path, checkpoint_path) if p]
+        return {"ui": {"text": written}, "result": (lora_path, checkpoint_path)}
+
+
+class FewStepSampler:
+    DESCRIPTION = ("Samples a Decoupled DMD student at cfg 1 on the exact timesteps it was trained on: predict x0, "
+                   "re-noise with fresh noise (ComfyUI's lcm sampler on those sigmas).")
+    CATEGORY = SAMPLING_CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The student: the train node's student_model, or a distilled "
+                                               "checkpoint / teacher + student LoRA."}),
+                "positive": ("CONDITIONING", {"tooltip": "The prompt (no negative: the student samples at cfg 1)."}),
+                "latent_image": ("LATENT", {"tooltip": "An empty latent of the wanted size and batch."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                 "tooltip": "Noise seed."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": 16,
+                                  "tooltip": "Used only when neither `student`, `timesteps` nor `metadata_file` gives "
+                                             "the trained timesteps: evenly spaced from 999 (4 -> 999,749,499,249)."}),
+                "timesteps": ("STRING", {"default": "",
+                                         "tooltip": "Exact timesteps, e.g. 999,749,499,249; empty = from `student` or "
+                                                    "`metadata_file`, else from `steps`."}),
+                "metadata_file": ("STRING", {"default": "",
+                                             "tooltip": "Optional student file in models/loras or models/checkpoints "
+                                                        "whose metadata holds the trained timesteps."}),
+            },
+            "optional": {
+                "student": ("DMD_STUDENT", {"tooltip": "The train node's student: its trained timesteps are used."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, timesteps=None):
+        if isinstance(timesteps, str) and timesteps.strip():
+            try:
+                comfy_adapter.parse_timesteps(timesteps)
+            except ValueError as error:
+                return str(error)
+        return True
+
+    def sample(self, model, positive, latent_image, seed, steps, timesteps, metadata_file, student=None):
+        if timesteps.strip():
+            chosen = comfy_adapter.parse_timesteps(timesteps)
+        elif student is not None:
+            chosen = student.timesteps
+        elif metadata_file.strip():
+            chosen = comfy_adapter.timesteps_from_file(metadata_file.strip())
+        else:
+            chosen = comfy_adapter.trailing_timesteps(steps)
+        return (comfy_adapter.sample_student(model, positive, latent_image, seed, chosen),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DecoupledDMD_LoadTeacher": LoadTeacher,
+    "DecoupledDMD_Train": Train,
+    "DecoupledDMD_SaveDistilled": SaveDistilled,
+    "DecoupledDMD_FewStepSampler": FewStepSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DecoupledDMD_LoadTeacher": "Load Teacher (Decoupled DMD)",
+    "DecoupledDMD_Train": "Decoupled DMD Train",
+    "DecoupledDMD_SaveDistilled": "Save Distilled (Decoupled DMD)",
+    "DecoupledDMD_FewStepSampler": "Few-Step Sampler (Decoupled DMD)",
+}

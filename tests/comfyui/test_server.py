@@ -1,0 +1,182 @@
+"""The node suite inside a real ComfyUI server (HTTP API), on a random tiny SD1.5: train, save, load, sample,
+cancel and resume, and bad inputs. Skipped unless COMFYUI_ROOT is set (see conftest.py)."""
+
+import json
+import os
+import time
+
+import pytest
+from safetensors import safe_open
+
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
+
+
+def load_workflow(name: str) -> dict:
+    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+RUN = "ci_student"
+TINY_TRAIN = dict(prompts="a photo of a cat\na red house\nthe dog in the tree", resolution=64, max_train_steps=2,
+                  network_dim=4, network_alpha=4.0, learning_rate=1e-3, fake_updates_per_step=1, preview_every=1,
+                  save_every=0, mixed_precision="no", gradient_checkpointing=True, resume=False,
+                  preview_prompts="a photo of a cat")
+FIGURES = {}
+
+
+def _errors(entry) -> list:
+    return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+
+
+def _train_graph(name: str, **train) -> dict:
+    graph = load_workflow("distill_sdxl")
+    graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
+    graph["3"]["inputs"].update(TINY_TRAIN, output_name=name, **train)
+    graph["4"]["inputs"].update(lora_name=f"{name}_lora", checkpoint_name=name)
+    graph["11"]["inputs"].update(width=64, height=64)
+    for node in graph.values():
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = f"{name}_few_step"
+    # a stock KSampler on the student MODEL output as well
+    graph["30"] = {"class_type": "KSampler", "inputs": {
+        "model": ["3", 0], "seed": 1, "steps": 4, "cfg": 1.0, "sampler_name": "lcm", "scheduler": "sgm_uniform",
+        "positive": ["10", 0], "negative": ["10", 0], "latent_image": ["11", 0], "denoise": 1.0}}
+    graph["31"] = {"class_type": "VAEDecode", "inputs": {"samples": ["30", 0], "vae": ["1", 2]}}
+    graph["32"] = {"class_type": "SaveImage", "inputs": {"images": ["31", 0], "filename_prefix": f"{name}_ksampler"}}
+    return graph
+
+
+def _save_only_graph(name: str) -> dict:
+    """Loader -> teacher -> train -> Save Distilled, the only output: an invalid node fails the whole prompt
+    (ComfyUI runs a prompt whose other outputs are valid and reports the failing node beside HTTP 200)."""
+    graph = _train_graph(name)
+    return {node_id: graph[node_id] for node_id in ("1", "2", "3", "4")}
+
+
+def _images(entry) -> list[str]:
+    return [image["filename"] for output in entry["outputs"].values() for image in output.get("images", [])
+            if image.get("type") == "output"]
+
+
+@pytest.fixture(scope="module")
+def trained(comfy_server):
+    started = time.time()
+    entry = comfy_server.run(_train_graph(RUN))
+    FIGURES["distill_prompt_seconds"] = round(time.time() - started, 1)
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    return entry
+
+
+def test_nodes_are_registered_with_namespaced_ids_and_categories(comfy_server):
+    info = comfy_server.get("/object_info")
+    ours = {name: spec for name, spec in info.items() if name.startswith("DecoupledDMD_")}
+    assert set(ours) == {"DecoupledDMD_LoadTeacher", "DecoupledDMD_Train", "DecoupledDMD_SaveDistilled",
+                         "DecoupledDMD_FewStepSampler"}
+    assert all(spec["category"].split("/")[0] in ("training", "sampling") for spec in ours.values())
+    assert "Cannot import" not in "\n".join(l for l in comfy_server.log().splitlines() if "DecoupledDMD" in l)
+
+
+def test_training_writes_lora_checkpoint_state_and_images(comfy_server, trained):
+    base = comfy_server.base
+    lora = os.path.join(base, "models", "loras", f"{RUN}_lora.safetensors")
+    checkpoint = os.path.join(base, "models", "checkpoints", f"{RUN}.safetensors")
+    with safe_open(lora, "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert json.loads(metadata["decoupled_dmd.student_timesteps"]) == [999, 749, 499, 249]
+    assert metadata["decoupled_dmd.train_steps"] == "2"
+    with safe_open(checkpoint, "pt") as handle:
+        assert handle.metadata()["decoupled_dmd.format"] == "checkpoint"
+        assert any(k.startswith("model.diffusion_model.") for k in handle.keys())
+        assert any(k.startswith("first_stage_model.") for k in handle.keys())
+    run_dir = os.path.join(base, "output", "decoupled_dmd", RUN)
+    assert os.path.isfile(os.path.join(run_dir, "state-000002", "trainer_state.json"))
+    images = _images(trained)
+    assert any(name.startswith(f"{RUN}_few_step") for name in images)
+    assert any(name.startswith(f"{RUN}_ksampler") for name in images)
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl"), encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    FIGURES["seconds_per_iteration"] = round(records[-1]["seconds_per_step"], 2)
+    FIGURES["peak_rss_mb_after_training"] = round(comfy_server.peak_rss_mb())
+    FIGURES["checkpoint_file_mb"] = round(os.path.getsize(
+        os.path.join(base, "models", "checkpoints", "tiny_sd15.safetensors")) / 2**20)
+
+
+def test_saved_files_load_in_stock_loaders_and_sample(comfy_server, trained):
+    few = load_workflow("sample_few_step")
+    few["1"]["inputs"]["ckpt_name"] = f"{RUN}.safetensors"
+    few["4"]["inputs"]["metadata_file"] = f"{RUN}.safetensors"
+    few["3"]["inputs"].update(width=64, height=64)
+    few["6"]["inputs"]["filename_prefix"] = "ci_few_step_checkpoint"
+    stock = load_workflow("sample_stock_nodes")
+    stock["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    stock["2"]["inputs"]["lora_name"] = f"{RUN}_lora.safetensors"
+    stock["4"]["inputs"].update(width=64, height=64)
+    stock["7"]["inputs"]["filename_prefix"] = "ci_stock_lora"
+    for graph in (few, stock):
+        entry = comfy_server.run(graph)
+        assert entry["status"]["status_str"] == "success", _errors(entry)
+        assert _images(entry)
+    log = comfy_server.log().lower()
+    assert "lora key not loaded" not in log and "not loaded" not in log
+
+
+def test_cancel_saves_a_resumable_state_and_resume_continues(comfy_server, trained):
+    name = "ci_cancelled"
+    graph = _train_graph(name, max_train_steps=200, preview_every=0)
+    status, body = comfy_server.queue(graph)
+    assert status == 200, body
+    metrics = os.path.join(comfy_server.base, "output", "decoupled_dmd", name, "logs", "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.isfile(metrics) and os.path.getsize(metrics) > 0):
+        assert time.time() < deadline, "training never logged a step"
+        time.sleep(0.5)
+    comfy_server.post("/interrupt")
+    entry = comfy_server.wait(body["prompt_id"])
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    run_dir = os.path.dirname(os.path.dirname(metrics))
+    states = sorted(d for d in os.listdir(run_dir) if d.startswith("state-"))
+    assert states, os.listdir(run_dir)
+    with open(os.path.join(run_dir, states[-1], "trainer_state.json"), encoding="utf-8") as handle:
+        stopped_at = json.load(handle)["step"]
+    assert 1 <= stopped_at < 200
+    entry = comfy_server.run(_train_graph(name, max_train_steps=stopped_at + 1, preview_every=0, resume=True))
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    with open(metrics, encoding="utf-8") as handle:
+        steps = [json.loads(line)["step"] for line in handle]
+    assert steps[-1] == stopped_at + 1 and steps.count(stopped_at + 1) == 1
+
+
+@pytest.mark.parametrize("node, change, words", [
+    ("3", {"resolution": 100000}, "resolution"),
+    ("3", {"prompt_file": "no_such_prompts.txt"}, "prompt_file"),
+    ("3", {"output_name": "../escape"}, "output_name"),
+    ("4", {"lora_name": "../../evil"}, "lora_name"),
+])
+def test_bad_input_is_a_node_error_that_says_what_to_change(comfy_server, node, change, words):
+    graph = _save_only_graph("ci_bad")
+    graph[node]["inputs"].update(change)
+    status, body = comfy_server.queue(graph)
+    assert status == 400
+    messages = json.dumps(body["node_errors"][node])
+    assert words in messages
+
+
+def test_a_non_sd_model_is_refused_with_a_message(comfy_server):
+    graph = _save_only_graph("ci_sd2")
+    graph["20"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd2_unet.safetensors",
+                                                          "weight_dtype": "default"}}
+    graph["2"]["inputs"]["model"] = ["20", 0]
+    entry = comfy_server.run(graph)
+    errors = _errors(entry)
+    assert errors and errors[0]["node_id"] == "2"
+    assert "SD1.5 and SDXL" in errors[0]["exception_message"]
+
+
+def test_report_figures(comfy_server):
+    FIGURES["peak_rss_mb"] = round(comfy_server.peak_rss_mb())
+    print("\nComfyUI figures:", json.dumps(FIGURES))
+    report = os.environ.get("COMFYUI_TEST_REPORT")
+    if report:
+        with open(report, "w", encoding="utf-8") as handle:
+            json.dump(FIGURES, handle, indent=1)

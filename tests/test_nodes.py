@@ -1,0 +1,182 @@
+"""The node schemas and the shipped workflows, checked without ComfyUI (CI has none)."""
+
+import json
+import os
+
+import pytest
+
+from decoupled_dmd import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from decoupled_dmd.nodes.dmd_nodes import Train, check_resolution, read_prompt_lines
+from decoupled_dmd.trainer.adapters.comfy import (check_file_name, checkpoint_metadata, parse_timesteps,
+                                                  trailing_timesteps)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = os.path.join(REPO, "workflows")
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+with open(os.path.join(os.path.dirname(__file__), "comfyui_stock_nodes.json"), encoding="utf-8") as _handle:
+    STOCK = json.load(_handle)["nodes"]  # the stock nodes the workflows use, from ComfyUI's /object_info
+
+
+def _inputs(cls) -> dict[str, tuple]:
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def _schema(class_type: str):
+    """{input: (type, options, optional)} and the output types, for our nodes and the stock ones."""
+    if class_type in NODE_CLASS_MAPPINGS:
+        cls = NODE_CLASS_MAPPINGS[class_type]
+        spec = cls.INPUT_TYPES()
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, (kind, *options) in spec.get(section, {}).items():
+                inputs[name] = ("COMBO" if isinstance(kind, list) else kind, options[0] if options else {},
+                                section == "optional", kind if isinstance(kind, list) else None)
+        return inputs, list(cls.RETURN_TYPES)
+    if class_type in STOCK:
+        node = STOCK[class_type]
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, spec in node["input"][section].items():
+                inputs[name] = (spec["type"], spec, section == "optional", spec.get("options"))
+        return inputs, node["output"]
+    raise AssertionError(f"unknown node type {class_type!r}")
+
+
+def test_node_ids_are_namespaced_and_displayed():
+    assert set(NODE_CLASS_MAPPINGS) == {"DecoupledDMD_LoadTeacher", "DecoupledDMD_Train",
+                                        "DecoupledDMD_SaveDistilled", "DecoupledDMD_FewStepSampler"}
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+
+
+@pytest.mark.parametrize("name", sorted(NODE_CLASS_MAPPINGS))
+def test_schema(name):
+    cls = NODE_CLASS_MAPPINGS[name]
+    assert cls.CATEGORY.split("/")[0] in ("training", "sampling")
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert cls.DESCRIPTION
+    returns = cls.RETURN_TYPES
+    assert len(getattr(cls, "RETURN_NAMES", returns)) == len(returns) == len(cls.OUTPUT_TOOLTIPS)
+    for input_name, (kind, *options) in _inputs(cls).items():
+        assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        if kind in ("INT", "FLOAT"):
+            opts = options[0]
+            assert "min" in opts and "max" in opts, f"{name}.{input_name} needs min and max"
+            assert opts["min"] <= opts["default"] <= opts["max"]
+        if isinstance(kind, list):
+            assert options[0].get("default", kind[0]) in kind
+
+
+def test_train_defaults_build_a_valid_config():
+    from decoupled_dmd.trainer.config import config_from_dict
+
+    spec = _inputs(Train)
+    config = config_from_dict({"network_dim": spec["network_dim"][1]["default"],
+                               "learning_rate": spec["learning_rate"][1]["default"],
+                               "renoise_schedule": spec["renoise_schedule"][1]["default"],
+                               "student_timesteps": trailing_timesteps(spec["steps"][1]["default"])})
+    assert config.student_timesteps == [999, 749, 499, 249]
+
+
+def test_validation_messages_say_what_to_change():
+    assert check_resolution(0) is None and check_resolution(1024) is None
+    assert "multiple of 8" in check_resolution(100000)
+    assert "multiple of 8" in check_resolution(100)
+    assert Train.VALIDATE_INPUTS(resolution=512, timesteps="999,499", output_name="run", prompt_file="") is True
+    assert "strictly decreasing" in Train.VALIDATE_INPUTS(timesteps="499,999")
+    assert "plain name" in Train.VALIDATE_INPUTS(output_name="../x")
+    assert read_prompt_lines("a cat\n\n# note\n  a dog ") == ["a cat", "a dog"]
+
+
+def test_file_names_cannot_escape_the_models_folder():
+    assert check_file_name("student") == "student.safetensors"
+    assert check_file_name("sub/student.safetensors") == "sub/student.safetensors"
+    for bad in ("../student", "/etc/passwd", "a/../../b", "C:/x", "", "  "):
+        with pytest.raises(ValueError):
+            check_file_name(bad)
+
+
+def test_timesteps():
+    assert trailing_timesteps(4) == [999, 749, 499, 249]
+    assert trailing_timesteps(8) == [999, 874, 749, 624, 499, 374, 249, 124]
+    assert trailing_timesteps(1) == [999]
+    assert parse_timesteps(" 999, 749 ,499") == [999, 749, 499]
+    for bad in ("", "1000,2", "499,999", "a,b"):
+        with pytest.raises(ValueError):
+            parse_timesteps(bad)
+
+
+def test_checkpoint_metadata_restates_the_lora_header():
+    metadata = checkpoint_metadata({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                                    "decoupled_dmd.format": "lora", "ss_network_dim": "64"})
+    assert metadata == {"modelspec.architecture": "stable-diffusion-xl-v1-base", "decoupled_dmd.format": "checkpoint"}
+
+
+def _workflow_names():
+    return sorted(f[: -len(".api.json")] for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
+
+
+def test_every_workflow_has_both_formats():
+    names = _workflow_names()
+    assert {"distill_sdxl", "distill_with_style_lora", "sample_few_step", "sample_stock_nodes"} <= set(names)
+    for name in names:
+        assert os.path.isfile(os.path.join(WORKFLOWS, f"{name}.json")), name
+
+
+@pytest.mark.parametrize("name", _workflow_names())
+def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
+    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+        graph = json.load(handle)
+    for node_id, node in graph.items():
+        inputs, _ = _schema(node["class_type"])
+        given = node["inputs"]
+        unknown = set(given) - set(inputs)
+        assert not unknown, f"{name} node {node_id}: unknown inputs {unknown}"
+        for input_name, (kind, options, optional, choices) in inputs.items():
+            if input_name not in given:
+                assert optional, f"{name} node {node_id} ({node['class_type']}): {input_name} missing"
+                continue
+            value = given[input_name]
+            if kind not in WIDGET_TYPES:
+                source, slot = value
+                assert source in graph, f"{name} node {node_id}: link to missing node {source}"
+                _, outputs = _schema(graph[source]["class_type"])
+                assert outputs[slot] == kind, f"{name} node {node_id}.{input_name}: {outputs[slot]} into {kind}"
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= value <= options["max"], f"{name} node {node_id}.{input_name}={value}"
+            elif kind == "COMBO" and choices:
+                assert value in choices, f"{name} node {node_id}.{input_name}={value!r}"
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool)
+            elif kind == "STRING":
+                assert isinstance(value, str)
+        if node["class_type"] == "DecoupledDMD_Train":
+            assert NODE_CLASS_MAPPINGS["DecoupledDMD_Train"].VALIDATE_INPUTS(
+                **{k: given[k] for k in ("resolution", "timesteps", "output_name")}) is True
+
+
+@pytest.mark.parametrize("name", _workflow_names())
+def test_ui_workflow_matches_its_api_twin(name):
+    with open(os.path.join(WORKFLOWS, f"{name}.json"), encoding="utf-8") as handle:
+        ui = json.load(handle)
+    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+        api = json.load(handle)
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    assert set(nodes) == set(api)
+    links = {link[0]: link for link in ui["links"]}
+    for node_id, node in nodes.items():
+        assert node["type"] == api[node_id]["class_type"]
+        inputs, outputs = _schema(node["type"])
+        expected = []
+        for input_name, (kind, options, _, _) in inputs.items():
+            if kind in WIDGET_TYPES and input_name in api[node_id]["inputs"]:
+                expected.append(api[node_id]["inputs"][input_name])
+                if input_name in ("seed", "noise_seed"):
+                    expected.append("fixed")  # the frontend's control_after_generate widget
+        assert node["widgets_values"] == expected, f"{name} node {node_id}"
+        for slot, item in enumerate(node["inputs"]):
+            if item["link"] is not None:
+                _, source, source_slot, target, target_slot, kind = links[item["link"]]
+                assert (str(target), target_slot) == (node_id, slot)
+                assert api[node_id]["inputs"][item["name"]] == [str(source), source_slot]
+                assert kind == inputs[item["name"]][0]

@@ -1,0 +1,476 @@
+"""ComfyUI adapter: a `ModelAdapter` over ComfyUI's MODEL (ModelPatcher), CLIP and VAE.
+
+The only module of the trainer that imports `comfy` (lazily, inside functions): the rest of the package and the
+node classes import without ComfyUI.
+
+Latent space. The trainer works in the latent space the UNet sees: VAE latents after
+``latent_format.process_in`` (SD1.5 x 0.18215, SDXL x 0.13025), in variance-preserving coordinates
+``x_t = alpha * x0 + sigma * noise`` of the schedule built from the model's own ``model_sampling.sigmas``.
+ComfyUI indexes the same point by its k-diffusion sigma ``s = sigma / alpha`` and the unscaled input
+``x_t / alpha = x0 + s * noise``; `predict_x0` converts to that and calls the model's own ``apply_model`` (which
+applies ``calculate_input``, ``timestep`` and ``calculate_denoised`` of its ``model_sampling``): nothing about
+eps/v prediction is re-derived here.
+
+One copy of the base weights. Inside a node, ComfyUI's weights are inference tensors, which autograd cannot
+save for backward. `trainable_unet` loads a clone of the MODEL (so LoRAs applied upstream are baked into the
+weights being distilled), replaces each parameter of the shared UNet by an equal normal tensor one at a time
+(the peak extra memory is one tensor), and lets the trainer inject its peft adapters. On exit it removes every
+adapter and wrapper it added; the UNet then holds equal, normal, frozen tensors and keeps serving ComfyUI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..denoiser import Conditioning, ModelAdapter
+from ..schedules import DiscreteVPSchedule, append_dims
+
+logger = logging.getLogger(__name__)
+
+# LoRA targets in ComfyUI's LDM UNet: attention + feed-forward, resnet convs and time projection, resamplers.
+# (The diffusers adapter's list in LDM names; conv skip connections are added per model, see below.)
+LDM_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "in_layers.2", "out_layers.3", "emb_layers.1", "op", "conv",
+]
+SUPPORTED_FAMILIES = "SD1.5 and SDXL (eps or v-prediction)"
+CLIP_CHUNK = 77  # tokens per CLIP window
+
+
+class UnsupportedModelError(ValueError):
+    """A MODEL this trainer cannot distil; the message says which models it takes."""
+
+
+@dataclass
+class Teacher:
+    """What the Load Teacher node hands to the train node: ComfyUI objects plus the detected settings."""
+
+    model: object  # comfy.model_patcher.ModelPatcher
+    clip: object  # comfy.sd.CLIP
+    vae: object  # comfy.sd.VAE
+    family: str
+    prediction_type: str
+    guidance_scale: float
+    uncond_mode: str = "empty_prompt"
+    description: str = field(default="")
+
+
+def detect_family(model) -> tuple[str, str]:
+    """(family, prediction_type) of a ComfyUI MODEL, or UnsupportedModelError naming what it is."""
+    import comfy.model_sampling
+    import comfy.supported_models as supported
+
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    name = type(config).__name__ if config is not None else type(model).__name__
+    if isinstance(config, supported.SDXL) and not isinstance(config, supported.SDXL_instructpix2pix):
+        family = "sdxl"
+    elif isinstance(config, supported.SD15) and not isinstance(config, supported.SD15_instructpix2pix):
+        family = "sd15"
+    else:
+        raise UnsupportedModelError(
+            f"this MODEL is {name}; Decoupled DMD in ComfyUI distils {SUPPORTED_FAMILIES} checkpoints: load one "
+            "with Load Checkpoint (LoRAs may be applied on it)")
+    if config.unet_config.get("in_channels", 4) != 4:
+        raise UnsupportedModelError(f"this {name} MODEL has {config.unet_config['in_channels']} input channels "
+                                    "(inpainting/edit model); use a plain text-to-image checkpoint")
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise UnsupportedModelError(
+            f"this {name} MODEL samples with {type(sampling).__name__}; only the discrete 1000-step schedule is "
+            "supported (remove ModelSampling* nodes other than ModelSamplingDiscrete eps/v_prediction)")
+    denoised = type(sampling).calculate_denoised  # the parameterisation, judged by what it computes
+    if denoised is comfy.model_sampling.EPS.calculate_denoised:
+        prediction = "epsilon"
+    elif denoised is comfy.model_sampling.V_PREDICTION.calculate_denoised:
+        prediction = "v_prediction"
+    else:
+        raise UnsupportedModelError(f"this {name} MODEL predicts with {type(sampling).__name__}; "
+                                    "supported: eps or v_prediction")
+    if sampling.sigmas.numel() != 1000:
+        raise UnsupportedModelError(f"this {name} MODEL has a {sampling.sigmas.numel()}-step schedule "
+                                    f"({type(sampling).__name__}); the teacher needs its 1000-step training schedule")
+    return family, prediction
+
+
+def make_teacher(model, clip, vae, guidance_scale: float = 0.0, uncond_mode: str = "empty_prompt") -> Teacher:
+    """Validate a MODEL/CLIP/VAE triple as a teacher; guidance_scale 0 takes the family default (SDXL 8)."""
+    from ..denoiser import FAMILY_GUIDANCE_DEFAULTS
+
+    family, prediction = detect_family(model)
+    if clip is None:
+        raise UnsupportedModelError("no CLIP: connect the CLIP output of the checkpoint loader")
+    if vae is None:
+        raise UnsupportedModelError("no VAE: connect the VAE output of the checkpoint loader (previews need it)")
+    if uncond_mode not in ("empty_prompt", "zeros"):
+        raise ValueError(f"uncond_mode {uncond_mode!r}: choose empty_prompt or zeros")
+    scale = guidance_scale or FAMILY_GUIDANCE_DEFAULTS.get(family, 5.0)
+    return Teacher(model, clip, vae, family, prediction, float(scale), uncond_mode,
+                   f"{family} {prediction} ({type(model.model.model_config).__name__})")
+
+
+class ComfyAdapter(ModelAdapter):
+    """The teacher as the trainer sees it; build it with `trainable_unet`, which prepares the UNet."""
+
+    def __init__(self, teacher: Teacher, base_model):
+        self.teacher = teacher
+        self.base_model = base_model  # comfy.model_base.BaseModel, loaded by `trainable_unet`
+        self.network = base_model.diffusion_model
+        self.family, self.prediction_type = teacher.family, teacher.prediction_type
+        self.uncond_mode = teacher.uncond_mode
+        sampling = base_model.model_sampling
+        self.schedule = DiscreteVPSchedule.from_k_sigmas(sampling.sigmas.detach().cpu().double().clone())
+        self.latent_format = base_model.latent_format
+        self.latent_channels = int(self.latent_format.latent_channels)
+        self.latent_downscale = 8
+        size = 1024 if self.family == "sdxl" else 512
+        self.default_resolution = (size, size)
+        self.source_checkpoint = None  # the MODEL may carry LoRAs: merged checkpoints go through ComfyUI's saver
+        self.source_model = f"comfyui:{type(base_model.model_config).__name__}"
+        # ComfyUI's UNet is already in LDM layout: kohya keys are lora_unet_<its own path>.
+        self.unet_ldm_keys = {name: name for name in self.network.state_dict()}
+        self._checkpointed: list[nn.Module] = []
+
+    # --- the denoiser --------------------------------------------------------------------------------------
+    def k_sigma(self, level: Tensor) -> Tensor:
+        return self.schedule.k_sigma(level)
+
+    def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        if network is not self.network and getattr(network, "module", None) is not self.network:
+            raise ValueError("the ComfyUI adapter runs the UNet through its BaseModel; pass adapter.network")
+        level = torch.as_tensor(level, dtype=torch.float64, device=x_t.device)
+        alpha, sigma = self.schedule.alpha_sigma(level)
+        k_sigma = (sigma / alpha).to(torch.float32)
+        x = x_t.float() / append_dims(alpha.to(torch.float32), x_t.ndim)  # ComfyUI's x0 + s * noise
+        height, width = (s * self.latent_downscale for s in x_t.shape[-2:])
+        kwargs = self.base_model.extra_conds(cross_attn=cond["c_crossattn"], pooled_output=cond["pooled_output"],
+                                             device=x.device, noise=x, width=width, height=height)
+        kwargs = {name: value.cond for name, value in kwargs.items()}
+        return self.base_model.apply_model(x, k_sigma, transformer_options={}, **kwargs).float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """CLIP.encode_from_tokens per prompt (first 77-token window; ComfyUI weights like (word:1.2) apply)."""
+        crossattn, pooled = [], []
+        for prompt in prompts:
+            cond, pool = self.teacher.clip.encode_from_tokens(self.teacher.clip.tokenize(prompt), return_pooled=True)
+            if cond.shape[1] > CLIP_CHUNK:
+                logger.info("prompt longer than %d tokens, trained on its first window: %.60s", CLIP_CHUNK, prompt)
+            crossattn.append(cond[:, :CLIP_CHUNK].float().clone())
+            pooled.append(pool.float().clone())
+        tensors = {"c_crossattn": torch.cat(crossattn), "pooled_output": torch.cat(pooled)}
+        if self.uncond_mode == "zeros":  # DMD2's SDXL unconditional input: zeros, not the encoded empty prompt
+            empty = torch.tensor([p == "" for p in prompts])
+            tensors = {k: torch.where(append_dims(empty, v.ndim), torch.zeros_like(v), v) for k, v in tensors.items()}
+        return Conditioning(tensors)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        images = self.teacher.vae.decode(self.latent_format.process_out(latents.float().cpu()))
+        return images[..., :3].movedim(-1, 1).float().clamp(0.0, 1.0).cpu()  # (B, H, W, C) -> (B, 3, H, W)
+
+    # --- the rest ----------------------------------------------------------------------------------------
+    def default_lora_target_modules(self) -> list[str]:
+        # Suffix names as peft matches them; conv skip connections by full name (an Identity must not match).
+        skips = [name for name, module in self.network.named_modules()
+                 if name.endswith("skip_connection") and isinstance(module, nn.Conv2d)]
+        return list(LDM_LORA_TARGETS) + skips
+
+    def enable_gradient_checkpointing(self, network: nn.Module) -> None:
+        """Recompute each top-level UNet block in backward (as ComfyUI's own trainer does); undone on exit."""
+        import functools
+
+        from torch.utils.checkpoint import checkpoint
+
+        blocks = [*self.network.input_blocks, self.network.middle_block, *self.network.output_blocks]
+        for block in blocks:
+            block.forward = functools.partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+            self._checkpointed.append(block)
+
+    def release(self) -> None:
+        """Undo everything training added to the shared UNet: peft layers, wrapped forwards, grad flags."""
+        for block in self._checkpointed:
+            block.__dict__.pop("forward", None)
+        self._checkpointed.clear()
+        remove_lora_layers(self.network)
+        for attribute in ("forward", "_original_forward", "_converted_to_transformer_engine"):
+            self.network.__dict__.pop(attribute, None)  # accelerate's mixed-precision forward
+        self.network.requires_grad_(False)
+        self.network.train(False)
+
+
+def remove_lora_layers(network: nn.Module) -> int:
+    """Put back every module peft wrapped (its base layer); returns how many were removed."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return 0
+    wrapped = [(name, module) for name, module in network.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = network.get_submodule(parent_name) if parent_name else network
+        setattr(parent, child, module.get_base_layer())
+    return len(wrapped)
+
+
+def _make_trainable(module: nn.Module) -> int:
+    """Replace each inference-tensor parameter/buffer by an equal normal tensor, one at a time."""
+    replaced = 0
+    for owner in module.modules():
+        for name, parameter in list(owner._parameters.items()):
+            if parameter is not None and parameter.is_inference():
+                owner._parameters[name] = nn.Parameter(parameter.detach().clone(), requires_grad=False)
+                replaced += 1
+        for name, buffer in list(owner._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                owner._buffers[name] = buffer.detach().clone()
+                replaced += 1
+    return replaced
+
+
+@contextlib.contextmanager
+def trainable_unet(teacher: Teacher):
+    """Load the teacher MODEL (with its patches) and yield a `ComfyAdapter` whose UNet autograd can train.
+
+    Must run under ``torch.inference_mode(False)``. Leaves the shared model working (adapters removed) however
+    the block exits."""
+    import comfy.model_management as mm
+
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("trainable_unet needs torch.inference_mode(False)")
+    patcher = teacher.model.clone()
+    mm.load_models_gpu([patcher], force_full_load=True)
+    base = patcher.model
+    replaced = _make_trainable(base.diffusion_model)
+    logger.debug("%d inference tensors of the UNet replaced by normal ones", replaced)
+    if patcher.model_options.get("transformer_options", {}).get("patches") or \
+            patcher.model_options.get("model_function_wrapper"):
+        logger.warning("the teacher MODEL carries attention patches or a model wrapper; training calls the UNet "
+                       "without them (weight patches such as LoRAs are included)")
+    adapter = ComfyAdapter(teacher, base)
+    try:
+        yield adapter
+    finally:
+        adapter.release()
+
+
+# --- the node entry points ----------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    student_path: str  # the kohya LoRA the trainer wrote (with metadata)
+    state_dir: str | None
+    steps_done: int
+    timesteps: list[int]
+    metadata: dict[str, str]
+    previews: Tensor | None  # (B, 3, H, W) in [0, 1]
+    metrics_file: str
+    interrupted: bool = False
+    seconds_per_step: float = math.nan
+
+
+def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[str] | None = None,
+            should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None
+            ) -> TrainResult:
+    """Run the Decoupled DMD trainer on a ComfyUI teacher in this process; adapters are removed afterwards."""
+    import json
+    import os
+
+    import comfy.model_management as mm
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+    from safetensors import safe_open
+
+    from ..loop import DecoupledDMDTrainer, TrainerCallbacks, list_states
+
+    previews: dict[str, Tensor] = {}
+
+    def keep_preview(step, images):
+        previews["last"] = images.detach().float().cpu()
+        on_preview(step, images)
+
+    stopped = {"flag": False}
+
+    def stop():
+        stopped["flag"] = stopped["flag"] or bool(should_stop())
+        return stopped["flag"]
+
+    callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview)
+    with torch.inference_mode(False), trainable_unet(teacher) as adapter:
+        AcceleratorState._reset_state()
+        device = mm.get_torch_device()
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, cpu=device.type == "cpu",
+            project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                                logging_dir=config.logging_dir or os.path.join(config.output_dir, "logs")),
+            step_scheduler_with_optimizer=False)
+        trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, accelerator=accelerator,
+                                      callbacks=callbacks)
+        path = trainer.train()
+        steps = trainer.step
+        states = list_states(config.output_dir)
+        del trainer, accelerator
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata() or {}
+    metrics = os.path.join(config.logging_dir or os.path.join(config.output_dir, "logs"), "metrics.jsonl")
+    seconds = math.nan
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8") as handle:
+            lines = [json.loads(line) for line in handle if line.strip()]
+        if lines:
+            seconds = float(lines[-1].get("seconds_per_step", math.nan))
+    return TrainResult(path, states[-1] if states else None, steps, [int(t) for t in config.student_timesteps],
+                       metadata, previews.get("last"), metrics, stopped["flag"], seconds)
+
+
+def student_model(model, lora_path: str, strength: float = 1.0):
+    """The teacher MODEL with the student LoRA applied, as LoraLoader would (a new clone; input untouched)."""
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
+    student, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    return student
+
+
+def student_sigmas(model, timesteps: list[int]) -> Tensor:
+    """The k-diffusion sigmas of the student's exact trained timesteps, then 0 (for SamplerCustom / lcm)."""
+    sampling = model.get_model_object("model_sampling")
+    schedule = DiscreteVPSchedule.from_k_sigmas(sampling.sigmas.detach().cpu().double())
+    levels = torch.tensor([float(schedule.level(t)) for t in timesteps], dtype=torch.float64)
+    sigmas = schedule.k_sigma(levels).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def sample_student(model, positive, latent: dict, seed: int, timesteps: list[int]) -> dict:
+    """Few-step sampling at cfg 1 with the trained timesteps: ComfyUI's lcm sampler on the exact sigmas
+    (predict x0, re-noise with fresh noise), which is the trainer's own few-step sampler."""
+    import comfy.sample
+    import comfy.samplers
+
+    detect_family(model)
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    sigmas = student_sigmas(model, timesteps)
+    sampler = comfy.samplers.ksampler("lcm")
+    out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, positive, [], samples,
+                                     noise_mask=latent.get("noise_mask"), seed=seed, disable_pbar=False)
+    result = dict(latent)
+    result["samples"] = out
+    return result
+
+
+# --- students, files, timesteps -----------------------------------------------------------------------------
+@dataclass
+class Student:
+    """The train node's result, handed to Save Distilled and the Few-Step Sampler."""
+
+    teacher: Teacher
+    lora_path: str
+    metadata: dict[str, str]
+    timesteps: list[int]
+    state_dir: str | None
+    steps_done: int
+
+
+def check_file_name(name: str, what: str = "file name") -> str:
+    """A relative name inside a models folder: no absolute path, no `..`; adds .safetensors if missing."""
+    import os
+
+    cleaned = (name or "").strip().replace("\\", "/")
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ValueError(f"{what} is empty; write a name such as my_student")
+    if cleaned.startswith("/") or os.path.isabs(cleaned) or ":" in parts[0] or ".." in parts:
+        raise ValueError(f"{what} {name!r} must stay inside its models folder: write a plain name such as "
+                         "my_student or sub/my_student, without '..' or an absolute path")
+    joined = "/".join(parts)
+    return joined if joined.lower().endswith(".safetensors") else joined + ".safetensors"
+
+
+def _models_path(folder: str, name: str, what: str) -> str:
+    import os
+
+    import folder_paths
+
+    relative = check_file_name(name, what)
+    root = os.path.abspath(folder_paths.get_folder_paths(folder)[0])
+    path = os.path.abspath(os.path.join(root, relative))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{what} {name!r} leaves models/{folder}; write a plain name")
+    return path
+
+
+def save_lora_file(student: Student, name: str) -> str:
+    """Copy the student LoRA (kohya keys + metadata) into models/loras; an existing file gets a counter."""
+    import shutil
+
+    from ..outputs import atomic_write
+
+    path = _models_path("loras", name, "lora_name")
+    return atomic_write(path, lambda staging: shutil.copyfile(student.lora_path, staging))
+
+
+def checkpoint_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:
+    """The LoRA's header, restated for an all-in-one checkpoint."""
+    metadata = {k: v for k, v in lora_metadata.items() if not k.startswith("ss_")}
+    metadata["decoupled_dmd.format"] = "checkpoint"
+    if metadata.get("modelspec.architecture", "").endswith("/lora"):
+        metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")]
+    return metadata
+
+
+def save_checkpoint_file(student: Student, name: str) -> str:
+    """The teacher (with its own LoRAs) plus the student merged, CLIP and VAE, by ComfyUI's own checkpoint saver,
+    into models/checkpoints (LDM layout, `v_pred` for v-prediction models)."""
+    import comfy.sd
+
+    from ..outputs import atomic_write
+
+    path = _models_path("checkpoints", name, "checkpoint_name")
+    model = student_model(student.teacher.model, student.lora_path)
+    metadata = checkpoint_metadata(student.metadata)
+    return atomic_write(path, lambda staging: comfy.sd.save_checkpoint(
+        staging, model, clip=student.teacher.clip, vae=student.teacher.vae, metadata=metadata))
+
+
+def parse_timesteps(text: str) -> list[int]:
+    """'999, 749, 499, 249' -> [999, 749, 499, 249] (strictly decreasing, 0..999)."""
+    try:
+        values = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"timesteps {text!r}: write integers separated by commas, e.g. 999,749,499,249") from None
+    if not values or any(not 0 <= v <= 999 for v in values) or any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"timesteps {text!r}: need strictly decreasing integers in 0..999, e.g. 999,749,499,249")
+    return values
+
+
+def trailing_timesteps(steps: int) -> list[int]:
+    """The evenly spaced grid from 999 ('trailing' spacing, ComfyUI's `simple`): 4 -> [999, 749, 499, 249]."""
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"steps {steps}: need 1..1000")
+    return [int(999 - i * 1000 / steps) for i in range(steps)]
+
+
+def timesteps_from_file(name: str) -> list[int]:
+    """decoupled_dmd.student_timesteps of a file in models/loras or models/checkpoints."""
+    import json
+
+    import folder_paths
+    from safetensors import safe_open
+
+    for folder in ("loras", "checkpoints"):
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            with safe_open(path, "pt") as handle:
+                metadata = handle.metadata() or {}
+            if "decoupled_dmd.student_timesteps" not in metadata:
+                raise ValueError(f"{name!r} has no decoupled_dmd metadata; give the timesteps or steps instead")
+            return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
+    raise ValueError(f"metadata_file {name!r} is in neither models/loras nor models/checkpoints")
