@@ -63,6 +63,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weight dtype of the loaded model (the trainer's mixed_precision)")
     args = parser.parse_args()
     os.makedirs(args.folder, exist_ok=True)
     from decoupled_dmd.trainer.checkpoint import load_single_file, write_merged_checkpoint
@@ -71,9 +73,10 @@ def main():
     started = time.time()
     path = build_sdxl_checkpoint(args.folder)
     started = stage(f"build ({os.path.getsize(path) / 1e9:.2f} GB file)", started)
-    adapter = load_single_file(path, tokenizer_path=os.path.join(args.folder, "tokenizer"))
+    adapter = load_single_file(path, tokenizer_path=os.path.join(args.folder, "tokenizer"),
+                               dtype=getattr(torch, args.dtype))
     parameters = sum(p.numel() for p in adapter.network.parameters())
-    started = stage(f"load single file (UNet {parameters / 1e9:.2f} B)", started)
+    started = stage(f"load single file (UNet {parameters / 1e9:.2f} B, {args.dtype})", started)
     roles = LoraRoles(adapter.network, args.rank, args.rank / 8, adapter.default_lora_target_modules())
     with torch.no_grad():
         for p in roles.trainable_parameters("student"):
