@@ -16,9 +16,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from types import SimpleNamespace
 
 import pytest
+
+from tiny_checkpoints import build_tiny_sd15, build_tiny_sd2_unet, build_tiny_sdxl  # this folder
 
 ROOT = os.environ.get("COMFYUI_ROOT", "")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,51 +33,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _tiny_unet(cross_attention_dim: int, linear: bool):
-    """A 320-wide, 2-level UNet: ComfyUI detects SD1.5 (768, conv proj_in) or SD2 (1024, linear) from it."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320, 320),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, use_linear_projection=linear).eval()
-
-
-def build_tiny_sd15(path: str) -> str:
-    """Random-weight SD1.5 checkpoint ComfyUI's loader accepts: tiny UNet, full CLIP-L and VAE (fp16)."""
-    import torch
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from decoupled_dmd.trainer.checkpoint import write_ldm_checkpoint
-
-    torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", projection_dim=768)).eval()
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4).eval()
-    adapter = SimpleNamespace(network=_tiny_unet(768, False), text_encoders=[clip], vae=vae, family="sd15",
-                              prediction_type="epsilon")
-    return write_ldm_checkpoint(path, adapter, {"note": "random weights, test only"}, overwrite=True,
-                                dtype=torch.float16)
-
-
-def build_tiny_sd2_unet(path: str) -> str:
-    """A UNet-only file in SD2 layout (context 1024, linear proj_in): a model family the pack must refuse."""
-    from safetensors.torch import save_file
-
-    from decoupled_dmd.trainer.ldm_layout import unet_key_map
-
-    unet = _tiny_unet(1024, True)
-    state = unet.state_dict()
-    keys = unet_key_map(dict(unet.config), state.keys())
-    save_file({keys[k]: v.half().contiguous() for k, v in state.items()}, path)
-    return path
 
 
 class Server:
@@ -166,3 +122,23 @@ def comfy_server(tmp_path_factory):
             process.kill()
         shutil.rmtree(os.path.join(base, "output"), ignore_errors=True)
 
+
+TINY_SDXL_FILE = "tiny_sdxl_vega_v1.safetensors"  # change the version when build_tiny_sdxl changes
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(comfy_server, tmp_path_factory):
+    """The random SDXL checkpoint in the server's models/checkpoints (built once per session: ~1 min, ~7 GB peak
+    RSS while building, 1.9 GB file). COMFYUI_TEST_CACHE: a folder that keeps the built file between sessions;
+    without it the file is deleted at the end of the session."""
+    cache = os.environ.get("COMFYUI_TEST_CACHE") or str(tmp_path_factory.mktemp("sdxl_cache"))
+    os.makedirs(cache, exist_ok=True)
+    built = os.path.join(cache, TINY_SDXL_FILE)
+    if not os.path.isfile(built):
+        build_tiny_sdxl(built)
+    target = os.path.join(comfy_server.base, "models", "checkpoints", TINY_SDXL_FILE)
+    if not os.path.lexists(target):
+        os.symlink(built, target)
+    yield TINY_SDXL_FILE
+    if not os.environ.get("COMFYUI_TEST_CACHE"):
+        os.remove(built)

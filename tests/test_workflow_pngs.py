@@ -1,0 +1,29 @@
+"""workflows/<name>.png: each workflow has a small PNG of its result that restores the graph when dragged into
+ComfyUI (the `workflow` text chunk is the shipped UI workflow; `prompt` is the API graph that made the image).
+Regenerate them with tests/comfyui/make_workflow_pngs.py against a running ComfyUI; this check needs no server."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+NAMES = sorted(f[: -len(".api.json")] for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_has_a_png_that_restores_its_graph(name):
+    path = os.path.join(WORKFLOWS, f"{name}.png")
+    assert os.path.isfile(path), f"no {name}.png: run tests/comfyui/make_workflow_pngs.py"
+    assert os.path.getsize(path) < 200_000
+    with Image.open(path) as image:
+        image.load()
+        chunks = dict(image.text)
+        assert image.size[0] >= 64 and image.size[1] >= 64
+    with open(os.path.join(WORKFLOWS, f"{name}.json"), encoding="utf-8") as handle:
+        assert json.loads(chunks["workflow"]) == json.load(handle)
+    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+        shipped = json.load(handle)
+    ran = json.loads(chunks["prompt"])
+    assert {k: v["class_type"] for k, v in ran.items()} == {k: v["class_type"] for k, v in shipped.items()}
