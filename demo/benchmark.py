@@ -1,0 +1,364 @@
+"""`dmd-benchmark`: the paper's ablations on the real trainer with the demo teacher, and the cost of LoRA mode.
+
+Quality: 1-step and 4-step students, several seeds, mean and spread of the classifier metrics (prompt
+adherence, Frechet distance to the teacher's CFG samples, saturation) over training, for
+- the four re-noising schedules (Table 1: coupled-shared, decoupled-full, decoupled-constrained, decoupled-hybrid);
+- CA + DM, CA only, DM only, CA + mean-variance KL (Fig. 2 and 3);
+- the update normalisation: per_term (DMD2), none, shared.
+Runs go two at a time (one CPU thread each) in worker processes; each run's result is a JSON file, so an
+interrupted benchmark continues where it stopped. Writes benchmark.md (tables and gates) and PNG plots.
+
+Cost: seconds per generator update and peak memory of LoRA mode against the naive full-copy mode
+(see `cost.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+logger = logging.getLogger("decoupled_dmd.benchmark")
+
+BASELINE = "decoupled-hybrid"  # CA + DM, per_term: the row each group is compared with
+VARIANTS = {
+    "coupled-shared": ("schedule", {"renoise_schedule": "coupled-shared"}),
+    "decoupled-full": ("schedule", {"renoise_schedule": "decoupled-full"}),
+    "decoupled-constrained": ("schedule", {"renoise_schedule": "decoupled-constrained"}),
+    "decoupled-hybrid": ("schedule", {"renoise_schedule": "decoupled-hybrid"}),
+    "CA only": ("regularizer", {"regularizer": "none"}),
+    "DM only": ("regularizer", {"cfg_augmentation": False}),
+    "CA + mean-variance KL": ("regularizer", {"regularizer": "mean_variance"}),
+    "normalization none": ("normalization", {"update_normalization": "none"}),
+    "normalization shared": ("normalization", {"update_normalization": "shared"}),
+}
+# With one student step (t = 0) every constrained range is the full range: those schedules equal
+# decoupled-full there and are not run twice.
+ONE_STEP_SKIP = ("decoupled-full", "decoupled-constrained")
+
+MODES = {
+    "quick": dict(student_steps=(4,), variants=("coupled-shared", "decoupled-full", "decoupled-constrained",
+                                                 "decoupled-hybrid"),
+                  seeds=3, max_train_steps=60, eval_every=20, eval_per_prompt=20),
+    "full": dict(student_steps=(4, 1), variants=tuple(VARIANTS), seeds=3, max_train_steps=80, eval_every=20,
+                 eval_per_prompt=20, one_step_variants=("coupled-shared", "decoupled-hybrid", "CA only", "DM only")),
+}
+TABLE_METRICS = (("adherence", "adherence", "{:.3f}"), ("top1", "top-1", "{:.3f}"),
+                 ("frechet", "Frechet", "{:.1f}"), ("saturation", "saturation", "{:.3f}"),
+                 ("image_var", "var", "{:.3f}"))
+
+
+def grid_for(steps: int, grid: str) -> list[int]:
+    from .experiment import flow_timesteps_matching_sdxl, shifted_flow_timesteps
+
+    if grid == "sdxl":
+        return flow_timesteps_matching_sdxl(steps)
+    if grid == "shift3":
+        return shifted_flow_timesteps(steps, 3.0)
+    if grid == "uniform":
+        return shifted_flow_timesteps(steps, 1.0)
+    raise ValueError(f"unknown grid {grid!r}; choose sdxl, shift3 or uniform")
+
+
+def plan_jobs(mode: dict, output_dir: str, grid: str) -> list[dict]:
+    jobs = []
+    for steps in mode["student_steps"]:
+        for name in mode["variants"]:
+            if steps == 1 and (name in ONE_STEP_SKIP or name not in mode.get("one_step_variants", VARIANTS)):
+                continue
+            _, settings = VARIANTS[name]
+            for seed in range(mode["seeds"]):
+                folder = os.path.join(output_dir, "runs", f"{steps}step", name.replace(" ", "_").replace("+", "plus"),
+                                      f"seed{seed}")
+                jobs.append({"name": name, "steps": steps, "seed": seed, "folder": folder,
+                             "settings": dict(settings, seed=seed, student_timesteps=grid_for(steps, grid),
+                                              max_train_steps=mode["max_train_steps"],
+                                              **({"train_batch_size": mode["train_batch_size"]}
+                                                 if mode.get("train_batch_size") else {})),
+                             "eval_every": mode["eval_every"], "eval_per_prompt": mode["eval_per_prompt"]})
+    return jobs
+
+
+def run_job(job: dict) -> dict:
+    """One training run (in a worker process: one CPU thread); returns and stores its RunResult as JSON."""
+    import shutil
+
+    import torch
+
+    from .experiment import run_distillation
+
+    result_file = os.path.join(job["folder"], "result.json")
+    if os.path.isfile(result_file):
+        with open(result_file, encoding="utf-8") as handle:
+            return json.load(handle)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    training_dir = os.path.join(job["folder"], "training")
+    shutil.rmtree(training_dir, ignore_errors=True)
+    result = run_distillation(job["name"], job["settings"], training_dir, eval_every=job["eval_every"],
+                              eval_per_prompt=job["eval_per_prompt"])
+    data = {**result.to_dict(), "steps": job["steps"], "seed": job["seed"]}
+    for name in os.listdir(training_dir):  # keep the logs and the student; drop the resumable states
+        if name.startswith("state-"):
+            shutil.rmtree(os.path.join(training_dir, name), ignore_errors=True)
+    with open(result_file + ".partial", "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(result_file + ".partial", result_file)
+    return data
+
+
+def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
+    """Run `jobs` `workers` at a time (spawned processes, one thread each); 1 runs them in this process."""
+    from tqdm.auto import tqdm
+
+    results = []
+    if workers <= 1:
+        for job in tqdm(jobs, desc="benchmark runs"):
+            results.append(run_job(job))
+        return results
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, maxtasksperchild=1) as pool:
+        for data in tqdm(pool.imap(run_job, [dict(job, threads=1) for job in jobs]), total=len(jobs),
+                         desc="benchmark runs"):
+            results.append(data)
+    return results
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float, float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(np.mean(array)), float(np.std(array)), float(np.min(array)), float(np.max(array))
+
+
+def summarize(results: list[dict], floor: float | None) -> dict:
+    """Per (steps, variant): the final metrics' mean, std, min, max over seeds, and the pairwise gates."""
+    table: dict = {}
+    for data in results:
+        key = (data["steps"], data["name"])
+        table.setdefault(key, []).append(data)
+    summary = {"rows": {}, "gates": []}
+    for (steps, name), runs in sorted(table.items(), key=lambda item: (item[0][0], list(VARIANTS).index(item[0][1]))):
+        row = {"steps": steps, "name": name, "group": VARIANTS[name][0], "seeds": len(runs),
+               "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs]))}
+        finals = [r["history"][-1] for r in runs]
+        for key in [k for k in finals[0] if isinstance(finals[0][k], (int, float))]:
+            row[key] = _mean_spread([f.get(key, math.nan) for f in finals])
+        row["per_seed_frechet"] = {r["seed"]: r["history"][-1].get("frechet") for r in runs}
+        row["per_seed_adherence"] = {r["seed"]: r["history"][-1].get("adherence") for r in runs}
+        summary["rows"][f"{steps}|{name}"] = row
+    summary["gates"] = gates(summary["rows"], floor)
+    return summary
+
+
+def gates(rows: dict, floor: float | None) -> list[dict]:
+    """The paper's claims, checked per seed where they can be: each gate says what held on this toy."""
+    out = []
+
+    def row(steps, name):
+        return rows.get(f"{steps}|{name}")
+
+    for steps in (1, 4):
+        coupled, hybrid = row(steps, "coupled-shared"), row(steps, BASELINE)
+        if coupled and hybrid:
+            seeds = sorted(set(coupled["per_seed_frechet"]) & set(hybrid["per_seed_frechet"]))
+            wins = [hybrid["per_seed_frechet"][s] <= coupled["per_seed_frechet"][s] * 1.10 for s in seeds]
+            out.append({"claim": f"{steps}-step: decoupled-hybrid matches or beats coupled-shared (Frechet within "
+                                 f"10% or lower) on every seed", "passed": all(wins),
+                        "detail": f"{sum(wins)}/{len(wins)} seeds; hybrid {hybrid['frechet'][0]:.1f} vs coupled "
+                                  f"{coupled['frechet'][0]:.1f}"})
+            collapsed = hybrid["saturation"][3] > 0.5 or (floor and hybrid["frechet"][3] > 20 * max(floor, 1.0))
+            out.append({"claim": f"{steps}-step: decoupled-hybrid does not collapse on any seed",
+                        "passed": not collapsed,
+                        "detail": f"worst seed: Frechet {hybrid['frechet'][3]:.1f}, saturation "
+                                  f"{hybrid['saturation'][3]:.3f}"})
+        ca_only, dm_only = row(steps, "CA only"), row(steps, "DM only")
+        if ca_only and dm_only:
+            out.append({"claim": f"{steps}-step: CA is the engine (CA only follows the prompt better than DM only)",
+                        "passed": ca_only["adherence"][0] > dm_only["adherence"][0],
+                        "detail": f"adherence CA only {ca_only['adherence'][0]:.3f}, DM only "
+                                  f"{dm_only['adherence'][0]:.3f}"})
+        if ca_only and hybrid:
+            out.append({"claim": f"{steps}-step: DM regularises CA (CA + DM closer to the teacher than CA only)",
+                        "passed": hybrid["frechet"][0] <= ca_only["frechet"][0],
+                        "detail": f"Frechet CA + DM {hybrid['frechet'][0]:.1f}, CA only {ca_only['frechet'][0]:.1f}"})
+    return out
+
+
+def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float | None, teacher: dict) -> str:
+    lines = [f"# dmd-benchmark ({mode_name})", "",
+             f"Teacher: the built-in MNIST flow teacher; student grids ({grid}): "
+             + ", ".join(f"{s}-step {grid_for(s, grid)}" for s in mode["student_steps"])
+             + f"; {mode['max_train_steps']} generator updates, {mode['seeds']} seeds, "
+               f"{mode['eval_per_prompt'] * 10} evaluation samples per run. Values: mean ± std over seeds "
+               f"(min..max for Frechet).", ""]
+    if floor is not None:
+        lines.append(f"Noise floor (Frechet of a second teacher seed, same sample count): {floor:.2f}. "
+                     f"Teacher 50 steps CFG: adherence {teacher.get('adherence', float('nan')):.3f}; "
+                     f"unguided: {teacher.get('unguided_adherence', float('nan')):.3f}.")
+        lines.append("")
+    for steps in mode["student_steps"]:
+        rows = [r for r in summary["rows"].values() if r["steps"] == steps]
+        if not rows:
+            continue
+        lines += [f"## {steps}-step student", "",
+                  "| variant | group | " + " | ".join(label for _, label, _ in TABLE_METRICS) + " | s/update |",
+                  "| --- | --- | " + " | ".join("---" for _ in TABLE_METRICS) + " | --- |"]
+        for r in rows:
+            cells = []
+            for key, _, fmt in TABLE_METRICS:
+                if key not in r:
+                    cells.append("")
+                    continue
+                mean, std, low, high = r[key]
+                cell = f"{fmt.format(mean)} ± {fmt.format(std)}"
+                if key == "frechet":
+                    cell += f" ({fmt.format(low)}..{fmt.format(high)})"
+                cells.append(cell)
+            lines.append(f"| {r['name']} | {r['group']} | " + " | ".join(cells) + f" | {r['seconds_per_step']:.2f} |")
+        step_keys = [f"step{k}_adherence" for k in range(1, steps)]
+        if steps > 1 and all(k in rows[0] for k in step_keys):
+            lines += ["", "Per student step (final checkpoint): adherence / Frechet after each step.", "",
+                      "| variant | " + " | ".join(f"step {k}" for k in range(1, steps + 1)) + " |",
+                      "| --- | " + " | ".join("---" for _ in range(steps)) + " |"]
+            for r in rows:
+                cells = [f"{r[f'step{k}_adherence'][0]:.3f} / {r[f'step{k}_frechet'][0]:.1f}" for k in range(1, steps)]
+                cells.append(f"{r['adherence'][0]:.3f} / {r['frechet'][0]:.1f}")
+                lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Gates", "", "| claim | holds | detail |", "| --- | --- | --- |"]
+    for gate in summary["gates"]:
+        lines.append(f"| {gate['claim']} | {'yes' if gate['passed'] else '**no**'} | {gate['detail']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]:
+    from .plots import save_metric_curves
+
+    paths = []
+    metrics = [("adherence", "prompt adherence (p of the asked digit)"),
+               ("frechet", "Frechet distance to teacher CFG samples"),
+               ("saturation", "saturated pixel fraction"), ("image_var", "per-image variance"),
+               ("image_mean", "per-image mean"), ("top1", "top-1 accuracy")]
+    for steps in sorted({r["steps"] for r in results}):
+        for group in ("schedule", "regularizer", "normalization"):
+            series: dict = {}
+            for data in results:
+                if data["steps"] != steps:
+                    continue
+                if VARIANTS[data["name"]][0] == group or (group != "schedule" and data["name"] == BASELINE):
+                    label = data["name"]
+                    if data["name"] == BASELINE and group != "schedule":
+                        label = f"{BASELINE} (CA + DM, per_term)"
+                    series.setdefault(label, []).append(data["history"])
+            if len(series) < 2:
+                continue
+            path = os.path.join(output_dir, f"{steps}step_{group}.png")
+            save_metric_curves(series, metrics, path, title=f"{steps}-step student: {group} ablation",
+                               floors={"frechet": floor} if floor else None)
+            paths.append(path)
+        if steps > 1:
+            per_step = [(f"step{k}_adherence", f"adherence after step {k}") for k in range(1, steps)]
+            per_step += [("adherence", f"adherence after step {steps} (final)")]
+            per_step += [(f"step{k}_saturation", f"saturation after step {k}") for k in range(1, steps)]
+            series = {}
+            for data in results:
+                if data["steps"] == steps and VARIANTS[data["name"]][0] == "schedule":
+                    series.setdefault(data["name"], []).append(data["history"])
+            if series:
+                path = os.path.join(output_dir, f"{steps}step_per_student_step.png")
+                save_metric_curves(series, per_step, path, title=f"{steps}-step student: output after each step")
+                paths.append(path)
+    return paths
+
+
+def benchmark_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dmd-benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 10-minute subset (4-step schedules only)")
+    parser.add_argument("--output_dir", default="output/dmd-benchmark")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    parser.add_argument("--grid", default="sdxl", choices=("sdxl", "shift3", "uniform"),
+                        help="student grid: SDXL's SNRs (default), Z-Image's shift 3, or uniform")
+    parser.add_argument("--seeds", type=int, help="override the mode's seed count")
+    parser.add_argument("--max_train_steps", type=int, help="override the mode's generator updates")
+    parser.add_argument("--eval_every", type=int, help="override the mode's evaluation interval")
+    parser.add_argument("--eval_per_prompt", type=int, help="override the mode's samples per prompt")
+    parser.add_argument("--train_batch_size", type=int, help="override the prompts per generator update")
+    parser.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--student_steps", help="comma-separated step counts, e.g. 1,4")
+    parser.add_argument("--skip_quality", action="store_true")
+    parser.add_argument("--skip_cost", action="store_true")
+    parser.add_argument("--cost_sizes", default="tiny,sdxl-quarter,sdxl",
+                        help="cost benchmark models: tiny (demo teacher), sdxl-quarter, sdxl (full size, ~10 GB)")
+    parser.add_argument("--cost_threads", type=int, default=2, help="torch threads of each cost measurement")
+    parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    mode_name = "quick" if args.quick else "full"
+    mode = dict(MODES[mode_name])
+    for key in ("seeds", "max_train_steps", "eval_every", "eval_per_prompt", "train_batch_size"):
+        if getattr(args, key) is not None:
+            mode[key] = getattr(args, key)
+    if args.variants:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        mode["variants"] = tuple(names)
+    if args.student_steps:
+        mode["student_steps"] = tuple(int(s) for s in args.student_steps.split(","))
+    os.makedirs(args.output_dir, exist_ok=True)
+    started = time.time()
+    report = [f"# dmd-benchmark ({mode_name})", ""]
+    failed = False
+    if not args.skip_quality:
+        from .metrics import Evaluator, evaluation_prompts
+        from .models import teacher_info
+
+        jobs = plan_jobs(mode, args.output_dir, args.grid)
+        logger.info("%d training runs, %d at a time", len(jobs), args.jobs)
+        results = run_jobs(jobs, args.jobs)
+        floor = Evaluator().noise_floor(len(evaluation_prompts(mode["eval_per_prompt"])))
+        reference = teacher_info().get("reference", {})
+        guidance = teacher_info().get("guidance_scale", 3.0)
+        teacher = {"adherence": reference.get(f"cfg_{guidance:g}", {}).get("adherence", math.nan),
+                   "unguided_adherence": reference.get("cfg_1", {}).get("adherence", math.nan)}
+        summary = summarize(results, floor)
+        with open(os.path.join(args.output_dir, "quality.json"), "w", encoding="utf-8") as handle:
+            json.dump({"mode": mode, "grid": args.grid, "summary": summary, "noise_floor": floor}, handle, indent=1)
+        report = [markdown(summary, mode_name, mode, args.grid, floor, teacher)]
+        plots = plot(results, args.output_dir, floor)
+        report += ["Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]
+        failed = not all(g["passed"] for g in summary["gates"])
+    if not args.skip_cost:
+        from .cost import cost_markdown, run_cost_benchmark
+
+        sizes = [s.strip() for s in args.cost_sizes.split(",") if s.strip()]
+        cost_file = os.path.join(args.output_dir, "cost.json")
+        if args.reuse_cost and os.path.isfile(cost_file):
+            with open(cost_file, encoding="utf-8") as handle:
+                cost = json.load(handle)
+        else:
+            cost = run_cost_benchmark(sizes, os.path.join(args.output_dir, "cost"), threads=args.cost_threads)
+            with open(cost_file, "w", encoding="utf-8") as handle:
+                json.dump(cost, handle, indent=1)
+        report.append(cost_markdown(cost))
+    report.append(f"Total time: {time.time() - started:.0f} s.")
+    with open(os.path.join(args.output_dir, "benchmark.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(report) + "\n")
+    print("\n".join(report))
+    return 1 if (failed and args.strict) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(benchmark_main())

@@ -1,0 +1,270 @@
+"""Cost of Decoupled DMD's LoRA mode against the naive full-copy mode: seconds per update and peak memory.
+
+Every measurement runs in its own process (`python -m decoupled_dmd.demo.cost CASE.json`), so its peak
+resident memory (VmHWM) belongs to that case alone. Models:
+- tiny: the shipped demo teacher;
+- sdxl-quarter: the SDXL UNet architecture at a quarter of its channel widths (random weights);
+- sdxl: the full-size SDXL UNet (2.6 B parameters, random weights, built from config: no download).
+Text encoders are one-layer CLIP encoders of SDXL's widths, so that the UNet dominates memory as it does
+in practice once prompts are cached. "activations" is the peak of one forward/backward of the student
+(LoRA on the frozen base) above the loaded weights, measured in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+logger = logging.getLogger("decoupled_dmd.benchmark")
+
+GIB = 1024 ** 3
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+CASES = {
+    # name: (model, latent size (these cost models have no VAE: 32 latents = SDXL at 256 px), training settings)
+    "tiny": ("tiny", None, dict(student_timesteps=None, train_batch_size=16, fake_updates_per_step=2, network_dim=8,
+                               network_alpha=8.0)),
+    "sdxl-quarter": ("sdxl-quarter", 32, dict(student_timesteps=[999, 749, 499, 249], train_batch_size=1,
+                                               fake_updates_per_step=1, network_dim=64, network_alpha=8.0)),
+    "sdxl": ("sdxl", 16, dict(student_timesteps=[999, 749, 499, 249], train_batch_size=1, fake_updates_per_step=1,
+                               network_dim=64, network_alpha=8.0)),
+}
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    """Start VmHWM afresh at the current RSS (Linux: write 5 to clear_refs), so a peak is this phase's own."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def build_sdxl_adapter(width_divisor: int = 1, seed: int = 0):
+    """An SDXL-architecture teacher with random weights (UNet at 1/width_divisor of SDXL's channels)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from ..trainer.adapters.diffusers import DiffusersAdapter
+    from ..trainer.schedules import DiscreteVPSchedule
+    from .models import write_clip_tokenizer
+
+    torch.manual_seed(seed)
+    folder = tempfile.mkdtemp(prefix="dmd-cost-tokenizer-")
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, max_length=77))
+    encoders = []
+    for hidden, cls in ((768, CLIPTextModel), (1280, CLIPTextModelWithProjection)):
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden,
+                                num_hidden_layers=1, num_attention_heads=hidden // 64, max_position_embeddings=77,
+                                projection_dim=1280, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        encoders.append(cls(config).eval().requires_grad_(False))
+    unet_config = dict(SDXL_UNET)
+    if width_divisor > 1:
+        unet_config["block_out_channels"] = tuple(c // width_divisor for c in SDXL_UNET["block_out_channels"])
+        unet_config["attention_head_dim"] = tuple(max(1, h // width_divisor) for h in SDXL_UNET["attention_head_dim"])
+        unet_config["norm_num_groups"] = 32 // width_divisor
+    unet = UNet2DConditionModel(**unet_config).eval().requires_grad_(False)
+    return DiffusersAdapter(unet, encoders, [tokenizer, tokenizer], DiscreteVPSchedule.scaled_linear(), "epsilon")
+
+
+def measure_case(case: dict) -> dict:
+    """Run in a fresh process: build the model, then either one student forward/backward ('activations') or a
+    few DMD updates of `mode` (lora / full); report time and memory."""
+    import torch
+
+    torch.set_num_threads(case.get("threads", 2))
+    import accelerate  # noqa: F401  (the libraries' own import cost is not the model's memory)
+    import diffusers.models.unets.unet_2d_condition  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.clip.modeling_clip  # noqa: F401
+
+    baseline = _rss_bytes()
+    model, resolution, settings = CASES[case["case"]]
+    if model == "tiny":
+        from ..trainer.adapters.diffusers import DiffusersAdapter
+        from .models import TEACHER_DIR
+
+        adapter = DiffusersAdapter.from_pretrained(TEACHER_DIR)
+    else:
+        adapter = build_sdxl_adapter(4 if model == "sdxl-quarter" else 1)
+    weight_bytes = sum(p.numel() * p.element_size() for p in adapter.network.parameters())
+    loaded = _rss_bytes()
+    out = {"case": case["case"], "mode": case["mode"], "weight_bytes": weight_bytes,
+           "parameters": sum(p.numel() for p in adapter.network.parameters()),
+           "rss_before_model": baseline, "rss_after_load": loaded}
+    if case["mode"] == "activations":
+        from ..trainer.networks import LoraRoles
+
+        roles = LoraRoles(adapter.network, settings["network_dim"], settings["network_alpha"],
+                          adapter.default_lora_target_modules())
+        height, width = (resolution, resolution) if resolution else adapter.default_resolution
+        x = torch.randn(settings["train_batch_size"], *adapter.latent_shape(height, width))
+        cond = adapter.encode_prompts(["a handwritten digit seven"] * x.shape[0])
+        _reset_peak()
+        started_rss = _rss_bytes()
+        level = torch.full((x.shape[0],), 0.5, dtype=torch.float64)
+        x0 = adapter.predict_x0(roles.module("student"), x, level, cond)
+        x0.square().mean().backward()
+        out["activation_bytes"] = _rss_bytes("VmHWM") - started_rss
+        out["peak_rss"] = _rss_bytes("VmHWM")
+        return out
+    from ..trainer.config import config_from_dict
+    from ..trainer.loop import DecoupledDMDTrainer
+    from .experiment import BASE_SETTINGS, flow_timesteps_matching_sdxl
+
+    values = dict(BASE_SETTINGS, **settings, training_mode=case["mode"], max_train_steps=case["steps"],
+                  output_dir=case["output_dir"], pretrained_model_name_or_path="(in memory)", guidance_scale=3.0)
+    if values["student_timesteps"] is None:
+        values["student_timesteps"] = flow_timesteps_matching_sdxl(4)
+    if resolution:
+        values["resolution"] = resolution
+    if model != "tiny":
+        values.pop("mean_variance_target_mean")
+        values.pop("mean_variance_target_var")
+    config = config_from_dict(values)
+    prompts = ["a handwritten digit seven", "a handwritten digit one"]
+    trainer = DecoupledDMDTrainer(config, adapter, prompts)
+    times = []
+    for _ in range(case["steps"]):
+        started = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - started)
+    out["seconds_per_step"] = sum(times[1:]) / max(1, len(times) - 1) if len(times) > 1 else times[0]
+    out["first_step_seconds"] = times[0]
+    out["peak_rss"] = _rss_bytes("VmHWM")
+    out["trainable_parameters"] = sum(p.numel() for role in ("student", "fake")
+                                      for p in trainer.roles.trainable_parameters(role))
+    return out
+
+
+def naive_estimate_bytes(weight_bytes: int) -> int:
+    """Lower bound of the full-copy mode: frozen teacher, student and fake copies (fp32), their gradients and
+    two AdamW moments each: 1 + 2 * (1 + 1 + 2) = 9 copies of the weights."""
+    return 9 * weight_bytes
+
+
+def _run_subprocess(case: dict, timeout: float) -> dict:
+    handle, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(case, stream)
+    try:
+        completed = subprocess.run([sys.executable, "-m", "decoupled_dmd.demo.cost", path], capture_output=True,
+                                   text=True, timeout=timeout, env=dict(os.environ, TQDM_DISABLE="1"))
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        os.remove(path)
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {**case, "error": f"exit {completed.returncode}: {(completed.stderr or completed.stdout)[-800:]}"}
+
+
+def available_memory_bytes() -> int:
+    with open("/proc/meminfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def estimate_weight_bytes(size: str) -> int:
+    """fp32 bytes of a case's UNet, counted on the meta device (nothing allocated)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if CASES[size][0] == "tiny":
+        return 2 * 1024 ** 2
+    config = dict(SDXL_UNET)
+    if size == "sdxl-quarter":
+        config.update(block_out_channels=(80, 160, 320), attention_head_dim=(1, 2, 5), norm_num_groups=8)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    return 4 * sum(p.numel() for p in unet.parameters())
+
+
+def run_cost_benchmark(sizes: list[str], output_dir: str, steps: int = 3, threads: int = 2,
+                       timeout: float = 1800) -> dict:
+    """Measure each model size in LoRA and (where it fits in memory) full mode; returns the figures."""
+    results = []
+    for size in sizes:
+        if size not in CASES:
+            raise ValueError(f"unknown cost size {size!r}; choose from {list(CASES)}")
+        for mode in ("activations", "lora", "full"):
+            case = {"case": size, "mode": mode, "steps": steps if size == "tiny" else 2, "threads": threads,
+                    "output_dir": os.path.join(output_dir, f"{size}-{mode}")}
+            weights = estimate_weight_bytes(size)
+            # never push a shared machine into the OOM killer: 9x the weights for full copies, 1.5x + 1 GiB else
+            need = naive_estimate_bytes(weights) if mode == "full" else int(1.5 * weights) + GIB
+            if need > 0.6 * available_memory_bytes():
+                results.append({**case, "skipped": f"needs about {need / GIB:.1f} GiB, "
+                                                   f"{available_memory_bytes() / GIB:.1f} GiB available",
+                                "weight_bytes": weights, "estimate_bytes": need})
+                continue
+            logger.info("cost: %s %s", size, mode)
+            results.append(_run_subprocess(case, timeout))
+            logger.info("cost: %s", {k: v for k, v in results[-1].items() if k != "output_dir"})
+    return {"results": results}
+
+
+def cost_markdown(cost: dict) -> str:
+    lines = ["## Cost: LoRA mode against full copies (CPU)", "",
+             "| model | params | weights | mode | s/update | peak RSS above imports | / weights | goal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_case: dict = {}
+    for r in cost["results"]:
+        by_case.setdefault(r["case"], {})[r["mode"]] = r
+    for case, modes in by_case.items():
+        activations = modes.get("activations", {}).get("activation_bytes")
+        for mode in ("lora", "full"):
+            r = modes.get(mode)
+            if r is None:
+                continue
+            weights = r.get("weight_bytes", 0)
+            params = f"{r['parameters'] / 1e6:.1f} M" if "parameters" in r else ""
+            if "skipped" in r or "error" in r:
+                lines.append(f"| {case} | {params} | {weights / GIB:.2f} GiB | {mode} | | "
+                             f"{r.get('skipped') or r.get('error', '')[:120]} | | |")
+                continue
+            peak = r["peak_rss"] - r["rss_before_model"]
+            goal = ""
+            if mode == "lora" and activations is not None:
+                bound = 1.3 * weights + activations
+                goal = f"<= 1.3 W + act = {bound / GIB:.2f} GiB: {'yes' if peak <= bound else 'no'}"
+            if mode == "full" and "lora" in modes and "peak_rss" in modes["lora"]:
+                lora_peak = modes["lora"]["peak_rss"] - modes["lora"]["rss_before_model"]
+                goal = f"LoRA / full = {lora_peak / peak:.2f} (goal < 0.5)"
+            lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {mode} | {r['seconds_per_step']:.2f} | "
+                         f"{peak / GIB:.2f} GiB | {peak / weights:.2f} | {goal} |")
+        if activations is not None:
+            lines.append(f"| {case} | | | one student fwd/bwd | | {activations / GIB:.2f} GiB activations | | |")
+    lines += ["", "Peak RSS is the process's high-water mark minus its resident size after the imports, before the "
+                  "model was built. Full mode's skipped rows: the naive mode needs at least the frozen teacher, two "
+                  "trained copies, their gradients and AdamW's two moments (9x the weights).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1], encoding="utf-8") as stream:
+        requested = json.load(stream)
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(measure_case(requested)))

@@ -1,0 +1,183 @@
+"""One distillation of the demo teacher on the real trainer, evaluated over iterations: shared by
+`dmd-demo` and `dmd-benchmark`.
+
+The student is trained by `DecoupledDMDTrainer` exactly as `dmd-distill` would train it; an `on_step`
+callback samples it every `eval_every` generator updates with a fixed seed and scores the samples (after every
+student step, so a late step that ruins good images shows) with the shipped classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..trainer.config import config_from_dict
+from ..trainer.loop import DecoupledDMDTrainer, TrainerCallbacks
+from .data import demo_prompts
+from .metrics import Evaluator, evaluation_prompts, image_statistics
+from .models import TEACHER_DIR, teacher_info
+
+logger = logging.getLogger(__name__)
+
+EVAL_SEED = 4242
+
+
+def flow_timesteps_matching_sdxl(steps: int, sdxl_timesteps: list[int] | None = None) -> list[int]:
+    """Flow timesteps with the signal-to-noise ratios of DMD2's SDXL student grid (999, 749, 499, 249).
+
+    A VP timestep with alpha_bar has SNR alpha_bar / (1 - alpha_bar); a flow level t has SNR t^2 / (1 - t)^2,
+    so t = sqrt(SNR) / (1 + sqrt(SNR)) and the flow timestep is (1 - t) * 1000. The first step stays 999
+    (pure noise): SDXL's 999 is not quite pure noise, a flow model's is.
+    """
+    from ..trainer.schedules import DiscreteVPSchedule
+
+    if sdxl_timesteps is None:  # DMD2's SDXL grids: 999 / 999, 499 / 999, 749, 499, 249 (uniform otherwise)
+        sdxl_timesteps = [999 - round(1000 * i / steps) for i in range(steps)]
+    vp = DiscreteVPSchedule.scaled_linear()
+    out = []
+    for index, timestep in enumerate(sdxl_timesteps):
+        alpha_bar = float(vp.alphas_cumprod[timestep])
+        root = (alpha_bar / (1.0 - alpha_bar)) ** 0.5
+        level = root / (1.0 + root)
+        out.append(999 if index == 0 else int(round((1.0 - level) * 1000)))
+    return out
+
+
+def shifted_flow_timesteps(steps: int, shift: float = 3.0) -> list[int]:
+    """The uniform N-step flow grid with SD3 / Z-Image's timestep shift: s' = shift * s / (1 + (shift - 1) s)."""
+    out = []
+    for index in range(steps):
+        sigma = 1.0 - index / steps
+        shifted = shift * sigma / (1.0 + (shift - 1.0) * sigma)
+        out.append(min(999, int(round(shifted * 1000))))
+    return out
+
+
+# Settings every demo and benchmark run shares unless overridden (chosen with the benchmark; docs/demo.md).
+# Full copies, not LoRA: on a 0.4 M-parameter UNet the LoRA kernels cost more time than they save memory
+# (the cost benchmark measures LoRA mode). lr 1e-3 was unstable for every schedule; 1e-4 is not.
+BASE_SETTINGS = dict(
+    renoise_schedule="decoupled-hybrid", regularizer="dm", cfg_augmentation=True,
+    update_normalization="per_term", training_mode="full", network_dim=8, network_alpha=8.0,
+    learning_rate=1e-4, fake_learning_rate=1e-4, fake_updates_per_step=2, train_batch_size=8,
+    max_grad_norm=10.0, weight_decay=0.0, log_with="none", min_timestep=20, max_timestep=980,
+    mean_variance_target_mean=-0.74, mean_variance_target_var=0.40,
+)
+
+
+@dataclass
+class RunResult:
+    name: str
+    settings: dict
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation: step and metrics
+    seconds: float = 0.0
+    seconds_per_step: float = 0.0
+    student_file: str = ""
+    output_dir: str = ""
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "settings": self.settings, "history": self.history, "seconds": self.seconds,
+                "seconds_per_step": self.seconds_per_step, "student_file": self.student_file}
+
+
+def student_trajectory(denoiser, noise: Tensor, levels: list[float], cond, generator: torch.Generator) -> list[Tensor]:
+    """The x0 prediction (unclipped) after every student step (trainer.sampling's DMD2 multistep sampler, unrolled)."""
+    x, outputs = noise, []
+    for index, value in enumerate(levels):
+        level = torch.full((x.shape[0],), value, dtype=torch.float64)
+        x0 = denoiser(x, level, cond)
+        outputs.append(x0)
+        if index + 1 < len(levels):
+            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = denoiser.schedule.renoise(x0.to(x.dtype), fresh, torch.full_like(level, levels[index + 1]))
+    return outputs
+
+
+@torch.no_grad()
+def sample_student(trainer: DecoupledDMDTrainer, prompts: list[str], seed: int) -> list[Tensor]:
+    """Student samples (model range) for `prompts` after each of its steps, from a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
+    cond = trainer._conditioning(prompts)
+    return student_trajectory(trainer.denoiser("student"), noise, trainer.levels, cond, generator)
+
+
+def evaluate_student(trainer, evaluator: Evaluator, prompts: list[str], seed: int = EVAL_SEED) -> dict:
+    """Metrics of the final samples, plus adherence and image statistics after every intermediate step."""
+    steps = sample_student(trainer, prompts, seed)
+    metrics = evaluator(steps[-1], prompts)
+    if len(steps) > 1:
+        for index, x0 in enumerate(steps[:-1]):
+            partial = evaluator(x0, prompts)
+            metrics[f"step{index + 1}_adherence"] = partial["adherence"]
+            metrics[f"step{index + 1}_frechet"] = partial.get("frechet", float("nan"))
+            metrics.update({f"step{index + 1}_{k}": v for k, v in image_statistics(x0).items()})
+    return metrics
+
+
+def make_config(output_dir: str, prompt_file: str, settings: dict, teacher_dir: str = TEACHER_DIR):
+    values = dict(BASE_SETTINGS)
+    values["guidance_scale"] = teacher_info(teacher_dir).get("guidance_scale", 3.0)
+    values.update(settings)
+    values.update(pretrained_model_name_or_path=teacher_dir, output_dir=output_dir, prompt_file=prompt_file)
+    return config_from_dict(values)
+
+
+def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int = 0, eval_per_prompt: int = 20,
+                     evaluator: Evaluator | None = None, teacher_dir: str = TEACHER_DIR,
+                     keep_trainer: bool = False):
+    """Distil the demo teacher with `settings` (TrainConfig keys over BASE_SETTINGS); evaluate as it trains.
+
+    Returns a `RunResult` (and the trainer when `keep_trainer`).
+    """
+    from ..trainer.adapters.diffusers import DiffusersAdapter
+
+    os.makedirs(output_dir, exist_ok=True)
+    prompt_file = os.path.join(output_dir, "prompts.txt")
+    with open(prompt_file, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(demo_prompts()) + "\n")
+    config = make_config(output_dir, prompt_file, settings, teacher_dir)
+    evaluator = evaluator or Evaluator()
+    prompts = evaluation_prompts(eval_per_prompt)
+    result = RunResult(name, {k: v for k, v in config.to_dict().items() if k in BASE_SETTINGS or k in settings},
+                       output_dir=output_dir)
+    holder: dict = {}
+
+    def on_step(step: int, logs: dict) -> None:
+        if eval_every and step % eval_every == 0 and step < config.max_train_steps:
+            result.history.append({"step": step, **evaluate_student(holder["trainer"], evaluator, prompts)})
+
+    adapter = DiffusersAdapter.from_pretrained(teacher_dir)
+    trainer = DecoupledDMDTrainer(config, adapter, demo_prompts(), demo_prompts(),
+                                  callbacks=TrainerCallbacks(on_step=on_step))
+    holder["trainer"] = trainer
+    started = time.time()
+    result.history.append({"step": 0, **evaluate_student(trainer, evaluator, prompts)})
+    result.student_file = trainer.train()
+    result.history.append({"step": trainer.step, **evaluate_student(trainer, evaluator, prompts)})
+    result.seconds = time.time() - started
+    log_file = os.path.join(trainer.logging_dir, "metrics.jsonl")
+    if os.path.isfile(log_file):
+        with open(log_file, encoding="utf-8") as handle:
+            entries = [json.loads(line) for line in handle]
+        if entries:
+            result.seconds_per_step = entries[-1].get("seconds_per_step", 0.0)
+    return (result, trainer) if keep_trainer else result
+
+
+def read_training_log(logging_dir: str) -> list[dict]:
+    path = os.path.join(logging_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]

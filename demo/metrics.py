@@ -1,0 +1,160 @@
+"""Sample quality of the demo's teacher and students, measured with the shipped MNIST classifier.
+
+- prompt adherence: mean probability the classifier gives the digit the prompt asks for, and top-1 accuracy;
+- Frechet distance of classifier features to the teacher's own 50-step CFG samples (the distillation target),
+  with its noise floor: the same distance between two teacher sample sets that differ only in the seed;
+- per-image mean, variance and saturation (fraction of pixels pushed beyond the data range, |x| > 1.1, before
+  any clipping): the paper's collapse signal. (MNIST's black background sits exactly at -1, so "at the
+  range's edge" would count most of every real digit.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import demo_prompts, prompt_label
+from .models import REFERENCE_FILE, TEACHER_DIR, load_classifier
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_SEEDS = (1000, 2000)  # teacher seeds of the reference set and of the noise-floor set
+REFERENCE_PER_PROMPT = 50        # 10 prompts x 50 = 500 reference samples per seed
+TEACHER_STEPS = 50
+SATURATION_LEVEL = 1.1
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), the trace term through symmetric eigenvalues."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    values, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = root1 @ sigma2 @ root1  # similar to S1 S2, symmetric PSD: tr sqrt = sum sqrt(eigenvalues)
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
+
+
+def feature_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    array = features.double().numpy()
+    return array.mean(axis=0), np.cov(array, rowvar=False)
+
+
+def image_statistics(images: Tensor) -> dict[str, float]:
+    """Batch means of each image's mean and variance, and the fraction of pixels beyond the data range
+    (|x| > 1.1), all on the unclipped samples."""
+    flat = images.float().flatten(1)
+    return {"image_mean": flat.mean(1).mean().item(), "image_var": flat.var(1, unbiased=False).mean().item(),
+            "saturation": (flat.abs() > SATURATION_LEVEL).float().mean().item()}
+
+
+class Evaluator:
+    """Scores unclipped samples (B, 1, 28, 28) in model range against their prompts and the teacher reference
+    (the classifier sees them clipped to [-1, 1], as a picture would show them)."""
+
+    def __init__(self, reference_file: str = REFERENCE_FILE, classifier=None):
+        self.classifier = classifier or load_classifier()
+        self.reference = None
+        if reference_file and os.path.isfile(reference_file):
+            from safetensors.torch import load_file
+
+            self.reference = {k: v.double().numpy() for k, v in load_file(reference_file).items()}
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(probabilities (B, 10), features (B, 64))."""
+        features = torch.cat([self.classifier.features(chunk) for chunk in images.float().split(500)])
+        return torch.softmax(self.classifier.head(features), dim=1), features
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> dict[str, float]:
+        labels = torch.tensor([prompt_label(p) for p in prompts])
+        probabilities, features = self.classify(images)
+        metrics = {"adherence": probabilities[torch.arange(len(labels)), labels].mean().item(),
+                   "top1": (probabilities.argmax(1) == labels).float().mean().item()}
+        if self.reference is not None:
+            mu, sigma = feature_statistics(features)
+            metrics["frechet"] = frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"])
+        metrics.update(image_statistics(images))
+        return metrics
+
+    def noise_floor(self, count: int) -> float | None:
+        """Frechet distance of `count` teacher samples of another seed to the reference (nearest size shipped)."""
+        if self.reference is None:
+            return None
+        sizes = self.reference["floor_sizes"]
+        return float(self.reference["floor_values"][int(np.abs(sizes - count).argmin())])
+
+
+def evaluation_prompts(per_prompt: int) -> list[str]:
+    """Each of the ten digit prompts `per_prompt` times, grouped by prompt."""
+    return [prompt for prompt in demo_prompts() for _ in range(per_prompt)]
+
+
+@torch.no_grad()
+def teacher_samples(adapter, prompts: list[str], seed: int, guidance_scale: float, steps: int = TEACHER_STEPS,
+                    batch_size: int = 250, denoiser=None) -> Tensor:
+    """Teacher CFG samples, unclipped (Euler in x0 space; guidance 1 is the unguided teacher).
+
+    `denoiser`: the teacher as the trainer runs it (LoRA adapters off); default the adapter's own backbone.
+    """
+    from ..trainer.sampling import cfg_sample
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *adapter.latent_shape(*adapter.default_resolution)), generator=generator)
+    denoiser = denoiser or adapter.denoiser()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        cond = adapter.encode_prompts(chunk)
+        uncond = adapter.encode_prompts([""] * len(chunk))
+        out.append(cfg_sample(denoiser, noise[start:start + len(chunk)], cond, uncond, guidance_scale, steps))
+    return torch.cat(out)
+
+
+def build_reference(teacher_dir: str = TEACHER_DIR, guidance_scale: float = 3.0,
+                    output: str = REFERENCE_FILE, per_prompt: int = REFERENCE_PER_PROMPT) -> dict:
+    """Classifier-feature statistics of the teacher's CFG samples (seed A) and the noise floor (seed B).
+
+    Also logs the guidance study: adherence of the unguided teacher against several CFG scales.
+    """
+    from safetensors.torch import save_file
+
+    from ..trainer.adapters.diffusers import DiffusersAdapter
+
+    adapter = DiffusersAdapter.from_pretrained(teacher_dir)
+    evaluator = Evaluator(reference_file="")
+    prompts = evaluation_prompts(per_prompt)
+    samples = {seed: teacher_samples(adapter, prompts, seed, guidance_scale) for seed in REFERENCE_SEEDS}
+    mu, sigma = feature_statistics(evaluator.classify(samples[REFERENCE_SEEDS[0]])[1])
+    _, other_features = evaluator.classify(samples[REFERENCE_SEEDS[1]])
+    sizes = sorted({100, 200, len(prompts)})
+    floors = []
+    for size in sizes:
+        # a prompt-balanced subset: `size // 10` samples of each prompt
+        per = max(1, size // 10)
+        index = torch.tensor([p * per_prompt + i for p in range(10) for i in range(per)])
+        floors.append(frechet_distance(*feature_statistics(other_features[index]), mu, sigma))
+    save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
+               "floor_sizes": torch.tensor(sizes, dtype=torch.float64), "floor_values": torch.tensor(floors)},
+              output, metadata={"guidance_scale": str(guidance_scale), "teacher_steps": str(TEACHER_STEPS),
+                                "per_prompt": str(per_prompt), "seeds": str(list(REFERENCE_SEEDS))})
+    summary = {"noise_floor": dict(zip(map(str, sizes), floors))}
+    full = Evaluator(reference_file=output)
+    for scale in sorted({1.0, 2.0, guidance_scale, 5.0}):
+        few = evaluation_prompts(10)
+        scores = full(teacher_samples(adapter, few, 7, scale), few)
+        summary[f"cfg_{scale:g}"] = scores
+        logger.info("teacher cfg %.1f: %s", scale, {k: round(v, 4) for k, v in scores.items()})
+    logger.info("noise floor by sample count: %s", summary["noise_floor"])
+    index_file = os.path.join(teacher_dir, "model_index.json")
+    with open(index_file, encoding="utf-8") as handle:
+        index = json.load(handle)
+    index["reference"] = summary
+    with open(index_file, "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2)
+    return summary

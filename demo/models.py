@@ -1,0 +1,120 @@
+"""The demo's networks: a pixel-space flow-matching digit teacher (diffusers folder) and a small classifier.
+
+The teacher is an ordinary diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/) that the
+trainer loads like any other (`builtin:demo`); the classifier is a plain torch module used only by the
+metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .data import DIGIT_WORDS
+
+DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
+TEACHER_DIR = os.path.join(DEMO_DIR, "teacher")
+CLASSIFIER_FILE = os.path.join(DEMO_DIR, "classifier.safetensors")
+REFERENCE_FILE = os.path.join(DEMO_DIR, "reference.safetensors")
+IMAGE_SIZE = 28
+TOKEN_LENGTH = 8
+TEXT_WIDTH = 32
+_WORDS = ("a", "handwritten", "digit", "the", "photo", "of", "number") + DIGIT_WORDS
+
+
+def write_clip_tokenizer(folder: str, words=_WORDS, max_length: int = TOKEN_LENGTH) -> str:
+    """A CLIP BPE tokenizer folder whose merges spell each of `words` as one token (characters otherwise)."""
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    merges = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
+        json.dump(vocab, handle)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
+        handle.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
+        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, handle)
+    return folder
+
+
+def build_teacher_modules(folder: str, seed: int = 0, width: int = 16):
+    """Write the tokenizer and scheduler into `folder` and return an untrained (text_encoder, unet, tokenizer).
+
+    UNet: 28x28x1 pixels, channels (w, 2w, 2w), cross-attention only at 7x7 (and in the middle block), so a
+    training step costs milliseconds per image on a CPU; flow matching (diffusers FlowMatchEulerDiscrete).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH * 2, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=TOKEN_LENGTH, projection_dim=TEXT_WIDTH,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(folder, "scheduler"))
+    return text_encoder, unet, tokenizer
+
+
+def save_teacher(folder: str, text_encoder, unet, extra: dict) -> str:
+    """Write the trained modules and a model_index.json carrying the demo's recommended settings."""
+    text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
+        json.dump({"_class_name": "DecoupledDMDDemoTeacher", "_demo": True, **extra}, handle, indent=2)
+    return folder
+
+
+def teacher_info(folder: str = TEACHER_DIR) -> dict:
+    """The shipped teacher's model_index.json (guidance scale, training summary)."""
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN on 28x28 images in [-1, 1]; `features` (64-d) feed the Frechet distance."""
+
+    feature_dim = 64
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.SiLU(),   # 14
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),   # 7
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),   # 4
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim), nn.SiLU())
+        self.head = nn.Linear(self.feature_dim, 10)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(images.float().clamp(-1.0, 1.0))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+def load_classifier(path: str = CLASSIFIER_FILE) -> DigitClassifier:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no classifier weights at {path!r}; run scripts/train_demo_classifier.py")
+    model = DigitClassifier()
+    model.load_state_dict(load_file(path))
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,67 @@
+"""dmd-benchmark in a tiny configuration: the real trainer runs, tables, gates and plots are written."""
+
+import json
+
+import pytest
+
+from decoupled_dmd.demo.benchmark import MODES, VARIANTS, benchmark_main, plan_jobs
+from decoupled_dmd.demo.cost import cost_markdown, measure_case, naive_estimate_bytes
+
+
+def test_plans_cover_the_papers_ablations():
+    full = plan_jobs(MODES["full"], "out", "sdxl")
+    names = {(job["steps"], job["name"]) for job in full}
+    assert {(4, name) for name in VARIANTS} <= names
+    assert (1, "decoupled-constrained") not in names  # equal to decoupled-full when t = 0
+    assert all(MODES["full"]["seeds"] >= 3 for _ in [0])
+    settings = {job["name"]: job["settings"] for job in full if job["steps"] == 4 and job["seed"] == 0}
+    assert settings["DM only"]["cfg_augmentation"] is False
+    assert settings["CA only"]["regularizer"] == "none"
+    assert settings["CA + mean-variance KL"]["regularizer"] == "mean_variance"
+    assert settings["normalization none"]["update_normalization"] == "none"
+    assert len({tuple(job["settings"]["student_timesteps"]) for job in full if job["steps"] == 4}) == 1
+
+
+def test_tiny_benchmark_writes_table_gates_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    tiny = ["--student_steps", "4", "--seeds", "1", "--max_train_steps", "2", "--eval_every", "1",
+            "--eval_per_prompt", "1", "--train_batch_size", "2", "--jobs", "1", "--skip_cost"]
+    code = benchmark_main(["--output_dir", str(out), "--variants", "decoupled-hybrid,DM only", *tiny])
+    assert code == 0
+    report = (out / "benchmark.md").read_text()
+    assert "| decoupled-hybrid | schedule |" in report and "| DM only | regularizer |" in report
+    assert "train_batch_size" not in report and "Noise floor" in report
+    assert "## Gates" in report and "Per student step" in report
+    quality = json.loads((out / "quality.json").read_text())
+    row = quality["summary"]["rows"]["4|decoupled-hybrid"]
+    assert row["seeds"] == 1 and 0 <= row["adherence"][0] <= 1 and row["frechet"][0] > 0
+    assert quality["summary"]["gates"] == []  # no coupled / CA-only run to compare with
+    assert quality["mode"]["train_batch_size"] == 2
+    for name in ("4step_regularizer.png", "4step_per_student_step.png"):
+        assert (out / name).stat().st_size > 0, name
+    history = json.loads((out / "runs" / "4step" / "decoupled-hybrid" / "seed0" / "result.json").read_text())["history"]
+    assert [entry["step"] for entry in history] == [0, 1, 2]
+    # a second call reuses the stored runs instead of training again
+    stored = (out / "runs" / "4step" / "decoupled-hybrid" / "seed0" / "result.json").stat().st_mtime
+    assert benchmark_main(["--output_dir", str(out), "--variants", "decoupled-hybrid", *tiny]) == 0
+    assert (out / "runs" / "4step" / "decoupled-hybrid" / "seed0" / "result.json").stat().st_mtime == stored
+
+
+def test_cost_measurement_of_lora_mode_on_the_demo_teacher(tmp_path):
+    result = measure_case({"case": "tiny", "mode": "lora", "steps": 1, "threads": 1,
+                           "output_dir": str(tmp_path / "cost")})
+    assert result["seconds_per_step"] > 0 and result["peak_rss"] >= result["rss_after_load"] > 0
+    assert 0 < result["trainable_parameters"] < result["parameters"]
+    fake_full = dict(result, mode="full", peak_rss=result["rss_before_model"] + 10 * result["weight_bytes"])
+    activations = {"case": "tiny", "mode": "activations", "activation_bytes": 1000, "weight_bytes": 1}
+    skipped = {"case": "sdxl", "mode": "full", "weight_bytes": 10, "skipped": "needs at least 1 GiB"}
+    table = cost_markdown({"results": [activations, result, fake_full, skipped]})
+    assert "| tiny |" in table and "LoRA / full" in table and "needs at least" in table
+    assert naive_estimate_bytes(10) == 90
+
+
+@pytest.mark.parametrize("bad", ["nope", "coupled-shared,nope"])
+def test_unknown_variant_fails_naming_the_choices(bad, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark_main(["--output_dir", str(tmp_path), "--variants", bad, "--skip_cost"])
+    assert "decoupled-hybrid" in capsys.readouterr().err
