@@ -27,25 +27,9 @@ _WORDS = ("a", "handwritten", "digit", "the", "photo", "of", "number") + DIGIT_W
 
 def write_clip_tokenizer(folder: str, words=_WORDS, max_length: int = TOKEN_LENGTH) -> str:
     """A CLIP BPE tokenizer folder whose merges spell each of `words` as one token (characters otherwise)."""
-    os.makedirs(folder, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    merges = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as handle:
-        json.dump(vocab, handle)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as handle:
-        handle.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as handle:
-        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, handle)
-    return folder
+    from ..trainer.tiny_models import write_tiny_clip_tokenizer
+
+    return write_tiny_clip_tokenizer(folder, max_length=max_length, words=words)
 
 
 def build_teacher_modules(folder: str, seed: int = 0, width: int = 16):

@@ -19,15 +19,16 @@ _WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "house", "tree
           "painting", "digit", "seven", "one"]
 
 
-def write_tiny_clip_tokenizer(folder: str, max_length: int = 16, pad_token: str | None = None) -> str:
-    """A CLIP BPE tokenizer folder (vocab.json, merges.txt): characters, a few whole words, CLIP's specials."""
+def write_tiny_clip_tokenizer(folder: str, max_length: int = 16, pad_token: str | None = None,
+                              words=tuple(_WORDS)) -> str:
+    """A CLIP BPE tokenizer folder (vocab.json, merges.txt): characters, `words` as whole tokens, CLIP's specials."""
     os.makedirs(folder, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
         vocab[char] = len(vocab)
         vocab[char + "</w>"] = len(vocab)
     merges = []
-    for word in _WORDS:
+    for word in words:
         # Left-to-right merges build each word; the final piece carries the end-of-word marker.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
