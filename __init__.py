@@ -4,6 +4,11 @@ ComfyUI imports this folder from custom_nodes/ under its folder name, where a to
 exists: every import in the pack is relative. Nothing here imports ComfyUI; the node classes do so lazily.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # pytest imports this file on its own (module "__init__", no package) when the checkout's folder name is not
+    # an identifier, e.g. ComfyUI-DecoupledDMD: there is no package to register nodes from then.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
