@@ -90,6 +90,7 @@ class CheckpointInfo:
     unet_config: dict
     has_vae: bool
     metadata: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)  # every tensor's shape, from the header
 
 
 def inspect_checkpoint(path: str, v_parameterization: bool | None = None) -> CheckpointInfo:
@@ -143,7 +144,7 @@ def inspect_checkpoint(path: str, v_parameterization: bool | None = None) -> Che
             logger.warning("%s: v_parameterization=%s overrides the file (%s)", name, v_parameterization, prediction_type)
         prediction_type = wanted
     return CheckpointInfo(path, family, prediction_type, config, any(k.startswith(layout.VAE_PREFIX) for k in shapes),
-                          header.get("__metadata__", {}) or {})
+                          header.get("__metadata__", {}) or {}, shapes)
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -184,8 +185,7 @@ def load_single_file(path: str, tokenizer_path: str | None = None, v_parameteriz
 
     info = inspect_checkpoint(path, v_parameterization)
     tokenizer_folder = resolve_tokenizer_folder(tokenizer_path)
-    header, _ = read_safetensors_header(path)
-    shapes = tensor_shapes(header)
+    shapes = info.shapes
 
     def tensors(prefix: str) -> dict[str, Tensor]:
         with safe_open(path, framework="pt") as handle:
