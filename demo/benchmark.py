@@ -1,6 +1,6 @@
 """`dmd-benchmark`: the paper's ablations on the real trainer with the demo teacher, and the cost of LoRA mode.
 
-Quality: 1-step and 4-step students, several seeds, mean and spread of the classifier metrics (prompt
+Quality: 1-, 2- and 4-step students, several seeds, mean and spread of the classifier metrics (prompt
 adherence, Frechet distance to the teacher's CFG samples, saturation) over training, for
 - the four re-noising schedules (Table 1: coupled-shared, decoupled-full, decoupled-constrained, decoupled-hybrid);
 - CA + DM, CA only, DM only, CA + mean-variance KL (Fig. 2 and 3);
@@ -46,8 +46,9 @@ MODES = {
     "quick": dict(student_steps=(4,), variants=("coupled-shared", "decoupled-full", "decoupled-constrained",
                                                  "decoupled-hybrid"),
                   seeds=3, max_train_steps=60, eval_every=20, eval_per_prompt=20),
-    "full": dict(student_steps=(4, 1), variants=tuple(VARIANTS), seeds=3, max_train_steps=80, eval_every=20,
-                 eval_per_prompt=20, one_step_variants=("coupled-shared", "decoupled-hybrid", "CA only", "DM only")),
+    "full": dict(student_steps=(4, 2, 1), variants=tuple(VARIANTS), seeds=3, max_train_steps=80, eval_every=20,
+                 eval_per_prompt=20, one_step_variants=("coupled-shared", "decoupled-hybrid", "CA only", "DM only"),
+                 two_step_variants=("coupled-shared", "decoupled-hybrid")),
 }
 TABLE_METRICS = (("adherence", "adherence", "{:.3f}"), ("top1", "top-1", "{:.3f}"),
                  ("frechet", "Frechet", "{:.1f}"), ("saturation", "saturation", "{:.3f}"),
@@ -71,6 +72,8 @@ def plan_jobs(mode: dict, output_dir: str, grid: str) -> list[dict]:
     for steps in mode["student_steps"]:
         for name in mode["variants"]:
             if steps == 1 and (name in ONE_STEP_SKIP or name not in mode.get("one_step_variants", VARIANTS)):
+                continue
+            if steps == 2 and name not in mode.get("two_step_variants", VARIANTS):
                 continue
             _, settings = VARIANTS[name]
             for seed in range(mode["seeds"]):
@@ -165,7 +168,7 @@ def gates(rows: dict, floor: float | None) -> list[dict]:
     def row(steps, name):
         return rows.get(f"{steps}|{name}")
 
-    for steps in (1, 4):
+    for steps in (1, 2, 4):
         coupled, hybrid = row(steps, "coupled-shared"), row(steps, BASELINE)
         if coupled and hybrid:
             seeds = sorted(set(coupled["per_seed_frechet"]) & set(hybrid["per_seed_frechet"]))
@@ -299,6 +302,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost_sizes", default="tiny,sdxl-quarter,sdxl",
                         help="cost benchmark models: tiny (demo teacher), sdxl-quarter, sdxl (full size, ~10 GB)")
     parser.add_argument("--cost_threads", type=int, default=2, help="torch threads of each cost measurement")
+    parser.add_argument("--cost_rank", type=int, help="LoRA rank of the SDXL-architecture cost cases (default 64, DMD2's)")
     parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
     args = parser.parse_args(argv)
@@ -349,7 +353,8 @@ def benchmark_main(argv: list[str] | None = None) -> int:
             with open(cost_file, encoding="utf-8") as handle:
                 cost = json.load(handle)
         else:
-            cost = run_cost_benchmark(sizes, os.path.join(args.output_dir, "cost"), threads=args.cost_threads)
+            cost = run_cost_benchmark(sizes, os.path.join(args.output_dir, "cost"), threads=args.cost_threads,
+                                      rank=args.cost_rank)
             with open(cost_file, "w", encoding="utf-8") as handle:
                 json.dump(cost, handle, indent=1)
         report.append(cost_markdown(cost))
