@@ -46,7 +46,7 @@ MODES = {
     "quick": dict(student_steps=(4,), variants=("coupled-shared", "decoupled-full", "decoupled-constrained",
                                                  "decoupled-hybrid"),
                   seeds=3, max_train_steps=60, eval_every=20, eval_per_prompt=20),
-    "full": dict(student_steps=(4, 2, 1), variants=tuple(VARIANTS), seeds=3, max_train_steps=80, eval_every=20,
+    "full": dict(student_steps=(4, 1, 2), variants=tuple(VARIANTS), seeds=3, max_train_steps=80, eval_every=20,
                  eval_per_prompt=20, one_step_variants=("coupled-shared", "decoupled-hybrid", "CA only", "DM only"),
                  two_step_variants=("coupled-shared", "decoupled-hybrid")),
 }
@@ -303,6 +303,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
                         help="cost benchmark models: tiny (demo teacher), sdxl-quarter, sdxl (full size, ~10 GB)")
     parser.add_argument("--cost_threads", type=int, default=2, help="torch threads of each cost measurement")
     parser.add_argument("--cost_rank", type=int, help="LoRA rank of the SDXL-architecture cost cases (default 64, DMD2's)")
+    parser.add_argument("--cost_optimizer", choices=("adamw", "adafactor"), help="optimiser of the cost cases (default adamw)")
     parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
     args = parser.parse_args(argv)
@@ -354,7 +355,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
                 cost = json.load(handle)
         else:
             cost = run_cost_benchmark(sizes, os.path.join(args.output_dir, "cost"), threads=args.cost_threads,
-                                      rank=args.cost_rank)
+                                      rank=args.cost_rank, optimizer=args.cost_optimizer)
             with open(cost_file, "w", encoding="utf-8") as handle:
                 json.dump(cost, handle, indent=1)
         report.append(cost_markdown(cost))

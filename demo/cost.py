@@ -111,7 +111,8 @@ def measure_case(case: dict) -> dict:
     loaded = _rss_bytes()
     out = {"case": case["case"], "mode": case["mode"], "weight_bytes": weight_bytes,
            "parameters": sum(p.numel() for p in adapter.network.parameters()),
-           "rss_before_model": baseline, "rss_after_load": loaded, "network_dim": settings["network_dim"]}
+           "rss_before_model": baseline, "rss_after_load": loaded, "network_dim": settings["network_dim"],
+           "optimizer_type": settings.get("optimizer_type", "adamw")}
     if case["mode"] == "activations":
         from ..trainer.networks import LoraRoles
 
@@ -204,10 +205,11 @@ def estimate_weight_bytes(size: str) -> int:
 
 
 def run_cost_benchmark(sizes: list[str], output_dir: str, steps: int = 3, threads: int = 2,
-                       timeout: float = 1800, rank: int | None = None) -> dict:
+                       timeout: float = 1800, rank: int | None = None, optimizer: str | None = None) -> dict:
     """Measure each model size in LoRA and (where it fits in memory) full mode; returns the figures.
 
-    `rank` overrides the LoRA rank of the SDXL-architecture cases (default: DMD2's 64).
+    `rank` overrides the LoRA rank of the SDXL-architecture cases (default: DMD2's 64), `optimizer` the
+    optimiser of every case (default: AdamW).
     """
     results = []
     for size in sizes:
@@ -216,8 +218,11 @@ def run_cost_benchmark(sizes: list[str], output_dir: str, steps: int = 3, thread
         for mode in ("activations", "lora", "full"):
             case = {"case": size, "mode": mode, "steps": steps if size == "tiny" else 2, "threads": threads,
                     "output_dir": os.path.join(output_dir, f"{size}-{mode}")}
+            case["settings"] = {}
             if rank and size != "tiny":
-                case["settings"] = {"network_dim": rank}
+                case["settings"]["network_dim"] = rank
+            if optimizer:
+                case["settings"]["optimizer_type"] = optimizer
             weights = estimate_weight_bytes(size)
             # never push the machine into the OOM killer: 9x the weights for full copies, 1.7x + 1 GiB else
             need = naive_estimate_bytes(weights) if mode == "full" else int(1.7 * weights) + GIB
@@ -261,7 +266,7 @@ def cost_markdown(cost: dict) -> str:
                 goal = f"LoRA / full = {lora_peak / peak:.2f} (goal < 0.5)"
             label = mode
             if mode == "lora":
-                label = f"LoRA rank {r.get('network_dim', '?')}"
+                label = f"LoRA rank {r.get('network_dim', '?')}, {r.get('optimizer_type', 'adamw')}"
                 if r.get("trainable_parameters"):
                     label += f" ({r['trainable_parameters'] / 1e6:.0f} M trainable, both adapters)"
             lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {label} | {r['seconds_per_step']:.2f} | "

@@ -122,6 +122,29 @@ def test_resume_continues_bit_for_bit(tiny_model_dir, tmp_path):
     assert [drop(e) for e in log_a[2:]] == [drop(e) for e in log_c]
 
 
+def test_adafactor_trains_with_little_optimizer_state_and_resumes(tiny_model_dir, tmp_path):
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=3, optimizer_type="adafactor")
+    before = {k: v.clone() for k, v in straight.roles.trainable_state_dict("student").items()}
+    straight.train()
+    after = straight.roles.trainable_state_dict("student")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "adafactor did not move the student"
+    for role in ("student", "fake"):
+        optimizer = straight.optimizers[role].optimizer
+        assert type(optimizer).__name__ == "Adafactor"
+        params = sum(p.numel() for p in straight.roles.trainable_parameters(role))
+        state = sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        # AdamW holds 2 x params; Adafactor factors each tensor's last two dims (3x3 conv LoRAs keep 2/3)
+        assert 0 < state < 0.75 * params
+
+    first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=2, optimizer_type="adafactor")
+    first.train()
+    resumed = make_trainer(tiny_model_dir, tmp_path / "c", max_train_steps=3, optimizer_type="adafactor",
+                           resume=list_states(str(tmp_path / "b" / "out"))[-1])
+    resumed.train()
+    for key, value in straight.roles.trainable_state_dict("student").items():
+        assert torch.equal(value, resumed.roles.trainable_state_dict("student")[key]), key
+
+
 def test_stop_request_saves_a_resumable_state(tiny_model_dir, tmp_path):
     calls = []
     callbacks = TrainerCallbacks(should_stop=lambda: len(calls) >= 1, on_step=lambda step, logs: calls.append(step))

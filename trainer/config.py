@@ -24,6 +24,7 @@ UNCOND_MODES = ("empty_prompt", "zeros")
 FAKE_LOSS_TARGETS = ("native", "x0")
 LOG_WITH = ("auto", "tensorboard", "none")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adafactor")
 
 
 class ConfigError(ValueError):
@@ -112,7 +113,11 @@ class TrainConfig:
     train_batch_size: int = _key(1, "Prompts per generator update, per process.")
     learning_rate: float = _key(5e-5, "Student learning rate (DMD2 SDXL LoRA: 5e-5).")
     fake_learning_rate: typing.Any = _key(None, "Fake-model learning rate; empty = learning_rate.")
-    weight_decay: float = _key(0.01, "AdamW weight decay.")
+    optimizer_type: str = _key(
+        "adamw", "Optimiser of both models. adafactor (transformers' Adafactor at a fixed lr: no first moment, "
+        "second moment factored over each tensor's last two dims) keeps a fraction of AdamW's 8 bytes of state "
+        "per trainable parameter, for tight memory.", OPTIMIZERS)
+    weight_decay: float = _key(0.01, "Weight decay of both optimisers (AdamW: decoupled, as DMD2).")
     adam_beta1: float = _key(0.9, "AdamW beta1.")
     adam_beta2: float = _key(0.999, "AdamW beta2.")
     max_grad_norm: float = _key(10.0, "Gradient clipping norm for both models; 0 disables.")

@@ -53,6 +53,19 @@ class _RandomState:
     generator: torch.Generator = field(default_factory=torch.Generator)
 
 
+def build_optimizer(config, parameters, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (DMD2's choice), or Adafactor where memory is tight: no first moment and a row/column-factored
+    second moment, with the given fixed learning rate (no relative step or parameter scaling)."""
+    parameters = list(parameters)
+    if config.optimizer_type == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=learning_rate, beta1=None, weight_decay=config.weight_decay,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
+    return torch.optim.AdamW(parameters, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.weight_decay)
+
+
 class DecoupledDMDTrainer:
     def __init__(self, config: TrainConfig, adapter: ModelAdapter, prompts: list[str],
                  sample_prompts: list[str] | None = None, accelerator=None,
@@ -143,9 +156,7 @@ class DecoupledDMDTrainer:
             if id(module) not in prepared:
                 prepared[id(module)] = accelerator.prepare_model(module)
             self.wrapped[role] = prepared[id(module)]
-            optimizer = torch.optim.AdamW(self.roles.trainable_parameters(role), lr=learning_rates[role],
-                                          betas=(config.adam_beta1, config.adam_beta2),
-                                          weight_decay=config.weight_decay)
+            optimizer = build_optimizer(config, self.roles.trainable_parameters(role), learning_rates[role])
             warmup = config.lr_warmup_steps
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
