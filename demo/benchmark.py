@@ -269,16 +269,19 @@ def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]
                                floors={"frechet": floor} if floor else None)
             paths.append(path)
         if steps > 1:
-            per_step = [(f"step{k}_adherence", f"adherence after step {k}") for k in range(1, steps)]
-            per_step += [("adherence", f"adherence after step {steps} (final)")]
-            per_step += [(f"step{k}_saturation", f"saturation after step {k}") for k in range(1, steps)]
+            # one row per metric, one column per student step: where a late step undoes an early one shows
+            per_step = []
+            for key, label in (("frechet", "Frechet"), ("adherence", "adherence"), ("image_var", "per-image variance")):
+                per_step += [(f"step{k}_{key}", f"{label} after step {k}") for k in range(1, steps)]
+                per_step.append((key, f"{label} after step {steps} (final)"))
             series = {}
             for data in results:
                 if data["steps"] == steps and VARIANTS[data["name"]][0] == "schedule":
                     series.setdefault(data["name"], []).append(data["history"])
             if series:
                 path = os.path.join(output_dir, f"{steps}step_per_student_step.png")
-                save_metric_curves(series, per_step, path, title=f"{steps}-step student: output after each step")
+                save_metric_curves(series, per_step, path, title=f"{steps}-step student: output after each step",
+                                   columns=steps)
                 paths.append(path)
     return paths
 

@@ -99,11 +99,11 @@ def save_training_curves(entries: list[dict], path: str, title: str = "") -> str
 
 
 def save_metric_curves(series: dict[str, list[list[dict]]], metrics: list[tuple[str, str]], path: str,
-                       title: str = "", floors: dict[str, float] | None = None) -> str:
+                       title: str = "", floors: dict[str, float] | None = None, columns: int = 3) -> str:
     """Benchmark figure (as the paper's Fig. 2/3): per variant, the mean over seeds of each metric against the
     generator update, with the seed spread (min..max) shaded. `series[name]` is one history per seed."""
     plt = _pyplot()
-    columns = min(3, len(metrics))
+    columns = min(columns, len(metrics))
     rows = math.ceil(len(metrics) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
     for axis, (key, label) in zip(axes.flat, metrics):
