@@ -312,7 +312,8 @@ class DecoupledDMDTrainer:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
                                                                if isinstance(v, (int, float, str, bool))})
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
-                        disable=not accelerator.is_local_main_process)
+                        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
+                        disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
         started, first_step = time.time(), self.step
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():
