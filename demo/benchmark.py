@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from ..trainer.config import OPTIMIZERS
+
 logger = logging.getLogger("decoupled_dmd.benchmark")
 
 BASELINE = "decoupled-hybrid"  # CA + DM, per_term: the row each group is compared with
@@ -306,7 +308,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
                         help="cost benchmark models: tiny (demo teacher), sdxl-quarter, sdxl (full size, ~10 GB)")
     parser.add_argument("--cost_threads", type=int, default=2, help="torch threads of each cost measurement")
     parser.add_argument("--cost_rank", type=int, help="LoRA rank of the SDXL-architecture cost cases (default 64, DMD2's)")
-    parser.add_argument("--cost_optimizer", choices=("adamw", "adafactor"), help="optimiser of the cost cases (default adamw)")
+    parser.add_argument("--cost_optimizer", choices=OPTIMIZERS, help="optimiser of the cost cases (default adamw)")
     parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
     args = parser.parse_args(argv)
