@@ -268,7 +268,8 @@ def cost_markdown(cost: dict) -> str:
             if mode == "lora":
                 label = f"LoRA rank {r.get('network_dim', '?')}, {r.get('optimizer_type', 'adamw')}"
                 if r.get("trainable_parameters"):
-                    label += f" ({r['trainable_parameters'] / 1e6:.0f} M trainable, both adapters)"
+                    millions = r["trainable_parameters"] / 1e6
+                    label += f" ({millions:.{0 if millions >= 10 else 2}f} M trainable, both adapters)"
             lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {label} | {r['seconds_per_step']:.2f} | "
                          f"{peak / GIB:.2f} GiB | {peak / weights:.2f} | {goal} |")
         if activations is not None:
