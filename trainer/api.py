@@ -49,19 +49,67 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
     return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
 
 
+def plan_memory(config: TrainConfig, device: str | None = None):
+    """The memory plan of `config` before any weight is loaded (the teacher's structure on the meta device),
+    and a function that plans a changed config the same way (for the knobs). None where the teacher is not
+    a file or folder this can read without loading (a hub id)."""
+    from .adapters.diffusers import DiffusersAdapter
+    from .memory_plan import plan_training_memory
+    from .networks import FullRoles, LoraRoles
+    from .tiny_models import resolve_builtin
+
+    path = resolve_builtin(config.pretrained_model_name_or_path)
+    if not os.path.exists(path):
+        return None, None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .loop import WEIGHT_DTYPES
+
+    def plan_for(changed: TrainConfig):
+        skeleton, sizes = DiffusersAdapter.skeleton(path, changed.v_parameterization)
+        network = skeleton.network.to(WEIGHT_DTYPES[changed.mixed_precision])
+        if changed.training_mode == "lora":
+            targets = changed.lora_target_modules or skeleton.default_lora_target_modules()
+            roles = LoraRoles(network, changed.network_dim, changed.network_alpha, targets)
+        else:
+            roles = FullRoles(network)
+        if changed.gradient_checkpointing:
+            skeleton.enable_gradient_checkpointing(network)
+        height, width = changed.resolution_hw() or skeleton.default_resolution
+        return plan_training_memory(skeleton, roles, changed, skeleton.latent_shape(height, width),
+                                    skeleton.example_conditioning, device, sizes["text_encoders"], sizes["vae"])
+
+    return plan_for(config), plan_for
+
+
 def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
             adapter: ModelAdapter | None = None) -> str:
-    """Run Decoupled DMD as configured; returns the path of the saved student."""
+    """Run Decoupled DMD as configured; returns the path of the saved student.
+
+    Without an adapter the memory plan is made, logged and checked against the limit before loading."""
     prompts = read_prompts(config.prompt_file)
     if not prompts:
         raise ConfigError("prompt_file: not set; give a text file with one training prompt per line")
     sample_prompts = read_prompts(config.sample_prompts, "sample_prompts") or None
     from .loop import WEIGHT_DTYPES
+    from .memory_plan import check_fits, knob_savings, memory_limit_bytes
+
+    plan = None
+    if adapter is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            plan, plan_for = plan_memory(config, device)
+        except ConfigError:
+            raise
+        except Exception as error:  # the plan is advice: a model it cannot read still trains
+            logger.info("memory plan unavailable before loading (%s: %s)", type(error).__name__, error)
+        if plan is not None:
+            logger.info("%s", plan.table())
+            check_fits(plan, memory_limit_bytes(config, device), lambda: knob_savings(plan_for, config, plan))
 
     adapter = adapter or load_teacher(config.pretrained_model_name_or_path, config.uncond_mode,
                                       config.tokenizer_path, config.v_parameterization,
                                       dtype=WEIGHT_DTYPES[config.mixed_precision])
-    trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, callbacks=callbacks)
+    trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, callbacks=callbacks, memory_plan=plan)
     return trainer.train()
 
 

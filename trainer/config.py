@@ -96,6 +96,10 @@ class TrainConfig:
         UPDATE_NORMALIZATIONS, section="method")
     dmd_loss_weight: float = _key(1.0, "lambda of the proxy loss ||x - sg(x + lambda * Delta)||^2.", section="method")
     fake_updates_per_step: int = _key(5, "Fake-model updates per generator update (TTUR; DMD2: 5).", section="method")
+    share_generator_sample: bool = _key(
+        False, "Run Algorithm 1's order (generator update, then the fake updates) and train the first fake update on "
+        "the generator turn's own detached sample, as DMD2 does: saves one backward simulation and one student "
+        "forward per update; changes the random stream, so a run differs from one without it.", section="method")
     fake_loss_target: str = _key(
         "native", "Fake denoising loss on the teacher's own objective (eps/v/flow, as DMD2) or plain x0 (Alg. 1).",
         FAKE_LOSS_TARGETS, section="method")
@@ -125,6 +129,10 @@ class TrainConfig:
     seed: int = _key(0, "Seed of every random draw (a resumed run continues the same sequence).")
     mixed_precision: str = _key("no", "Autocast precision; frozen weights are stored in it too.", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _key(False, "Trade compute for memory in the UNet.")
+    memory_limit_gb: float = _key(
+        0.0, "GiB the run may use on its device. Before loading weights the memory plan (printed) estimates the "
+        "peak; a run that would not fit stops there, naming the settings that would make it fit. 0 = the GPU's "
+        "free memory (no check on a CPU).")
     save_every_n_steps: int = _key(0, "Save the student and a resumable state every N steps; 0 = only at the end.")
     keep_last_n_states: int = _key(2, "Resumable states kept in output_dir (older ones are deleted).")
     sample_every_n_steps: int = _key(0, "Write a preview grid every N steps; 0 = only at the end.")
@@ -203,7 +211,7 @@ def validate(config: TrainConfig) -> None:
                 "mean_variance_target_var", "keep_last_n_states"):
         positive(key)
     for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
-                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight"):
+                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight", "memory_limit_gb"):
         positive(key, allow_zero=True)
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(config, key) < 1.0:

@@ -86,12 +86,30 @@ class ModelAdapter(ABC):
     def default_lora_target_modules(self) -> list[str]:
         """Module names LoRA wraps by default for this backbone."""
 
+    def fake_loss_weight(self, level: Tensor, target: str) -> Tensor | None:
+        """Per-sample weight that turns the fake model's x0 error into its training objective: the model's own
+        (eps / v / flow, DMD2's choice) for target 'native', none (plain x0, Algorithm 1) for 'x0'."""
+        if target == "x0":
+            return None
+        return self.schedule.denoising_loss_weight(level, self.prediction_type).float()
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to images in [0, 1], (B, 3, H, W); pixel-space models map [-1, 1] to [0, 1]."""
         return ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def enable_gradient_checkpointing(self, network: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
+
+    def text_encoder_parameters(self) -> int:
+        """Parameters of the text encoders this adapter moves to the training device (0: managed elsewhere)."""
+        return 0
+
+    def vae_parameters(self) -> int:
+        """Parameters of the VAE kept on the training device for previews (0: managed elsewhere)."""
+        return 0
+
+    def disable_gradient_checkpointing(self, network: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot turn gradient checkpointing off")
 
     def place(self, device, weight_dtype) -> None:
         """Put the backbone (in `weight_dtype`) and the encoders on the training device (a no-op where the

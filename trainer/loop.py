@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .accounting import CostMeter
 from .config import ConfigError, TrainConfig
 from .denoiser import Conditioning, ModelAdapter, PromptCache
 from .losses import (cfg_augmentation, classifier_free_guidance, distribution_matching, mean_variance_kl,
@@ -27,7 +28,8 @@ from .losses import (cfg_augmentation, classifier_free_guidance, distribution_ma
 from .networks import FullRoles, LoraRoles, Roles
 from .outputs import atomic_save_safetensors, free_path, save_image_grid, student_metadata
 from .sampling import few_step_sample, student_levels
-from .schedules import check_student_timesteps, sample_renoise_levels, timestep_level_bounds, uniform_levels
+from .schedules import (check_student_timesteps, renoise_levels_shared, sample_renoise_levels, timestep_level_bounds,
+                        uniform_levels)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,16 @@ class TrainerCallbacks:
     should_stop: Callable[[], bool] = lambda: False
     on_step: Callable[[int, dict], None] = lambda step, logs: None
     on_preview: Callable[[int, Tensor], None] = lambda step, images: None
+
+
+@dataclass
+class _UpdateTerms:
+    """The two directions of Eq. 8 for one generator update, and the teacher predictions that scale them."""
+
+    delta_ca: Tensor | None = None
+    delta_dm: Tensor | None = None
+    x0_cfg: Tensor | None = None
+    x0_real_dm: Tensor | None = None
 
 
 @dataclass
@@ -69,7 +81,7 @@ def build_optimizer(config, parameters, learning_rate: float) -> torch.optim.Opt
 class DecoupledDMDTrainer:
     def __init__(self, config: TrainConfig, adapter: ModelAdapter, prompts: list[str],
                  sample_prompts: list[str] | None = None, accelerator=None,
-                 callbacks: TrainerCallbacks | None = None):
+                 callbacks: TrainerCallbacks | None = None, memory_plan=None):
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -114,10 +126,15 @@ class DecoupledDMDTrainer:
         self.roles = self._build_roles()
         self.random = _RandomState()
         self.nonfinite_skips = 0
+        self.meter = CostMeter(config.train_batch_size, config.gradient_checkpointing,
+                               torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
+        self._uncond_cache: dict[int, Conditioning] = {}
+        self._generator_sample: tuple[Conditioning, Tensor] | None = None
         self.random.generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
         self.step = 0
 
         self._prepare_prompts()
+        self.memory_plan = memory_plan if memory_plan is not None else self._plan_memory()
         self._build_optimizers()
         self.accelerator.register_save_state_pre_hook(self._save_weights_hook)
         self.accelerator.register_load_state_pre_hook(self._load_weights_hook)
@@ -135,6 +152,42 @@ class DecoupledDMDTrainer:
             for module in set(roles.trained_modules().values()):
                 self.adapter.enable_gradient_checkpointing(module)
         return roles
+
+    def _plan_memory(self):
+        """Plan this run's peak memory on the loaded model (front ends that load weights themselves, such as
+        ComfyUI, get their plan here; the CLI plans before loading), log it, and stop if it does not fit."""
+        from .memory_plan import check_fits, knob_savings, memory_limit_bytes, plan_training_memory
+
+        config, device = self.config, self.accelerator.device.type
+        template = self.prompt_cache.get([""])
+
+        def cond_for(rows: int) -> Conditioning:
+            return Conditioning({k: torch.zeros((rows, *v.shape[1:]), dtype=v.dtype, device="meta")
+                                 for k, v in template.tensors.items()})
+
+        def plan_for(changed: TrainConfig):
+            network = self.roles.module("student")
+            toggled = changed.gradient_checkpointing != config.gradient_checkpointing
+            if toggled:
+                self.adapter.enable_gradient_checkpointing(network)
+            try:
+                height, width = changed.resolution_hw() or self.adapter.default_resolution
+                return plan_training_memory(self.adapter, self.roles, changed, self.adapter.latent_shape(height, width),
+                                            cond_for, device, text_encoder_parameters=self.adapter.text_encoder_parameters(),
+                                            vae_parameters=self.adapter.vae_parameters(),
+                                            adapter_scale=changed.network_dim / config.network_dim)
+            finally:
+                if toggled:
+                    self.adapter.disable_gradient_checkpointing(network)
+
+        try:
+            plan = plan_for(config)
+        except Exception as error:  # a backbone that cannot run on the meta device: train without a plan
+            logger.info("memory plan unavailable for this model (%s: %s)", type(error).__name__, error)
+            return None
+        logger.info("%s", plan.table())
+        check_fits(plan, memory_limit_bytes(config, device), lambda: knob_savings(plan_for, config, plan))
+        return plan
 
     def _prepare_prompts(self):
         self.prompt_cache = PromptCache(self.adapter)
@@ -168,6 +221,7 @@ class DecoupledDMDTrainer:
         """x0 prediction of `role`; `train` routes through the data-parallel wrapper so gradients sync."""
         module = self.roles.module(role)
         network = self.wrapped[role] if train else module
+        self.meter.forward(role, x_t.shape[0], "train_forward" if train else "forward")
         with self.accelerator.autocast():
             return self.adapter.predict_x0(network, x_t, level, cond)
 
@@ -187,6 +241,12 @@ class DecoupledDMDTrainer:
         cond = self._conditioning([self.prompts[i] for i in indices])
         return cond, step_index, self._randn(batch)
 
+    def _uncond(self, batch: int) -> Conditioning:
+        """The unconditional input for `batch` rows, on the device, built once per batch size."""
+        if batch not in self._uncond_cache:
+            self._uncond_cache[batch] = self._conditioning([""] * batch)
+        return self._uncond_cache[batch]
+
     def _conditioning(self, prompts: list[str]) -> Conditioning:
         with self.accelerator.autocast():
             return self.prompt_cache.get(prompts, self.accelerator.device)
@@ -196,6 +256,7 @@ class DecoupledDMDTrainer:
         """z_t for student step `step_index`: pure noise, or backward simulation with the current student."""
         if step_index == 0:
             return noise
+        self.meter.forward("student", noise.shape[0] * step_index, "simulation")
         return few_step_sample(self.denoiser("student"), noise, self.levels, cond,
                                generator=self.random.generator, stop_after=step_index)
 
@@ -203,72 +264,108 @@ class DecoupledDMDTrainer:
         return torch.full((batch,), value, dtype=torch.float64, device=self.accelerator.device)
 
     # --- training phases -------------------------------------------------------------------------------------
-    def fake_step(self) -> dict[str, float]:
-        """Algorithm 1 lines 45-51: train the fake model to denoise fresh student samples."""
-        cond, step_index, noise = self._draw_batch()
-        batch = noise.shape[0]
-        with torch.no_grad():
-            z = self._generator_input(cond, step_index, noise)
-            x_gen = self._x0("student", z, self._level(self.levels[step_index], batch), cond).float()
-        low = torch.full((batch,), self.level_bounds[0], dtype=torch.float64)
-        tau = uniform_levels(low, self.level_bounds[1], self.random.generator).to(self.accelerator.device)
-        x_tau = self.adapter.schedule.renoise(x_gen, self._randn(batch), tau)
-        x0_fake = self._x0("fake", x_tau, tau, cond, train=True)
-        weight = None
-        if self.config.fake_loss_target == "native":
-            weight = self.adapter.schedule.denoising_loss_weight(tau, self.adapter.prediction_type).float()
-        loss = weighted_denoising_loss(x0_fake, x_gen, weight)
-        grad_norm = self._optimize("fake", loss)
+    def fake_step(self, sample: tuple[Conditioning, Tensor] | None = None) -> dict[str, float]:
+        """Algorithm 1 lines 45-51: train the fake model to denoise a student sample x'_gen at tau'.
+
+        `sample` (cond, x_gen) reuses the generator turn's own detached output (DMD2); without it a fresh
+        student sample is drawn (backward simulation to a random student step)."""
+        with self.meter.phase("fake_sample"):
+            if sample is None:
+                cond, step_index, noise = self._draw_batch()
+                with torch.no_grad():
+                    z_t = self._generator_input(cond, step_index, noise)
+                    level = self._level(self.levels[step_index], noise.shape[0])
+                    x_gen = self._x0("student", z_t, level, cond).float()
+            else:
+                cond, x_gen = sample
+        with self.meter.phase("fake_update"):
+            batch = x_gen.shape[0]
+            low = torch.full((batch,), self.level_bounds[0], dtype=torch.float64)
+            tau = uniform_levels(low, self.level_bounds[1], self.random.generator).to(self.accelerator.device)
+            x_tau = self.adapter.schedule.renoise(x_gen, self._randn(batch), tau)
+            x0_fake = self._x0("fake", x_tau, tau, cond, train=True)
+            loss = weighted_denoising_loss(x0_fake, x_gen, self.adapter.fake_loss_weight(tau, self.config.fake_loss_target))
+            grad_norm = self._optimize("fake", loss)
         return {"loss_fake": loss.item(), "grad_norm_fake": grad_norm}
 
     def generator_step(self) -> dict[str, float]:
-        """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8)."""
-        config, schedule = self.config, self.adapter.schedule
-        cond, step_index, noise = self._draw_batch()
-        batch = noise.shape[0]
-        z = self._generator_input(cond, step_index, noise)
-        student_level = self._level(self.levels[step_index], batch)
-        x = self._x0("student", z, student_level, cond, train=True)
-        tau_ca, tau_dm = sample_renoise_levels(config.renoise_schedule, student_level.cpu(), self.level_bounds,
+        """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8): one student update."""
+        config = self.config
+        cond, step_index, noise = self._draw_batch()                              # line 6
+        with self.meter.phase("generator_simulation"):
+            z_t = self._generator_input(cond, step_index, noise)                 # line 7
+        t = self._level(self.levels[step_index], noise.shape[0])
+        with self.meter.phase("generator_student"):
+            x_gen = self._x0("student", z_t, t, cond, train=True)                # line 8
+        tau_ca, tau_dm, shared = self._renoise_levels(t)                       # lines 11-12 (30)
+        with torch.no_grad(), self.meter.phase("generator_teacher_fake"):
+            terms = self._update_terms(x_gen.detach(), cond, tau_ca, tau_dm, shared)  # lines 13-26
+        delta_ca, delta_dm = normalize_update(terms.delta_ca, terms.delta_dm, x_gen.detach(), terms.x0_cfg,
+                                              terms.x0_real_dm, config.update_normalization)
+        deltas = [d for d in (delta_ca, delta_dm) if d is not None]
+        delta_total = sum(deltas) if deltas else None                            # line 27
+        with self.meter.phase("generator_update"):
+            loss, logs = self._generator_loss(x_gen, delta_total)                 # lines 42-43
+            logs["grad_norm_student"] = self._optimize("student", loss)
+        self._generator_sample = (cond, x_gen.detach().float())
+        logs.update(tau_ca=tau_ca.float().mean().item(), tau_dm=tau_dm.float().mean().item(),
+                    student_step=float(step_index))
+        if delta_ca is not None:
+            logs["ca_magnitude"] = delta_ca.abs().mean().item()
+        if delta_dm is not None:
+            logs["dm_magnitude"] = delta_dm.abs().mean().item()
+        logs.update(per_image_statistics(x_gen.detach()))
+        return logs
+
+    def _renoise_levels(self, t: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """(tau_CA, tau_DM, shared) for the student level t, from the configured schedule (Table 1)."""
+        tau_ca, tau_dm = sample_renoise_levels(self.config.renoise_schedule, t.cpu(), self.level_bounds,
                                                self.random.generator)
-        tau_ca, tau_dm = tau_ca.to(x.device), tau_dm.to(x.device)
-        x_detached = x.detach()
-        ca_term = x0_cfg = dm_term = x0_real_dm = None
-        with torch.no_grad():
-            if config.cfg_augmentation:
-                x_ca = schedule.renoise(x_detached, self._randn(batch), tau_ca)
-                uncond = self._conditioning([""] * batch)
-                x0_cond, x0_uncond = self._x0("teacher", torch.cat([x_ca, x_ca]), torch.cat([tau_ca, tau_ca]),
-                                              Conditioning.cat([cond, uncond])).chunk(2)
-                ca_term = cfg_augmentation(x0_cond, x0_uncond, self.guidance_scale)
-                x0_cfg = classifier_free_guidance(x0_cond, x0_uncond, self.guidance_scale)
-            if config.regularizer == "dm":
-                if config.renoise_schedule == "coupled-shared" and config.cfg_augmentation:
-                    x_dm, x0_real_dm = x_ca, x0_cond  # original DMD: one re-noised sample for both terms
-                else:
-                    x_dm = schedule.renoise(x_detached, self._randn(batch), tau_dm)
-                    x0_real_dm = self._x0("teacher", x_dm, tau_dm, cond)
-                dm_term = distribution_matching(x0_real_dm, self._x0("fake", x_dm, tau_dm, cond))
-        ca_term, dm_term = normalize_update(ca_term, dm_term, x_detached, x0_cfg, x0_real_dm,
-                                            config.update_normalization)
-        logs = {"tau_ca": tau_ca.float().mean().item(), "tau_dm": tau_dm.float().mean().item(),
-                "student_step": float(step_index)}
-        terms = [term for term in (ca_term, dm_term) if term is not None]
-        loss = x.new_zeros((), dtype=torch.float32)
-        if terms:
-            loss = loss + proxy_loss(x, sum(terms), config.dmd_loss_weight)
-        if ca_term is not None:
-            logs["ca_magnitude"] = ca_term.abs().mean().item()
-        if dm_term is not None:
-            logs["dm_magnitude"] = dm_term.abs().mean().item()
+        device = self.accelerator.device
+        return tau_ca.to(device), tau_dm.to(device), renoise_levels_shared(self.config.renoise_schedule)
+
+    def _update_terms(self, x_gen: Tensor, cond: Conditioning, tau_ca: Tensor, tau_dm: Tensor,
+                      shared: bool) -> "_UpdateTerms":
+        """Delta_CA (Eq. 6, with x0_cfg for its normaliser) and Delta_DM (with x0_real at tau_DM).
+
+        Every teacher row of the update (CA cond, CA uncond, DM cond) goes through one batched call; with
+        shared levels the CA cond prediction is the DM real prediction (original DMD's one re-noised sample).
+        """
+        config, schedule, batch = self.config, self.adapter.schedule, x_gen.shape[0]
+        use_ca, use_dm = config.cfg_augmentation, config.regularizer == "dm"
+        rows: list[tuple[Tensor, Tensor, Conditioning]] = []
+        if use_ca:
+            x_ca = schedule.renoise(x_gen, self._randn(batch), tau_ca)
+            rows += [(x_ca, tau_ca, cond), (x_ca, tau_ca, self._uncond(batch))]
+        x_dm = None
+        if use_dm:
+            x_dm = x_ca if (shared and use_ca) else schedule.renoise(x_gen, self._randn(batch), tau_dm)
+            if not (shared and use_ca):
+                rows.append((x_dm, tau_dm, cond))
+        predictions = self._x0("teacher", torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
+                               Conditioning.cat([r[2] for r in rows])).split(batch) if rows else []
+        terms = _UpdateTerms()
+        if use_ca:
+            x0_cond, x0_uncond = predictions[0], predictions[1]
+            terms.delta_ca = cfg_augmentation(x0_cond, x0_uncond, self.guidance_scale)
+            terms.x0_cfg = classifier_free_guidance(x0_cond, x0_uncond, self.guidance_scale)
+        if use_dm:
+            terms.x0_real_dm = predictions[0] if (shared and use_ca) else predictions[-1]
+            terms.delta_dm = distribution_matching(terms.x0_real_dm, self._x0("fake", x_dm, tau_dm, cond))
+        return terms
+
+    def _generator_loss(self, x_gen: Tensor, delta_total: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """The proxy loss of line 42 (plus the Eq. 7 regulariser where chosen), and its logged parts."""
+        config, logs = self.config, {}
+        loss = x_gen.new_zeros((), dtype=torch.float32)
+        if delta_total is not None:
+            loss = loss + proxy_loss(x_gen, delta_total, config.dmd_loss_weight)
         if config.regularizer == "mean_variance":
-            kl = mean_variance_kl(x, config.mean_variance_target_mean, config.mean_variance_target_var)
+            kl = mean_variance_kl(x_gen, config.mean_variance_target_mean, config.mean_variance_target_var)
             logs["loss_mean_variance_kl"] = kl.item()
             loss = loss + config.mean_variance_weight * kl
         logs["loss_generator"] = loss.item()
-        logs["grad_norm_student"] = self._optimize("student", loss)
-        logs.update(per_image_statistics(x_detached))
-        return logs
+        return loss, logs
 
     def _optimize(self, role: str, loss: Tensor) -> float:
         """Backward, clip, step; a non-finite gradient (identical on every process) skips the update."""
@@ -276,6 +373,7 @@ class DecoupledDMDTrainer:
         optimizer.zero_grad(set_to_none=True)
         self.roles.module(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
         accelerator.backward(loss)
+        self.meter.backward(role)
         parameters = self.roles.trainable_parameters(role)
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = float(accelerator.clip_grad_norm_(parameters, max_norm))
@@ -289,14 +387,27 @@ class DecoupledDMDTrainer:
         return grad_norm
 
     def train_step(self) -> dict[str, float]:
-        """One generator update preceded by `fake_updates_per_step` fake updates (TTUR)."""
+        """One generator update and `fake_updates_per_step` fake updates (TTUR), with their cost.
+
+        By default the fake updates come first, each on a fresh student sample. With `share_generator_sample`
+        the order is Algorithm 1's (generator, then fake) and the first fake update trains on the generator
+        turn's own detached sample, as DMD2 does."""
+        config = self.config
+        self.meter.reset()
+        fakes = config.fake_updates_per_step if config.uses_fake_model else 0
         logs: dict[str, float] = {}
-        if self.config.uses_fake_model:
-            fake_logs = [self.fake_step() for _ in range(self.config.fake_updates_per_step)]
-            logs = {k: sum(d[k] for d in fake_logs) / len(fake_logs) for k in fake_logs[0]}
-        logs.update(self.generator_step())
+        if config.share_generator_sample:
+            logs.update(self.generator_step())
+            fake_logs = [self.fake_step(self._generator_sample if i == 0 else None) for i in range(fakes)]
+        else:
+            fake_logs = [self.fake_step() for _ in range(fakes)]
+            logs.update(self.generator_step())
+        self._generator_sample = None
+        if fake_logs:
+            logs.update({k: sum(d[k] for d in fake_logs) / len(fake_logs) for k in fake_logs[0]})
         self.step += 1
         logs["nonfinite_skips"] = float(self.nonfinite_skips)
+        logs.update(self.meter.logs())
         return logs
 
     # --- the loop --------------------------------------------------------------------------------------------

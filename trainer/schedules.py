@@ -179,6 +179,13 @@ def uniform_levels(low: Tensor, high: float, generator: torch.Generator | None =
     return high - (high - low) * unit  # unit in [0, 1) puts tau in (low, high]
 
 
+def renoise_levels_shared(schedule_name: str) -> bool:
+    """Whether `schedule_name` re-noises CA and DM at one shared level (original DMD: one sample, one tau)."""
+    if schedule_name not in RENOISE_SCHEDULES:
+        raise ValueError(f"unknown renoise_schedule {schedule_name!r}; expected one of {RENOISE_SCHEDULES}")
+    return schedule_name == "coupled-shared"
+
+
 def sample_renoise_levels(
     schedule_name: str,
     student_level: Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -43,14 +44,15 @@ class DiffusersAdapter(ModelAdapter):
     def __init__(self, unet, text_encoders: list, tokenizers: list, schedule: NoiseSchedule, prediction_type: str,
                  vae=None, uncond_mode: str = "empty_prompt"):
         self.network = unet
-        self.text_encoders = list(text_encoders)
-        self.tokenizers = list(tokenizers)
+        self.text_encoders = list(text_encoders or [])
+        self.tokenizers = list(tokenizers or [])
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.vae = vae
         self.uncond_mode = uncond_mode
         self.is_sdxl = unet.config.addition_embed_type == "text_time"
-        if self.is_sdxl and len(self.text_encoders) != 2:
+        self.token_length = tokenizers[0].model_max_length if tokenizers else 77
+        if self.is_sdxl and text_encoders and len(self.text_encoders) != 2:
             raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs two text encoders")
         if prediction_type == "flow":
             self.family = "flow"
@@ -104,6 +106,65 @@ class DiffusersAdapter(ModelAdapter):
         adapter.source_model = path
         return adapter
 
+    @classmethod
+    def skeleton(cls, path: str, v_parameterization: bool | None = None) -> tuple["DiffusersAdapter", dict[str, int]]:
+        """The teacher's structure without its weights, for the memory plan: the UNet built on the meta device
+        (no memory, no file read beyond configs and headers) and the parameter counts of the text encoders
+        and VAE. Single-file checkpoints are read from their header; diffusers folders from their configs."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        if os.path.isfile(path):
+            from ..checkpoint import inspect_checkpoint
+            from ..ldm_layout import SD15_CLIP_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, VAE_PREFIX
+
+            info = inspect_checkpoint(path, v_parameterization)
+            unet_config, schedule = dict(info.unet_config), DiscreteVPSchedule.scaled_linear()
+            prediction_type = info.prediction_type
+            count = lambda *prefixes: sum(math.prod(s) for k, s in info.shapes.items() if k.startswith(prefixes))  # noqa: E731
+            sizes = {"text_encoders": count(SD15_CLIP_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_CLIP_G_PREFIX),
+                     "vae": count(VAE_PREFIX)}
+            if unet_config.get("addition_embed_type") == "text_time":
+                projection = [s for k, s in info.shapes.items()
+                              if k.startswith(SDXL_CLIP_G_PREFIX) and k.endswith("text_projection")]
+                pooled = projection[0][-1] if projection else 1280
+                unet_config["addition_time_embed_dim"] = (unet_config["projection_class_embeddings_input_dim"] - pooled) // 6
+        else:
+            unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
+            schedule, prediction_type = schedule_from_scheduler_config(_read_scheduler_config(path, True))
+            sizes = {"text_encoders": 0, "vae": 0}
+            for folder in ("text_encoder", "text_encoder_2"):
+                if os.path.isdir(os.path.join(path, folder)):
+                    sizes["text_encoders"] += _meta_parameter_count(path, folder)
+            if os.path.isdir(os.path.join(path, "vae")):
+                with torch.device("meta"):
+                    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae"))
+                sizes["vae"] = sum(p.numel() for p in vae.parameters())
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)
+        adapter = cls(unet, [], [], schedule, prediction_type)
+        if sizes["vae"]:
+            adapter.latent_downscale = 8  # every SD VAE
+            size = unet.config.sample_size
+            size = size if isinstance(size, int) else size[0]
+            adapter.default_resolution = (size * 8, size * 8)
+        return adapter, sizes
+
+    def example_conditioning(self, rows: int, device="meta") -> Conditioning:
+        """Conditioning of the right shapes and no content (the memory plan's simulated calls)."""
+        config = self.network.config
+        tensors = {"encoder_hidden_states": torch.zeros((rows, self.token_length, config.cross_attention_dim),
+                                                        device=device)}
+        if self.is_sdxl:
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            tensors["text_embeds"] = torch.zeros((rows, pooled), device=device)
+        return Conditioning(tensors)
+
+    def text_encoder_parameters(self) -> int:
+        return sum(p.numel() for encoder in self.text_encoders for p in encoder.parameters())
+
+    def vae_parameters(self) -> int:
+        return 0 if self.vae is None else sum(p.numel() for p in self.vae.parameters())
+
     # --- the denoiser ------------------------------------------------------------------------------------
     def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         level = torch.as_tensor(level, dtype=torch.float64, device=x_t.device)
@@ -154,6 +215,9 @@ class DiffusersAdapter(ModelAdapter):
     def enable_gradient_checkpointing(self, network: nn.Module) -> None:
         network.enable_gradient_checkpointing()
 
+    def disable_gradient_checkpointing(self, network: nn.Module) -> None:
+        network.disable_gradient_checkpointing()
+
     def offload_text_encoders(self) -> None:
         for encoder in self.text_encoders:
             encoder.to("cpu")
@@ -172,8 +236,19 @@ class DiffusersAdapter(ModelAdapter):
         config = self.vae.config
         latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
         parameter = next(self.vae.parameters())
-        images = self.vae.decode(latents.to(parameter.device, parameter.dtype), return_dict=False)[0]
+        # one image at a time: a VAE decode at 1024 px needs several GiB of activations per image
+        images = torch.cat([self.vae.decode(latent[None].to(parameter.device, parameter.dtype), return_dict=False)[0]
+                            for latent in latents])
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _meta_parameter_count(path: str, folder: str) -> int:
+    from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = AutoConfig.from_pretrained(path, subfolder=folder, local_files_only=True)
+    cls = CLIPTextModelWithProjection if "WithProjection" in "".join(config.architectures or []) else CLIPTextModel
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(config).parameters())
 
 
 def _read_scheduler_config(path: str, local: bool) -> dict:
