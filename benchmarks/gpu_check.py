@@ -253,9 +253,28 @@ def run_part(name: str, small: bool) -> dict:
             out["fits"] = False
             out["error"] = str(error)[:400]
         return out
+    if name == "sdxl-speed":
+        return speed_part("sdxl", 256 if small else 1024, small)
     if name == "sd15":
         return run_training("sd15", 128 if small else 512, steps=4, warmup=1, small=small)
     raise ValueError(f"unknown part {name!r}")
+
+
+def speed_part(family: str, resolution: int, small: bool) -> dict:
+    """Seconds per generator update before and after each waste cut, on one trainer (demo.cost.compare_speed)."""
+    from decoupled_dmd.demo.cost import compare_speed
+    from decoupled_dmd.trainer.config import config_from_dict
+    from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = build_adapter(family, device, small)
+    settings = dict(TRAIN_SETTINGS, resolution=resolution, memory_limit_gb=1e6,
+                    output_dir=tempfile.mkdtemp(prefix="gpu-check-speed-"), pretrained_model_name_or_path="(in memory)")
+    if device == "cpu":
+        settings["mixed_precision"] = "no"
+    trainer = DecoupledDMDTrainer(config_from_dict(settings), adapter, PROMPTS)
+    return {"family": family, "resolution": resolution,
+            "variants": compare_speed(trainer, rounds=2, warmup=1, synchronize=_sync)}
 
 
 def _plan_verdict(small: bool) -> str:
@@ -321,6 +340,8 @@ def markdown(results: dict) -> str:
              "| run | s / generator update | FE / update | floor (FE x 1 fwd) | peak allocated | plan | plan / measured |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, part in results["parts"].items():
+        if "variants" in part:
+            continue
         if "error" in part and "seconds_per_update" not in part:
             lines.append(f"| {name} | failed: {part['error'][:160]} | | | | | |")
             continue
@@ -347,6 +368,11 @@ def markdown(results: dict) -> str:
                   f"{s['speedup_student_4_merged']:.1f}x |",
                   f"| VAE decode | {s['vae_decode_seconds']:.3f} | (with decode: "
                   f"{s['speedup_student_4_merged_with_decode']:.1f}x merged) |"]
+    speed = results["parts"].get("sdxl-speed", {})
+    if "variants" in speed:
+        from decoupled_dmd.demo.cost import speed_markdown
+
+        lines += ["", speed_markdown({f"SDXL {speed['resolution']} px": speed["variants"]})]
     cap = results["parts"].get("sdxl-24gb")
     if cap:
         lines += ["", f"24 GiB cap: {'fits' if cap.get('fits') else 'does NOT fit'}"

@@ -285,3 +285,59 @@ if __name__ == "__main__":
         requested = json.load(stream)
     logging.basicConfig(level=logging.WARNING)
     print(json.dumps(measure_case(requested)))
+
+
+# --- speed of one generator update, before and after each waste cut, side by side ------------------------------
+SPEED_VARIANTS = {
+    # name: (trainer attributes, config changes); each row adds to the one before it
+    "before (two teacher calls, peft role switch)": ({"batch_teacher_rows": False, "fast_switch": False}, {}),
+    "same math: one teacher call, fast role switch": ({"batch_teacher_rows": True, "fast_switch": True}, {}),
+    "+ batch_fake_samples": ({"batch_teacher_rows": True, "fast_switch": True}, {"batch_fake_samples": True}),
+    "+ share_generator_sample": ({"batch_teacher_rows": True, "fast_switch": True},
+                                 {"batch_fake_samples": True, "share_generator_sample": True}),
+}
+
+
+def compare_speed(trainer, rounds: int = 3, warmup: int = 1, synchronize=None) -> dict:
+    """Seconds per generator update of each SPEED_VARIANTS row on one trainer (same model, same process),
+    interleaved round by round so that drift of the machine hits every variant alike."""
+    synchronize = synchronize or (lambda: None)
+    base_config = trainer.config
+    times: dict[str, list[float]] = {name: [] for name in SPEED_VARIANTS}
+    work: dict[str, dict] = {}
+    for round_index in range(warmup + rounds):
+        state = trainer.random.generator.get_state()
+        for name, (attributes, changes) in SPEED_VARIANTS.items():
+            trainer.random.generator.set_state(state)  # every variant of a round draws the same first steps
+            trainer.batch_teacher_rows = attributes["batch_teacher_rows"]
+            if hasattr(trainer.roles, "_fast_switch"):
+                trainer.roles._fast_switch = attributes["fast_switch"]
+            trainer.config = base_config.replace(**changes)
+            synchronize()
+            started = time.perf_counter()
+            trainer.train_step()
+            synchronize()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - started)
+                work[name] = trainer.meter.logs()
+    trainer.config = base_config
+    before = sum(times[next(iter(SPEED_VARIANTS))]) / rounds
+    out = {}
+    for name, values in times.items():
+        mean = sum(values) / len(values)
+        out[name] = {"seconds_per_update": mean, "ratio_to_before": mean / before, "seconds": values,
+                     "forward_equivalents": work[name].get("fe_total"),
+                     "phases": {k[8:]: v for k, v in work[name].items() if k.startswith("seconds_")}}
+    return out
+
+
+def speed_markdown(results: dict[str, dict]) -> str:
+    """One table per model: seconds per generator update by variant and the ratio to 'before'."""
+    lines = ["## Speed of one generator update, side by side (same model, same process)", ""]
+    for model, variants in results.items():
+        lines += [f"**{model}**", "", "| variant | s / update | / before | FE / update |", "| --- | --- | --- | --- |"]
+        for name, r in variants.items():
+            lines.append(f"| {name} | {r['seconds_per_update']:.3f} | {r['ratio_to_before']:.2f} | "
+                         f"{r['forward_equivalents'] or 0:.1f} |")
+        lines.append("")
+    return "\n".join(lines)

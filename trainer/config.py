@@ -100,6 +100,10 @@ class TrainConfig:
         False, "Run Algorithm 1's order (generator update, then the fake updates) and train the first fake update on "
         "the generator turn's own detached sample, as DMD2 does: saves one backward simulation and one student "
         "forward per update; changes the random stream, so a run differs from one without it.", section="method")
+    batch_fake_samples: bool = _key(
+        False, "Draw the student samples of all fake updates of one generator update in one batched backward "
+        "simulation (at most one student call per student step instead of one per sample and step): the same "
+        "distribution, another random stream; faster where the GPU waits on Python at batch 1.", section="method")
     fake_loss_target: str = _key(
         "native", "Fake denoising loss on the teacher's own objective (eps/v/flow, as DMD2) or plain x0 (Alg. 1).",
         FAKE_LOSS_TARGETS, section="method")

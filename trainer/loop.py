@@ -129,6 +129,7 @@ class DecoupledDMDTrainer:
         self.meter = CostMeter(config.train_batch_size, config.gradient_checkpointing,
                                torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
         self._uncond_cache: dict[int, Conditioning] = {}
+        self.batch_teacher_rows = True  # one teacher call per update; False (two calls) only to measure the gain
         self._generator_sample: tuple[Conditioning, Tensor] | None = None
         self.random.generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
         self.step = 0
@@ -217,11 +218,12 @@ class DecoupledDMDTrainer:
             self.schedulers[role] = accelerator.prepare_scheduler(scheduler)
 
     # --- the denoisers ---------------------------------------------------------------------------------------
-    def _x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False) -> Tensor:
+    def _x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False,
+            kind: str | None = None) -> Tensor:
         """x0 prediction of `role`; `train` routes through the data-parallel wrapper so gradients sync."""
         module = self.roles.module(role)
         network = self.wrapped[role] if train else module
-        self.meter.forward(role, x_t.shape[0], "train_forward" if train else "forward")
+        self.meter.forward(role, x_t.shape[0], kind or ("train_forward" if train else "forward"))
         with self.accelerator.autocast():
             return self.adapter.predict_x0(network, x_t, level, cond)
 
@@ -264,6 +266,40 @@ class DecoupledDMDTrainer:
         return torch.full((batch,), value, dtype=torch.float64, device=self.accelerator.device)
 
     # --- training phases -------------------------------------------------------------------------------------
+    def _fake_samples(self, count: int) -> list[tuple[Conditioning, Tensor] | None]:
+        """Student samples for `count` fake updates: drawn one by one inside each update (None), or all at once
+        in one batched backward simulation (`batch_fake_samples`; the student does not change between fake
+        updates, so each sample has the same distribution)."""
+        if count <= 0:
+            return []
+        if not self.config.batch_fake_samples or count == 1:
+            return [None] * count
+        with self.meter.phase("fake_sample"), torch.no_grad():
+            return self._batched_student_samples(count)
+
+    def _batched_student_samples(self, count: int) -> list[tuple[Conditioning, Tensor]]:
+        """`count` batches (cond, x_gen), each at its own random student step: one chain of student calls over
+        all rows, a row leaving the batch at its step (its x0 there is x_gen); at most N calls in all."""
+        draws = [self._draw_batch() for _ in range(count)]
+        batch = draws[0][2].shape[0]
+        cond = Conditioning.cat([d[0] for d in draws])
+        step_of_row = torch.tensor([d[1] for d in draws]).repeat_interleave(batch)
+        x_gen = torch.empty((count * batch, *self.latent_shape), device=self.accelerator.device)
+        active = torch.arange(count * batch)
+        x = torch.cat([d[2] for d in draws])
+        for index in range(int(step_of_row.max()) + 1):
+            level = self._level(self.levels[index], len(active))
+            x0 = self._x0("student", x, level, cond.select(active), kind="simulation").float()
+            done = step_of_row[active] == index
+            x_gen[active[done].to(x_gen.device)] = x0[done.to(x0.device)]
+            keep = step_of_row[active] > index
+            if not keep.any():
+                break
+            active, x0 = active[keep], x0[keep.to(x0.device)]
+            fresh = torch.randn(x0.shape, generator=self.random.generator).to(x0.device)
+            x = self.adapter.schedule.renoise(x0, fresh, self._level(self.levels[index + 1], len(active))).to(x.dtype)
+        return [(draws[i][0], x_gen[i * batch:(i + 1) * batch]) for i in range(count)]
+
     def fake_step(self, sample: tuple[Conditioning, Tensor] | None = None) -> dict[str, float]:
         """Algorithm 1 lines 45-51: train the fake model to denoise a student sample x'_gen at tau'.
 
@@ -342,8 +378,11 @@ class DecoupledDMDTrainer:
             x_dm = x_ca if (shared and use_ca) else schedule.renoise(x_gen, self._randn(batch), tau_dm)
             if not (shared and use_ca):
                 rows.append((x_dm, tau_dm, cond))
-        predictions = self._x0("teacher", torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
-                               Conditioning.cat([r[2] for r in rows])).split(batch) if rows else []
+        predictions = []
+        groups = [rows] if self.batch_teacher_rows else [rows[:2], rows[2:]]  # unbatched: CA pair, then DM
+        for group in (g for g in groups if g):
+            predictions += self._x0("teacher", torch.cat([r[0] for r in group]), torch.cat([r[1] for r in group]),
+                                    Conditioning.cat([r[2] for r in group])).split(batch)
         terms = _UpdateTerms()
         if use_ca:
             x0_cond, x0_uncond = predictions[0], predictions[1]
@@ -398,9 +437,10 @@ class DecoupledDMDTrainer:
         logs: dict[str, float] = {}
         if config.share_generator_sample:
             logs.update(self.generator_step())
-            fake_logs = [self.fake_step(self._generator_sample if i == 0 else None) for i in range(fakes)]
+            samples = [self._generator_sample] + self._fake_samples(fakes - 1) if fakes else []
+            fake_logs = [self.fake_step(sample) for sample in samples]
         else:
-            fake_logs = [self.fake_step() for _ in range(fakes)]
+            fake_logs = [self.fake_step(sample) for sample in self._fake_samples(fakes)]
             logs.update(self.generator_step())
         self._generator_sample = None
         if fake_logs:

@@ -155,10 +155,10 @@ def simulate_peak_bytes(run: Callable[[], None], mixed_precision: str = "no") ->
 
 
 def simulate_training_step(network: nn.Module, predict_x0: Callable, cond_for: Callable[[int], object],
-                           latent_shape: tuple[int, ...], batch: int, teacher_rows: int,
+                           latent_shape: tuple[int, ...], batch: int, no_grad_rows: int,
                            mixed_precision: str = "no") -> dict[str, int]:
     """Peak bytes above the weights of (a) one trained forward/backward of `network` as it stands (LoRA and
-    gradient checkpointing as set on it) and (b) one no-grad call on `teacher_rows` x batch rows."""
+    gradient checkpointing as set on it) and (b) one no-grad call on `no_grad_rows` x batch rows."""
     level_value = 0.5
 
     def forward(rows: int):
@@ -171,14 +171,14 @@ def simulate_training_step(network: nn.Module, predict_x0: Callable, cond_for: C
 
     def teacher():
         with torch.no_grad():
-            forward(batch * teacher_rows)
+            forward(batch * no_grad_rows)
 
     was_training = network.training
     with _on_meta(network):
         network.train()  # gradient checkpointing acts in training mode only
         try:
             out = {"train_step": simulate_peak_bytes(train, mixed_precision),
-                   "teacher_call": simulate_peak_bytes(teacher, mixed_precision)}
+                   "no_grad_call": simulate_peak_bytes(teacher, mixed_precision)}
         finally:
             network.train(was_training)
     return out
@@ -245,10 +245,10 @@ def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], 
     parts = {"base weights": base_bytes, "adapters (fp32, both roles)": adapters, "optimizer states": optimizer,
              "VAE": vae_bytes, "text encoders (while encoding)": text_encoder_bytes,
              "trained step (activations + grads)": simulated["train_step"],
-             "teacher call (batched rows)": simulated["teacher_call"]}
+             "widest no-grad call": simulated["no_grad_call"]}
     resident = base_bytes + adapters + optimizer + vae_bytes
     phases = {"encoding prompts": base_bytes + adapters + text_encoder_bytes + encode_bytes + vae_bytes,
-              "training": resident + max(simulated["train_step"], simulated["teacher_call"])}
+              "training": resident + max(simulated["train_step"], simulated["no_grad_call"])}
     return MemoryPlan(parts, phases, device)
 
 
@@ -256,13 +256,16 @@ def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], 
 ALLOCATOR_HEADROOM = 1.10  # the caching allocator's rounding and fragmentation above the bytes in use
 
 
-def teacher_rows(config) -> int:
-    """Rows of the batched teacher call per sample: CA cond + uncond, plus DM cond unless levels are shared."""
+def widest_no_grad_rows(config) -> int:
+    """Rows per sample of the widest no-grad call: the batched teacher call (CA cond + uncond, plus DM cond
+    unless levels are shared), or the batched student samples of the fake updates."""
     from .schedules import renoise_levels_shared
 
     rows = 2 if config.cfg_augmentation else 0
     if config.regularizer == "dm" and not (config.cfg_augmentation and renoise_levels_shared(config.renoise_schedule)):
         rows += 1
+    if config.batch_fake_samples and config.uses_fake_model:
+        rows = max(rows, config.fake_updates_per_step - (1 if config.share_generator_sample else 0))
     return max(rows, 1)
 
 
@@ -281,7 +284,7 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
     network = roles.module("student")
     base = sum(p.numel() for p in network.parameters() if id(p) not in trained_ids) * weight_bytes
     simulated = simulate_training_step(network, adapter.predict_x0, cond_for, latent_shape,
-                                       config.train_batch_size, teacher_rows(config), config.mixed_precision)
+                                       config.train_batch_size, widest_no_grad_rows(config), config.mixed_precision)
     plan = build_plan(base_bytes=base, adapter_parameters={r: trainable[r] for r in roles_used},
                       optimizer_type=config.optimizer_type, simulated=simulated,
                       text_encoder_bytes=text_encoder_parameters * weight_bytes, vae_bytes=4 * vae_parameters,
@@ -292,7 +295,7 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
     plan.parts["optimizer states"] = int(adapter_scale * plan.parts["optimizer states"])
     one_role = int(adapter_scale * 4 * max(sum(p.numel() for p in trainable[r]) for r in roles_used))
     resident = base + plan.parts["adapters (fp32, both roles)"] + plan.parts["optimizer states"] + plan.parts["VAE"]
-    plan.phases["training"] = resident + max(simulated["train_step"], simulated["teacher_call"])
+    plan.phases["training"] = resident + max(simulated["train_step"], simulated["no_grad_call"])
     plan.phases["optimizer step"] = resident + 2 * one_role
     return plan
 
