@@ -171,7 +171,7 @@ def run_training(family: str, resolution: int, steps: int, warmup: int, small: b
         len(config.student_timesteps), config.fake_updates_per_step, gradient_checkpointing=True)
 
     # one teacher forward at the training shape: the unit of the compute floor
-    roles, levels = trainer.roles, trainer.levels
+    roles = trainer.roles
     cond = trainer._conditioning([PROMPTS[0]])
     x = torch.randn((1, *trainer.latent_shape), device=device)
     level = torch.full((1,), 0.5, dtype=torch.float64, device=device)

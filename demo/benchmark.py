@@ -39,6 +39,11 @@ VARIANTS = {
     "CA + mean-variance KL": ("regularizer", {"regularizer": "mean_variance"}),
     "normalization none": ("normalization", {"update_normalization": "none"}),
     "normalization shared": ("normalization", {"update_normalization": "shared"}),
+    # the speed options that change the random stream (not the math), on the coupled schedule
+    "coupled + batch_fake_samples": ("speed options", {"renoise_schedule": "coupled-shared", "batch_fake_samples": True}),
+    "coupled + batched + share_generator_sample": ("speed options", {"renoise_schedule": "coupled-shared",
+                                                                    "batch_fake_samples": True,
+                                                                    "share_generator_sample": True}),
 }
 # With one student step (t = 0) every constrained range is the full range: those schedules equal
 # decoupled-full there and are not run twice.
@@ -254,19 +259,20 @@ def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]
                ("saturation", "saturated pixel fraction"), ("image_var", "per-image variance"),
                ("image_mean", "per-image mean"), ("top1", "top-1 accuracy")]
     for steps in sorted({r["steps"] for r in results}):
-        for group in ("schedule", "regularizer", "normalization"):
+        for group in ("schedule", "regularizer", "normalization", "speed options"):
+            reference = "coupled-shared" if group == "speed options" else BASELINE
             series: dict = {}
             for data in results:
                 if data["steps"] != steps:
                     continue
-                if VARIANTS[data["name"]][0] == group or (group != "schedule" and data["name"] == BASELINE):
+                if VARIANTS[data["name"]][0] == group or (group != "schedule" and data["name"] == reference):
                     label = data["name"]
                     if data["name"] == BASELINE and group != "schedule":
                         label = f"{BASELINE} (CA + DM, per_term)"
                     series.setdefault(label, []).append(data["history"])
             if len(series) < 2:
                 continue
-            path = os.path.join(output_dir, f"{steps}step_{group}.png")
+            path = os.path.join(output_dir, f"{steps}step_{group.replace(' ', '_')}.png")
             save_metric_curves(series, metrics, path, title=f"{steps}-step student: {group} ablation",
                                floors={"frechet": floor} if floor else None)
             paths.append(path)
@@ -310,6 +316,8 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost_rank", type=int, help="LoRA rank of the SDXL-architecture cost cases (default 64, DMD2's)")
     parser.add_argument("--cost_optimizer", choices=OPTIMIZERS, help="optimiser of the cost cases (default adamw)")
     parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
+    parser.add_argument("--skip_speed", action="store_true",
+                        help="skip the side-by-side seconds per update of the waste cuts (tiny SD1.5 / SDXL, demo)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -364,6 +372,13 @@ def benchmark_main(argv: list[str] | None = None) -> int:
             with open(cost_file, "w", encoding="utf-8") as handle:
                 json.dump(cost, handle, indent=1)
         report.append(cost_markdown(cost))
+    if not args.skip_speed:
+        from .cost import run_speed_benchmark, speed_markdown
+
+        speed = run_speed_benchmark(threads=args.cost_threads)
+        with open(os.path.join(args.output_dir, "speed.json"), "w", encoding="utf-8") as handle:
+            json.dump(speed, handle, indent=1)
+        report.append(speed_markdown(speed))
     report.append(f"Total time: {time.time() - started:.0f} s.")
     with open(os.path.join(args.output_dir, "benchmark.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(report) + "\n")

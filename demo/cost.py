@@ -155,6 +155,11 @@ def measure_case(case: dict) -> dict:
     out["peak_rss"] = _rss_bytes("VmHWM")
     out["trainable_parameters"] = sum(p.numel() for role in ("student", "fake")
                                       for p in trainer.roles.trainable_parameters(role))
+    if trainer.memory_plan is not None:
+        out["plan"] = trainer.memory_plan.to_dict()
+    work = trainer.meter.logs()
+    out["forward_equivalents"] = work.get("fe_total")
+    out["phase_seconds"] = {k[8:]: v for k, v in work.items() if k.startswith("seconds_")}
     return out
 
 
@@ -239,8 +244,8 @@ def run_cost_benchmark(sizes: list[str], output_dir: str, steps: int = 3, thread
 
 def cost_markdown(cost: dict) -> str:
     lines = ["## Cost: LoRA mode against full copies (CPU)", "",
-             "| model | params | weights | mode | s/update | peak RSS above imports | / weights | goal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | params | weights | mode | s/update | FE/update | peak RSS above imports | / weights | plan | plan / RSS | goal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_case: dict = {}
     for r in cost["results"]:
         by_case.setdefault(r["case"], {})[r["mode"]] = r
@@ -253,8 +258,8 @@ def cost_markdown(cost: dict) -> str:
             weights = r.get("weight_bytes", 0)
             params = f"{r['parameters'] / 1e6:.1f} M" if "parameters" in r else ""
             if "skipped" in r or "error" in r:
-                lines.append(f"| {case} | {params} | {weights / GIB:.2f} GiB | {mode} | | "
-                             f"{r.get('skipped') or r.get('error', '')[:120]} | | |")
+                lines.append(f"| {case} | {params} | {weights / GIB:.2f} GiB | {mode} | | | "
+                             f"{r.get('skipped') or r.get('error', '')[:120]} | | | | |")
                 continue
             peak = r["peak_rss"] - r["rss_before_model"]
             goal = ""
@@ -270,13 +275,19 @@ def cost_markdown(cost: dict) -> str:
                 if r.get("trainable_parameters"):
                     millions = r["trainable_parameters"] / 1e6
                     label += f" ({millions:.{0 if millions >= 10 else 2}f} M trainable, both adapters)"
-            lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {label} | {r['seconds_per_step']:.2f} | "
-                         f"{peak / GIB:.2f} GiB | {peak / weights:.2f} | {goal} |")
+            plan = (r.get("plan") or {}).get("peak")
+            plan_cells = f"{plan / GIB:.2f} GiB | {plan / peak:.2f}" if plan else " | "
+            fe = f"{r['forward_equivalents']:.1f}" if r.get("forward_equivalents") else ""
+            lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {label} | {r['seconds_per_step']:.2f} | {fe} | "
+                         f"{peak / GIB:.2f} GiB | {peak / weights:.2f} | {plan_cells} | {goal} |")
         if activations is not None:
-            lines.append(f"| {case} | | | one student fwd/bwd | | {activations / GIB:.2f} GiB activations | | |")
+            lines.append(f"| {case} | | | one student fwd/bwd | | | {activations / GIB:.2f} GiB activations | | | | |")
     lines += ["", "Peak RSS is the process's high-water mark minus its resident size after the imports, before the "
                   "model was built. Full mode's skipped rows: the naive mode needs at least the frozen teacher, two "
-                  "trained copies, their gradients and AdamW's two moments (9x the weights).", ""]
+                  "trained copies, their gradients and AdamW's two moments (9x the weights). FE: backbone "
+                  "forward-equivalents of the last update (a backward counts 2). Plan: the memory plan's peak "
+                  "(tensor bytes, what a GPU's max_memory_allocated counts); RSS adds the C allocator's retained "
+                  "and fragmented memory.", ""]
     return "\n".join(lines)
 
 
@@ -341,3 +352,33 @@ def speed_markdown(results: dict[str, dict]) -> str:
                          f"{r['forward_equivalents'] or 0:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin:tiny-sdxl", "builtin:demo"),
+                        rounds: int = 4, threads: int = 2) -> dict[str, dict]:
+    """compare_speed on small CPU models: the demo teacher with the demo's settings, tiny SD1.5 / SDXL with
+    LoRA rank 4, batch 2, five fake updates."""
+    import torch
+
+    from ..trainer.api import load_teacher
+    from ..trainer.config import config_from_dict
+    from ..trainer.loop import DecoupledDMDTrainer
+    from .experiment import BASE_SETTINGS, flow_timesteps_matching_sdxl
+
+    torch.set_num_threads(threads)
+    results = {}
+    for model in models:
+        output_dir = tempfile.mkdtemp(prefix="dmd-speed-")
+        if model == "builtin:demo":
+            values = dict(BASE_SETTINGS, student_timesteps=flow_timesteps_matching_sdxl(4), guidance_scale=3.0)
+            values.pop("log_with", None)
+        else:
+            values = dict(network_dim=4, network_alpha=4.0, train_batch_size=2, fake_updates_per_step=5)
+        config = config_from_dict(dict(values, pretrained_model_name_or_path=model, output_dir=output_dir,
+                                       log_with="none", max_train_steps=1000))
+        adapter = load_teacher(model)
+        trainer = DecoupledDMDTrainer(config, adapter, ["a photo of the cat", "a red house", "a handwritten digit seven",
+                                                        "a handwritten digit one"])
+        logger.info("speed: %s", model)
+        results[model] = compare_speed(trainer, rounds=rounds, warmup=1)
+    return results

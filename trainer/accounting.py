@@ -15,6 +15,8 @@ from contextlib import contextmanager
 
 ROLES = ("student", "teacher", "fake")
 KINDS = ("simulation", "forward", "train_forward", "backward", "recompute")
+PHASES = ("fake_sample", "fake_update", "generator_simulation", "generator_student", "generator_teacher_fake",
+          "generator_update")
 BACKWARD_FE = 2.0  # a backward pass costs about two forwards (gradients w.r.t. activations and weights)
 
 
@@ -97,8 +99,12 @@ class CostMeter:
         return out
 
     def logs(self) -> dict[str, float]:
-        """Flat numbers for the training log: fe_<role>, fe_<role>_<kind>, fe_total, seconds_<phase>."""
+        """Flat numbers for the training log: fe_<role>, fe_<role>_<kind>, fe_total, seconds_<phase>.
+
+        The same keys every update and on every process (zeros included): data-parallel runs average the
+        logs in one collective, which needs equal lists."""
         logs = {f"fe_{role}": value for role, value in self.by_role().items()}
-        logs.update({f"fe_{role}_{kind}": value for (role, kind), value in sorted(self.work.items())})
-        logs.update({f"seconds_{name}": value for name, value in sorted(self.seconds.items())})
+        logs.update({f"fe_{role}_{kind}": self.work.get((role, kind), 0.0) for role in ROLES for kind in KINDS})
+        logs.update({f"seconds_{name}": self.seconds.get(name, 0.0) for name in PHASES})
+        logs.update({f"seconds_{name}": value for name, value in self.seconds.items() if name not in PHASES})
         return logs

@@ -100,6 +100,16 @@ class ModelAdapter(ABC):
     def enable_gradient_checkpointing(self, network: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
+    def planning_module(self, network: nn.Module) -> nn.Module:
+        """The module whose parameters and buffers the memory plan swaps for meta tensors to simulate a call of
+        `network`: the backbone itself, or whatever owns it and the tables its calls read."""
+        return network
+
+    def planning_skeleton(self) -> "ModelAdapter | None":
+        """An adapter of the same architecture that the memory plan can run on the meta device, where this one's
+        calls cannot (a host application's internals); None: simulate this adapter itself."""
+        return None
+
     def text_encoder_parameters(self) -> int:
         """Parameters of the text encoders this adapter moves to the training device (0: managed elsewhere)."""
         return 0

@@ -167,16 +167,26 @@ class DecoupledDMDTrainer:
                                  for k, v in template.tensors.items()})
 
         def plan_for(changed: TrainConfig):
+            height, width = changed.resolution_hw() or self.adapter.default_resolution
+            common = dict(text_encoder_parameters=self.adapter.text_encoder_parameters(),
+                          vae_parameters=self.adapter.vae_parameters(),
+                          adapter_scale=changed.network_dim / config.network_dim)
+            skeleton = self.adapter.planning_skeleton()
+            if skeleton is not None:  # simulate on a meta stand-in, count the real adapters
+                roles = LoraRoles(skeleton.network, changed.network_dim, changed.network_alpha,
+                                  skeleton.default_lora_target_modules())
+                if changed.gradient_checkpointing:
+                    skeleton.enable_gradient_checkpointing(skeleton.network)
+                return plan_training_memory(self.adapter, self.roles, changed, self.adapter.latent_shape(height, width),
+                                            cond_for, device, simulate_on=(skeleton, roles, skeleton.example_conditioning),
+                                            **common)
             network = self.roles.module("student")
             toggled = changed.gradient_checkpointing != config.gradient_checkpointing
             if toggled:
                 self.adapter.enable_gradient_checkpointing(network)
             try:
-                height, width = changed.resolution_hw() or self.adapter.default_resolution
                 return plan_training_memory(self.adapter, self.roles, changed, self.adapter.latent_shape(height, width),
-                                            cond_for, device, text_encoder_parameters=self.adapter.text_encoder_parameters(),
-                                            vae_parameters=self.adapter.vae_parameters(),
-                                            adapter_scale=changed.network_dim / config.network_dim)
+                                            cond_for, device, **common)
             finally:
                 if toggled:
                     self.adapter.disable_gradient_checkpointing(network)

@@ -156,7 +156,7 @@ def simulate_peak_bytes(run: Callable[[], None], mixed_precision: str = "no") ->
 
 def simulate_training_step(network: nn.Module, predict_x0: Callable, cond_for: Callable[[int], object],
                            latent_shape: tuple[int, ...], batch: int, no_grad_rows: int,
-                           mixed_precision: str = "no") -> dict[str, int]:
+                           mixed_precision: str = "no", owner: nn.Module | None = None) -> dict[str, int]:
     """Peak bytes above the weights of (a) one trained forward/backward of `network` as it stands (LoRA and
     gradient checkpointing as set on it) and (b) one no-grad call on `no_grad_rows` x batch rows."""
     level_value = 0.5
@@ -174,7 +174,7 @@ def simulate_training_step(network: nn.Module, predict_x0: Callable, cond_for: C
             forward(batch * no_grad_rows)
 
     was_training = network.training
-    with _on_meta(network):
+    with _on_meta(owner if owner is not None else network):
         network.train()  # gradient checkpointing acts in training mode only
         try:
             out = {"train_step": simulate_peak_bytes(train, mixed_precision),
@@ -221,8 +221,8 @@ class MemoryPlan:
 
     def table(self) -> str:
         lines = [f"memory plan ({self.device}):"]
-        lines += [f"  {name:<36} {format_bytes(value):>10}" for name, value in self.parts.items()]
-        lines += [f"  {'peak while ' + name:<36} {format_bytes(value):>10}" for name, value in self.phases.items()]
+        lines += [f"  {name:<40} {format_bytes(value):>10}" for name, value in self.parts.items()]
+        lines += [f"  {'peak while ' + name:<40} {format_bytes(value):>10}" for name, value in self.phases.items()]
         lines.append(f"  => peak {format_bytes(self.peak)} ({self.peak_phase})")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -242,7 +242,7 @@ def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], 
     trainable = [p for params in adapter_parameters.values() for p in params]
     adapters = 4 * sum(p.numel() for p in trainable)
     optimizer = optimizer_state_bytes(trainable, optimizer_type)
-    parts = {"base weights": base_bytes, "adapters (fp32, both roles)": adapters, "optimizer states": optimizer,
+    parts = {"base weights": base_bytes, "trained weights (fp32, student + fake)": adapters, "optimizer states": optimizer,
              "VAE": vae_bytes, "text encoders (while encoding)": text_encoder_bytes,
              "trained step (activations + grads)": simulated["train_step"],
              "widest no-grad call": simulated["no_grad_call"]}
@@ -253,7 +253,7 @@ def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], 
 
 
 # --- the plan of a configured run ------------------------------------------------------------------------------
-ALLOCATOR_HEADROOM = 1.10  # the caching allocator's rounding and fragmentation above the bytes in use
+ALLOCATOR_HEADROOM = 1.15  # the caching allocator reserves above the bytes in use (H200, SDXL 1024: 1.15x the plan)
 
 
 def widest_no_grad_rows(config) -> int:
@@ -271,30 +271,40 @@ def widest_no_grad_rows(config) -> int:
 
 def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], cond_for: Callable[[int], object],
                          device: str = "cuda", text_encoder_parameters: int = 0, vae_parameters: int = 0,
-                         adapter_scale: float = 1.0) -> MemoryPlan:
+                         adapter_scale: float = 1.0, simulate_on: tuple | None = None) -> MemoryPlan:
     """The memory plan of `config` on `adapter`'s backbone with `roles` (LoRA adapters or full copies) on it.
 
     The backbone may hold real weights or live on the meta device; it is never modified (gradient
     checkpointing must already be set as the config says). `adapter_scale` scales the trained parameters'
-    memory (another LoRA rank, planned without rebuilding the adapters)."""
+    memory (another LoRA rank, planned without rebuilding the adapters). `simulate_on` = (adapter, roles,
+    cond_for) runs the simulated calls on a stand-in of the same architecture (`planning_skeleton`) while the
+    parameter arithmetic stays on the real model."""
     weight_bytes = BYTES[config.mixed_precision]
     roles_used = ["student"] + (["fake"] if config.uses_fake_model else [])
     trainable = {role: roles.trainable_parameters(role) for role in ("student", "fake")}
     trained_ids = {id(p) for params in trainable.values() for p in params}
+    frozen = roles.module("teacher")  # LoRA mode: the shared base; full mode: the teacher's own copy
+    base = sum(p.numel() for p in frozen.parameters() if id(p) not in trained_ids) * weight_bytes
     network = roles.module("student")
-    base = sum(p.numel() for p in network.parameters() if id(p) not in trained_ids) * weight_bytes
-    simulated = simulate_training_step(network, adapter.predict_x0, cond_for, latent_shape,
-                                       config.train_batch_size, widest_no_grad_rows(config), config.mixed_precision)
+    sim_adapter, sim_network = adapter, network
+    if simulate_on is not None:
+        sim_adapter, sim_roles, cond_for = simulate_on
+        sim_network = sim_roles.module("student")
+    simulated = simulate_training_step(sim_network, sim_adapter.predict_x0, cond_for, latent_shape,
+                                       config.train_batch_size, widest_no_grad_rows(config), config.mixed_precision,
+                                       owner=sim_adapter.planning_module(sim_network))
     plan = build_plan(base_bytes=base, adapter_parameters={r: trainable[r] for r in roles_used},
                       optimizer_type=config.optimizer_type, simulated=simulated,
                       text_encoder_bytes=text_encoder_parameters * weight_bytes, vae_bytes=4 * vae_parameters,
                       device=device)
     # LoRA mode holds both adapters whether or not the fake trains; AdamW's step makes one temporary per tensor
-    plan.parts["adapters (fp32, both roles)"] = int(adapter_scale * 4 * sum(p.numel() for params in trainable.values()
+    plan.parts["trained weights (fp32, student + fake)"] = int(adapter_scale * 4 * sum(p.numel() for params in trainable.values()
                                                                             for p in params))
     plan.parts["optimizer states"] = int(adapter_scale * plan.parts["optimizer states"])
     one_role = int(adapter_scale * 4 * max(sum(p.numel() for p in trainable[r]) for r in roles_used))
-    resident = base + plan.parts["adapters (fp32, both roles)"] + plan.parts["optimizer states"] + plan.parts["VAE"]
+    resident = base + plan.parts["trained weights (fp32, student + fake)"] + plan.parts["optimizer states"] + plan.parts["VAE"]
+    if device == "cpu":  # "offloading" the text encoders to the CPU keeps them where they are
+        resident += plan.parts["text encoders (while encoding)"]
     plan.phases["training"] = resident + max(simulated["train_step"], simulated["no_grad_call"])
     plan.phases["optimizer step"] = resident + 2 * one_role
     return plan

@@ -105,8 +105,18 @@ class DiscreteVPSchedule(NoiseSchedule):
         return (continuous + 1e-6).floor().clamp(0, self.num_train_timesteps - 1).long()
 
     def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
-        alpha_bar = self.alphas_cumprod.to(torch.as_tensor(level).device)[self.timestep_index(level)]
+        alpha_bar = self._table(torch.as_tensor(level).device)[self.timestep_index(level)]
         return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+
+    def _table(self, device) -> Tensor:
+        """alphas_cumprod on `device`, copied there once (not on every call of a training step)."""
+        device = torch.device(device)
+        if device.type in ("cpu", "meta"):
+            return self.alphas_cumprod if device.type == "cpu" else self.alphas_cumprod.to(device)
+        tables = self.__dict__.setdefault("_tables", {})
+        if device not in tables:
+            tables[device] = self.alphas_cumprod.to(device)
+        return tables[device]
 
     def timestep(self, level: Tensor) -> Tensor:
         return self.timestep_index(level).to(torch.float64)

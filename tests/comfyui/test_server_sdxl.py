@@ -47,6 +47,14 @@ def test_sdxl_teacher_is_detected_with_guidance_8(comfy_server, sdxl_trained):
     assert metadata["decoupled_dmd.train_steps"] == "2"
 
 
+def test_train_node_logs_the_memory_plan_of_the_loaded_model(sdxl_trained):
+    _, log = sdxl_trained
+    assert "memory plan unavailable" not in log
+    plan = log[log.index("memory plan ("):]
+    base = float(plan.split("base weights", 1)[1].split()[0])  # the Vega-layout UNet: ~0.7 B parameters
+    assert "peak while training" in plan and "=> peak" in plan and base > 0
+
+
 def test_sdxl_few_step_sampler_makes_an_image_and_lora_is_unet_only(comfy_server, sdxl_trained):
     entry, _ = sdxl_trained
     assert any(name.startswith(f"{RUN}_few_step") for name in _images(entry))

@@ -154,6 +154,26 @@ class ComfyAdapter(ModelAdapter):
         kwargs = {name: value.cond for name, value in kwargs.items()}
         return self.base_model.apply_model(x, k_sigma, transformer_options={}, **kwargs).float()
 
+    def planning_skeleton(self):
+        """The same UNet as a diffusers module on the meta device, its config read from this UNet's LDM weight
+        shapes: ComfyUI's apply_model consults device memory and copies tables, which meta tensors refuse."""
+        from diffusers import UNet2DConditionModel
+
+        from ..ldm_layout import unet_config_from_ldm
+        from ..schedules import DiscreteVPSchedule
+        from .diffusers import DiffusersAdapter
+
+        shapes = {name.replace(".base_layer.", "."): tuple(t.shape) for name, t in self.network.state_dict().items()
+                  if "lora_" not in name}
+        config = unet_config_from_ldm(shapes, self.family)
+        if config.get("addition_embed_type") == "text_time":
+            config["addition_time_embed_dim"] = (config["projection_class_embeddings_input_dim"] - 1280) // 6
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config).requires_grad_(False)
+        skeleton = DiffusersAdapter(unet, [], [], DiscreteVPSchedule(self.schedule.alphas_cumprod), "epsilon")
+        skeleton.latent_downscale, skeleton.default_resolution = self.latent_downscale, self.default_resolution
+        return skeleton
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """CLIP.encode_from_tokens per prompt (first 77-token window; ComfyUI weights like (word:1.2) apply)."""

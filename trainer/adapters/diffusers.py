@@ -123,6 +123,7 @@ class DiffusersAdapter(ModelAdapter):
             count = lambda *prefixes: sum(math.prod(s) for k, s in info.shapes.items() if k.startswith(prefixes))  # noqa: E731
             sizes = {"text_encoders": count(SD15_CLIP_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_CLIP_G_PREFIX),
                      "vae": count(VAE_PREFIX)}
+            downscale = 8  # the SD1.5 / SDXL VAE
             if unet_config.get("addition_embed_type") == "text_time":
                 projection = [s for k, s in info.shapes.items()
                               if k.startswith(SDXL_CLIP_G_PREFIX) and k.endswith("text_projection")]
@@ -131,7 +132,7 @@ class DiffusersAdapter(ModelAdapter):
         else:
             unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
             schedule, prediction_type = schedule_from_scheduler_config(_read_scheduler_config(path, True))
-            sizes = {"text_encoders": 0, "vae": 0}
+            sizes, downscale = {"text_encoders": 0, "vae": 0}, 8
             for folder in ("text_encoder", "text_encoder_2"):
                 if os.path.isdir(os.path.join(path, folder)):
                     sizes["text_encoders"] += _meta_parameter_count(path, folder)
@@ -139,14 +140,21 @@ class DiffusersAdapter(ModelAdapter):
                 with torch.device("meta"):
                     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path, subfolder="vae"))
                 sizes["vae"] = sum(p.numel() for p in vae.parameters())
+                downscale = 2 ** (len(vae.config.block_out_channels) - 1)
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config).requires_grad_(False)
         adapter = cls(unet, [], [], schedule, prediction_type)
+        tokenizer_config = os.path.join(path, "tokenizer", "tokenizer_config.json")
+        if os.path.isfile(tokenizer_config):
+            import json
+
+            with open(tokenizer_config, encoding="utf-8") as handle:
+                adapter.token_length = int(json.load(handle).get("model_max_length", 77))
         if sizes["vae"]:
-            adapter.latent_downscale = 8  # every SD VAE
+            adapter.latent_downscale = downscale
             size = unet.config.sample_size
             size = size if isinstance(size, int) else size[0]
-            adapter.default_resolution = (size * 8, size * 8)
+            adapter.default_resolution = (size * downscale, size * downscale)
         return adapter, sizes
 
     def example_conditioning(self, rows: int, device="meta") -> Conditioning:
@@ -174,11 +182,18 @@ class DiffusersAdapter(ModelAdapter):
         if self.is_sdxl:
             height, width = (s * self.latent_downscale for s in x_t.shape[-2:])
             # (original size, crop top-left, target size) = (H, W, 0, 0, H, W): uncropped square-on training
-            time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=x_t.device)
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
-                                           "time_ids": time_ids.expand(x_t.shape[0], 6)}
+                                           "time_ids": self._time_ids(height, width, x_t.device).expand(x_t.shape[0], 6)}
         prediction = network(x_t, timestep, return_dict=False, **kwargs)[0]
         return prediction_to_x0(x_t.float(), prediction.float(), alpha, sigma, self.prediction_type)
+
+    def _time_ids(self, height: int, width: int, device) -> Tensor:
+        """SDXL's size conditioning, built once per size and device."""
+        key = (height, width, str(device))
+        cache = self.__dict__.setdefault("_time_id_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+        return cache[key]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
