@@ -279,12 +279,13 @@ def speed_part(family: str, resolution: int, small: bool) -> dict:
 
 def _plan_verdict(small: bool) -> str:
     """The plan's answer for a 24 GiB limit, made on the meta device before any weight exists."""
+    from diffusers import UNet2DConditionModel
+
     from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
     from decoupled_dmd.trainer.config import config_from_dict
     from decoupled_dmd.trainer.memory_plan import MemoryPlanError, check_fits, knob_savings, plan_training_memory
     from decoupled_dmd.trainer.networks import LoraRoles
     from decoupled_dmd.trainer.schedules import DiscreteVPSchedule
-    from diffusers import UNet2DConditionModel
 
     config = config_from_dict(dict(TRAIN_SETTINGS, resolution=256 if small else 1024, memory_limit_gb=24))
 

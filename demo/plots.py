@@ -6,7 +6,6 @@ import math
 import os
 
 import numpy as np
-import torch
 from torch import Tensor
 
 
@@ -131,6 +130,3 @@ def save_metric_curves(series: dict[str, list[list[dict]]], metrics: list[tuple[
     plt.close(figure)
     return path
 
-
-def to_tensor(images) -> Tensor:
-    return images if isinstance(images, Tensor) else torch.as_tensor(images)

@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from .data import demo_prompts
-from .experiment import (BASE_SETTINGS, EVAL_SEED, flow_timesteps_matching_sdxl, read_training_log,
-                         run_distillation, sample_student)
+from .experiment import (
+    BASE_SETTINGS,
+    EVAL_SEED,
+    flow_timesteps_matching_sdxl,
+    read_training_log,
+    run_distillation,
+    sample_student,
+)
 from .metrics import Evaluator, evaluation_prompts, teacher_samples
 from .models import REFERENCE_FILE, TEACHER_DIR, teacher_info
 from .plots import save_labelled_grid, save_training_curves

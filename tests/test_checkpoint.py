@@ -15,8 +15,13 @@ from safetensors.torch import load_file, save_file
 from decoupled_dmd.trainer import ldm_layout as layout
 from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
 from decoupled_dmd.trainer.api import apply_student, load_teacher, read_student_metadata
-from decoupled_dmd.trainer.checkpoint import (CheckpointError, inspect_checkpoint, load_single_file,
-                                              read_safetensors_header, write_ldm_checkpoint)
+from decoupled_dmd.trainer.checkpoint import (
+    CheckpointError,
+    inspect_checkpoint,
+    load_single_file,
+    read_safetensors_header,
+    write_ldm_checkpoint,
+)
 from decoupled_dmd.trainer.config import config_from_dict
 from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
 from decoupled_dmd.trainer.outputs import atomic_write

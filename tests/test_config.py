@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from decoupled_dmd.trainer.config import ConfigError, KEYS, TrainConfig, config_from_dict, load_config
+from decoupled_dmd.trainer.config import KEYS, ConfigError, TrainConfig, config_from_dict, load_config
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 

@@ -6,15 +6,19 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_training import PROMPTS, make_trainer
 
 from decoupled_dmd.trainer.accounting import CostMeter, expected_forward_equivalents
 from decoupled_dmd.trainer.api import distill, plan_memory
 from decoupled_dmd.trainer.config import config_from_dict
 from decoupled_dmd.trainer.loop import list_states
-from decoupled_dmd.trainer.memory_plan import (GIB, MemoryPlanError, build_plan, optimizer_state_bytes,
-                                               simulate_peak_bytes)
-
-from test_training import PROMPTS, make_trainer
+from decoupled_dmd.trainer.memory_plan import (
+    GIB,
+    MemoryPlanError,
+    build_plan,
+    optimizer_state_bytes,
+    simulate_peak_bytes,
+)
 
 
 # --- accounting ------------------------------------------------------------------------------------------------

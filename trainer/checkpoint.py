@@ -34,7 +34,6 @@ VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointError(ConfigError):

@@ -43,9 +43,6 @@ class Conditioning:
         index = torch.as_tensor(indices, dtype=torch.long)
         return Conditioning({k: v[index.to(v.device)] for k, v in self.tensors.items()})
 
-    def zeros_like(self) -> "Conditioning":
-        return Conditioning({k: torch.zeros_like(v) for k, v in self.tensors.items()})
-
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         names = parts[0].tensors.keys()

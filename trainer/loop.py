@@ -23,18 +23,32 @@ from torch import Tensor
 from .accounting import CostMeter
 from .config import ConfigError, TrainConfig
 from .denoiser import Conditioning, ModelAdapter, PromptCache
-from .losses import (cfg_augmentation, classifier_free_guidance, distribution_matching, mean_variance_kl,
-                     normalize_update, per_image_statistics, proxy_loss, weighted_denoising_loss)
+from .losses import (
+    cfg_augmentation,
+    classifier_free_guidance,
+    distribution_matching,
+    mean_variance_kl,
+    normalize_update,
+    per_image_statistics,
+    proxy_loss,
+    weighted_denoising_loss,
+)
 from .networks import FullRoles, LoraRoles, Roles
 from .outputs import atomic_save_safetensors, free_path, save_image_grid, student_metadata
 from .sampling import few_step_sample, student_levels
-from .schedules import (check_student_timesteps, renoise_levels_shared, sample_renoise_levels, timestep_level_bounds,
-                        uniform_levels)
+from .schedules import (
+    check_student_timesteps,
+    renoise_levels_shared,
+    sample_renoise_levels,
+    timestep_level_bounds,
+    uniform_levels,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "state-"
-PROMPT_CACHE_LIMIT = 4096  # above this many prompts, encode per batch instead of caching all
+PROMPT_CACHE_LIMIT = 4096  # above this many distinct prompts, encode each batch as it is drawn (still cached), and
+# keep the text encoders on the device instead of encoding everything up front
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

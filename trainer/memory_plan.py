@@ -341,11 +341,12 @@ def knob_savings(plan_for: Callable[[object], MemoryPlan], config, base_plan: Me
 
 
 def memory_limit_bytes(config, device: str) -> int | None:
-    """memory_limit_gb, or the free memory of the current GPU; None (no check) on a CPU."""
+    """memory_limit_gb, or what this process can use on the current GPU: its free memory plus what this process
+    already holds (a host such as ComfyUI has the weights the plan counts loaded already); None on a CPU."""
     if config.memory_limit_gb:
         return int(config.memory_limit_gb * GIB)
     if device == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
+        return int(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
     return None
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
-from typing import Callable
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -127,9 +127,6 @@ class LoraRoles(Roles):
 
         return {f"{name}.weight": functools.partial(delta, module) for name, module in self.base.named_modules()
                 if isinstance(module, BaseTunerLayer) and role in module.lora_A}
-
-    def delta_weights(self, role: str) -> dict[str, Tensor]:
-        return {name: make() for name, make in self.lazy_delta_weights(role).items()}
 
     def merged_state_dict(self, role: str) -> dict[str, Tensor]:
         """The backbone's own state dict (original names) with `role`'s LoRA merged in, base left untouched."""

@@ -118,10 +118,8 @@ def resolve_builtin(name_or_path: str) -> str:
     if not name_or_path.startswith("builtin:"):
         return name_or_path
     kind = name_or_path.split(":", 1)[1]
-    if kind == "demo":  # the trained MNIST flow teacher shipped in decoupled_dmd/demo/teacher
-        from ..demo.models import TEACHER_DIR
-
-        return TEACHER_DIR
+    if kind == "demo":  # the trained MNIST flow teacher, package data of decoupled_dmd/demo (not imported here)
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "teacher")
     if kind not in TINY_MODELS:
         raise ValueError(f"unknown built-in model {name_or_path!r}; choose builtin:demo or "
                          f"builtin:{', builtin:'.join(TINY_MODELS)}")

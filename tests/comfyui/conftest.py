@@ -18,8 +18,7 @@ import urllib.request
 import uuid
 
 import pytest
-
-from tiny_checkpoints import build_tiny_sd15, build_tiny_sd2_unet, build_tiny_sdxl  # this folder
+from tiny_checkpoints import build_tiny_sd2_unet, build_tiny_sd15, build_tiny_sdxl  # this folder
 
 ROOT = os.environ.get("COMFYUI_ROOT", "")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -8,7 +8,6 @@ import time
 
 import pytest
 from safetensors import safe_open
-
 from test_server import _errors, _images, load_workflow
 
 RUN = "ci_sdxl"
