@@ -137,7 +137,7 @@ def make_config(output_dir: str, prompt_file: str, settings: dict, teacher_dir: 
 
 def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int = 0, eval_per_prompt: int = 20,
                      evaluator: Evaluator | None = None, teacher_dir: str = TEACHER_DIR,
-                     keep_trainer: bool = False):
+                     keep_trainer: bool = False, should_stop=None):
     """Distil the demo teacher with `settings` (TrainConfig keys over BASE_SETTINGS); evaluate as it trains.
 
     Returns a `RunResult` (and the trainer when `keep_trainer`).
@@ -161,7 +161,8 @@ def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int
 
     adapter = DiffusersAdapter.from_pretrained(teacher_dir)
     trainer = DecoupledDMDTrainer(config, adapter, demo_prompts(), demo_prompts(),
-                                  callbacks=TrainerCallbacks(on_step=on_step))
+                                  callbacks=TrainerCallbacks(on_step=on_step,
+                                                             should_stop=should_stop or (lambda: False)))
     holder["trainer"] = trainer
     started = time.time()
     result.history.append({"step": 0, **evaluate_student(trainer, evaluator, prompts)})

@@ -44,8 +44,11 @@ GRID_SEEDS = (0, 1)
 
 def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_prompt: int = 50,
              seed: int = 0, teacher_dir: str = TEACHER_DIR, teacher_steps: int = 50, settings: dict | None = None,
-             reference_file: str = REFERENCE_FILE) -> dict:
-    """Train the demo student and write the results folder; returns the metrics written to metrics.json."""
+             reference_file: str = REFERENCE_FILE, should_stop=None) -> dict:
+    """Train the demo student and write the results folder; returns the metrics written to metrics.json.
+
+    `should_stop` (checked between updates) ends training early; the results are then those of the student
+    trained so far."""
     started = time.time()
     os.makedirs(output_dir, exist_ok=True)
     values = dict(DEMO_SETTINGS, seed=seed, **(settings or {}))
@@ -54,11 +57,19 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     evaluator = Evaluator(reference_file)
     training_dir = os.path.join(output_dir, "training")
     shutil.rmtree(training_dir, ignore_errors=True)  # a fresh run: the trainer would resume nothing anyway
+    logger.info("training: %d generator updates of a %d-step student (the bar below), then about half a minute "
+                "of evaluation", values["max_train_steps"], len(values["student_timesteps"]))
     result, trainer = run_distillation("demo", values, training_dir, eval_every=0, eval_per_prompt=eval_per_prompt,
-                                       evaluator=evaluator, teacher_dir=teacher_dir, keep_trainer=True)
+                                       evaluator=evaluator, teacher_dir=teacher_dir, keep_trainer=True,
+                                       should_stop=should_stop)
     train_seconds = time.time() - started
     guidance = trainer.guidance_scale
     steps = len(trainer.levels)
+    if trainer.step < values["max_train_steps"]:
+        logger.info("stopped at update %d of %d: the student and a resumable state are in %s; evaluating this "
+                    "student (Ctrl-C again to quit now)", trainer.step, values["max_train_steps"], training_dir)
+    logger.info("evaluating: sampling %d student and teacher images, then the grid, curves and metrics",
+                10 * eval_per_prompt)
 
     # The evaluation set: the ten digit prompts, `eval_per_prompt` seeds each, one noise draw shared by all.
     prompts = evaluation_prompts(eval_per_prompt)
@@ -134,8 +145,20 @@ def demo_main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = {"train_batch_size": args.train_batch_size} if args.train_batch_size else None
-    summary = run_demo(args.output_dir, args.max_train_steps, args.eval_per_prompt, args.seed,
-                       teacher_steps=args.teacher_steps, settings=settings)
+    from ..trainer.cli import StopOnInterrupt
+
+    logger.info("dmd-demo: results go to %s; loading the built-in MNIST teacher and its classifier (Ctrl-C once "
+                "stops training and still writes the results, twice quits)", os.path.abspath(args.output_dir))
+    stop = StopOnInterrupt()
+    try:
+        summary = run_demo(args.output_dir, args.max_train_steps, args.eval_per_prompt, args.seed,
+                           teacher_steps=args.teacher_steps, settings=settings, should_stop=stop)
+    except KeyboardInterrupt:
+        logger.warning("dmd-demo: stopped; whatever training saved is in %s",
+                       os.path.join(os.path.abspath(args.output_dir), "training"))
+        return 130
+    finally:
+        stop.restore()
     student, teacher = summary["metrics"]["student"], summary["metrics"].get("teacher_50_steps_cfg") or {}
     logger.info("student (%d steps, cfg 1): adherence %.3f, top-1 %.3f, Frechet %.2f (noise floor %.2f); "
                 "teacher 50 steps cfg %.1f: adherence %.3f", len(summary["student_timesteps"]),
@@ -143,7 +166,7 @@ def demo_main(argv: list[str] | None = None) -> int:
                 summary["metrics"]["noise_floor_frechet"] or float("nan"), summary["guidance_scale"],
                 teacher.get("adherence", float("nan")))
     logger.info("results in %s (%.0f s)", os.path.abspath(args.output_dir), summary["total_seconds"])
-    return 0
+    return 130 if stop.requested else 0
 
 
 if __name__ == "__main__":

@@ -107,3 +107,19 @@ def test_distill_a_single_file_checkpoint_then_sample_merged_and_base_plus_lora(
                              str(tmp_path / "model.ckpt"), "--prompt_file", str(prompts)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 2 and "only .safetensors files are read" in result.stderr
+
+
+def test_help_shows_every_default_and_choice_and_the_builtin_models_the_readme_lists():
+    import re
+
+    from decoupled_dmd.trainer.cli import _distill_parser
+    from decoupled_dmd.trainer.config import BUILTIN_MODELS, KEYS
+
+    text = " ".join(_distill_parser().format_help().split())
+    assert "--renoise_schedule VALUE Re-noise levels" in text
+    assert "One of: coupled-shared, decoupled-full, decoupled-constrained, decoupled-hybrid. Default: \"decoupled-hybrid\"" in text
+    assert "--network_dim VALUE LoRA rank (DMD2 SDXL: 64). Default: 64." in text
+    assert text.count("Default:") == len(KEYS)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert set(re.findall(r"builtin:([a-z0-9-]+)", readme)) == set(BUILTIN_MODELS)
+    assert all(f"builtin:{m}" in text for m in BUILTIN_MODELS)

@@ -93,3 +93,27 @@ def test_dmd_demo_writes_its_results_folder(tmp_path):
     from decoupled_dmd.trainer.api import read_student_metadata
 
     assert read_student_metadata(str(out / "student.safetensors"))["decoupled_dmd.family"] == "flow"
+
+
+def test_dmd_demo_stops_on_ctrl_c_saves_and_still_writes_its_results(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from decoupled_dmd.demo.run import demo_main; sys.exit(demo_main())",
+         "--output_dir", str(out), "--max_train_steps", "500", "--eval_per_prompt", "1", "--teacher_steps", "2",
+         "--train_batch_size", "2", "--threads", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    started = time.time()
+    while not (out / "training" / "logs" / "metrics.jsonl").is_file() and time.time() - started < 240:
+        time.sleep(0.5)  # the first update is logged: training runs
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "results go to" in stderr and "stopped at update" in stderr
+    summary = json.loads((out / "metrics.json").read_text())
+    assert 1 <= summary["train_steps"] < 500
+    assert any(p.name.startswith("state-") for p in (out / "training").iterdir())

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from .config import KEYS, ConfigError, load_config
+from .config import KEYS, ConfigError, load_config, shown_default
 
 
 def _distill_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,10 @@ def _distill_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="kohya-style TOML file (sections are cosmetic)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config as TOML and exit")
     for name, f in KEYS.items():
-        parser.add_argument(f"--{name}", dest=name, default=None, metavar="VALUE", help=f.metadata["help"])
+        choices = f.metadata["choices"]
+        extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+        text = f"{f.metadata['help']}{extra} Default: {shown_default(name)}."
+        parser.add_argument(f"--{name}", dest=name, default=None, metavar="VALUE", help=text.replace("%", "%%"))
     return parser
 
 
@@ -37,7 +40,7 @@ def distill_main(argv: list[str] | None = None) -> int:
     from .api import distill
     from .loop import TrainerCallbacks
 
-    stop = _StopOnInterrupt()
+    stop = StopOnInterrupt()
     try:
         path = distill(config, TrainerCallbacks(should_stop=stop))
     except ConfigError as error:
@@ -92,12 +95,16 @@ def sample_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _StopOnInterrupt:
+class StopOnInterrupt:
     """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once (last save is kept)."""
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGINT, self._handle)
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        """Put back the SIGINT handler that was there before (a host process keeps its own)."""
+        signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, signum, frame):
         if self.requested:

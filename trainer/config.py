@@ -17,6 +17,7 @@ import toml
 
 from .losses import REGULARIZERS, UPDATE_NORMALIZATIONS
 from .schedules import RENOISE_SCHEDULES, is_strictly_decreasing
+from .tiny_models import TINY_MODELS
 
 TRAINING_MODES = ("lora", "full")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -25,6 +26,7 @@ FAKE_LOSS_TARGETS = ("native", "x0")
 LOG_WITH = ("auto", "tensorboard", "none")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adafactor")
+BUILTIN_MODELS = ("demo", *TINY_MODELS)
 
 
 class ConfigError(ValueError):
@@ -43,7 +45,8 @@ class TrainConfig:
     # --- model and files ---
     pretrained_model_name_or_path: str = _key(
         "", "Teacher: a single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder or Hugging Face id "
-        "(SD1.5/SDXL/flow UNet), or builtin:tiny-sd15 / builtin:tiny-sdxl.", section="model")
+        "(SD1.5/SDXL/flow UNet), or a built-in model: " + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)
+        + " (demo: the trained MNIST teacher; tiny-*: random plumbing checks).", section="model")
     tokenizer_path: str = _key(
         "", "Folder with the CLIP BPE files vocab.json and merges.txt for single-file checkpoints (e.g. "
         "openai/clip-vit-large-patch14, ComfyUI's comfy/sd1_tokenizer); empty looks in the Hugging Face cache.",
@@ -331,12 +334,19 @@ def load_config(path: str | os.PathLike | None, overrides: dict | None = None) -
     return config_from_dict(values)
 
 
+def shown_default(name: str) -> str:
+    """A key's default as TOML writes it, or (empty)."""
+    f = KEYS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return "(empty)" if default in ("", None, []) else toml.dumps({"v": default})[4:].strip()
+
+
 def reference_markdown() -> str:
-    """The README's table of keys, generated so it cannot drift from the code."""
+    """The README's table of keys (scripts/readme_config_table.py writes it; a test checks it is current)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for f in fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "(empty)" if default in ("", None, []) else f"`{toml.dumps({'v': default})[4:].strip()}`"
+        shown = shown_default(f.name)
+        shown = shown if shown == "(empty)" else f"`{shown}`"
         choices = f.metadata["choices"]
         extra = f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else ""
         lines.append(f"| `{f.name}` | {shown} | {f.metadata['help']}{extra} |")
