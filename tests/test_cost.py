@@ -265,3 +265,16 @@ def test_cli_reports_a_plan_that_does_not_fit_without_a_traceback(tiny_model_dir
     assert completed.returncode == 2
     assert "memory plan: this run needs about" in completed.stderr and "Traceback" not in completed.stderr
     assert "memory plan (cpu):" in completed.stderr  # the plan itself is printed first
+
+
+def test_skipping_lora_input_casts_under_bf16_autocast_trains_bit_for_bit(tiny_model_dir, tmp_path):
+    states = []
+    for skip in (False, True):
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(skip), kind="tiny-sdxl", mixed_precision="bf16",
+                               max_train_steps=2)
+        assert all(not layer.cast_input_dtype_enabled for layer in trainer.roles._layers)  # the trainer's default
+        trainer.roles.skip_input_casts(skip)
+        trainer.train_step()
+        trainer.train_step()
+        states.append({k: v.clone() for k, v in trainer.roles.trainable_state_dict("student").items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

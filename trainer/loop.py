@@ -161,6 +161,8 @@ class DecoupledDMDTrainer:
         if config.training_mode == "lora":
             targets = config.lora_target_modules or self.adapter.default_lora_target_modules()
             roles = LoraRoles(network, config.network_dim, config.network_alpha, targets)
+            # accelerate runs every call of the prepared network under autocast in mixed precision
+            roles.skip_input_casts(config.mixed_precision != "no")
         else:
             roles = FullRoles(network)
         if config.gradient_checkpointing:

@@ -82,6 +82,14 @@ class LoraRoles(Roles):
             for p in params.values():
                 p.requires_grad_(True)
 
+    def skip_input_casts(self, skip: bool = True) -> None:
+        """Let each LoRA layer take its input in the dtype it comes in (peft casts it to the fp32 adapter weights
+        first). Under autocast the adapter's matmul casts it back to the low dtype anyway, so the result is the
+        same bit for bit, without two full-size copies of the activation per adapted layer; only for runs whose
+        every call is under autocast (mixed precision)."""
+        for layer in self._layers:
+            layer.cast_input_dtype_enabled = not skip
+
     def module(self, role: str) -> nn.Module:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
