@@ -320,7 +320,7 @@ def compare_speed(trainer, rounds: int = 3, warmup: int = 1, synchronize=None) -
     work: dict[str, dict] = {}
     for _ in range(warmup):  # kernels chosen, caches filled: not charged to the first variant
         trainer.train_step()
-    for round_index in range(rounds):
+    for _ in range(rounds):
         state = trainer.random.generator.get_state()
         for name, (attributes, changes) in SPEED_VARIANTS.items():
             trainer.random.generator.set_state(state)  # every variant of a round draws the same first steps
