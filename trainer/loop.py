@@ -1,4 +1,6 @@
-"""The Decoupled DMD trainer on accelerate (Algorithm 1): generator_step, fake_step, save, resume.
+"""The Decoupled DMD trainer on accelerate (Algorithm 1): generator_step, fake_step, the training loop.
+
+Resumable states live in state.py, the student's files in export.py.
 
 Model-agnostic: it sees a `ModelAdapter` (denoiser contract) and a `Roles` object (which weights a forward
 uses). Every random draw goes through one seeded torch.Generator per process that is saved with the state,
@@ -7,12 +9,11 @@ so a resumed run continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
-import glob
+import functools
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +24,7 @@ from torch import Tensor
 from .accounting import CostMeter
 from .config import ConfigError, TrainConfig
 from .denoiser import Conditioning, ModelAdapter, PromptCache
+from .export import base_identity, save_merged_checkpoint, student_tensors
 from .losses import (
     cfg_augmentation,
     classifier_free_guidance,
@@ -43,14 +45,13 @@ from .schedules import (
     timestep_level_bounds,
     uniform_levels,
 )
+from .state import list_states, load_weights_hook, resume, save_state, save_weights_hook  # noqa: F401 (list_states: API)
 
 logger = logging.getLogger(__name__)
 
-STATE_PREFIX = "state-"
 PROMPT_CACHE_LIMIT = 4096  # above this many distinct prompts, encode each batch as it is drawn (still cached), and
 # keep the text encoders on the device instead of encoding everything up front
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -92,12 +93,32 @@ def build_optimizer(config, parameters, learning_rate: float) -> torch.optim.Opt
                              weight_decay=config.weight_decay)
 
 
+def build_accelerator(config: TrainConfig, cpu: bool = False, trackers: bool = True):
+    """The Accelerator of one run (the CLI's, the nodes' and the Python API's).
+
+    A long-lived host process (ComfyUI, a test session) may train several times with different precisions;
+    accelerate keeps one global state per process, so each run starts from a clean one."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    AcceleratorState._reset_state()
+    logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
+    return Accelerator(
+        mixed_precision=config.mixed_precision, cpu=cpu,
+        log_with=_tracker(config.log_with) if trackers else None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=logging_dir),
+        # student and fake adapters share one module: each backward uses only one of them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        step_scheduler_with_optimizer=False,
+    )
+
+
 class DecoupledDMDTrainer:
     def __init__(self, config: TrainConfig, adapter: ModelAdapter, prompts: list[str],
                  sample_prompts: list[str] | None = None, accelerator=None,
                  callbacks: TrainerCallbacks | None = None, memory_plan=None):
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
         if not prompts:
             raise ValueError("no training prompts: give at least one prompt (one per line in prompt_file)")
@@ -105,21 +126,7 @@ class DecoupledDMDTrainer:
         self.sample_prompts = list(sample_prompts or self.prompts[:4])
         self.callbacks = callbacks or TrainerCallbacks()
         self.logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
-        if accelerator is None:
-            # A long-lived host process (ComfyUI, a test session) may train several times with different
-            # precisions; accelerate keeps one global state per process, so start each run from a clean one.
-            from accelerate.state import AcceleratorState
-
-            AcceleratorState._reset_state()
-            accelerator = Accelerator(
-                mixed_precision=config.mixed_precision,
-                log_with=_tracker(config.log_with),
-                project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=self.logging_dir),
-                # student and fake adapters share one module: each backward uses only one of them
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-                step_scheduler_with_optimizer=False,
-            )
-        self.accelerator = accelerator
+        self.accelerator = accelerator = accelerator if accelerator is not None else build_accelerator(config)
         if config.save_merged_checkpoint and not adapter.source_checkpoint and adapter.family not in ("sd15", "sdxl"):
             raise ConfigError("save_merged_checkpoint: needs an SD1.5/SDXL teacher (a single-file checkpoint or a "
                               f"diffusers folder), not a {adapter.family!r} model; set it to false")
@@ -151,8 +158,8 @@ class DecoupledDMDTrainer:
         self._prepare_prompts()
         self.memory_plan = memory_plan if memory_plan is not None else self._plan_memory()
         self._build_optimizers()
-        self.accelerator.register_save_state_pre_hook(self._save_weights_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_weights_hook)
+        self.accelerator.register_save_state_pre_hook(functools.partial(save_weights_hook, self))
+        self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, self))
         os.makedirs(config.output_dir, exist_ok=True)
 
     # --- set-up --------------------------------------------------------------------------------------------
@@ -483,7 +490,7 @@ class DecoupledDMDTrainer:
 
         config, accelerator = self.config, self.accelerator
         if config.resume:
-            self.resume(config.resume)
+            resume(self, config.resume)
         self._reserve_output_paths()
         if accelerator.is_main_process:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
@@ -573,152 +580,17 @@ class DecoupledDMDTrainer:
         The final save also writes the all-in-one checkpoint when `save_merged_checkpoint` is set."""
         accelerator = self.accelerator
         path = self.student_file()
-        state_dir = self.save_state()
+        state_dir = save_state(self)
         if accelerator.is_main_process:
-            kind, tensors = self._student_tensors()
+            kind, tensors = student_tensors(self)
             metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
-                                        base=self._base_identity())
+                                        base=base_identity(self))
             atomic_save_safetensors(tensors, path, metadata, overwrite=True)  # this run's own file
             logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
             if final and self.config.save_merged_checkpoint:
-                logger.info("merged checkpoint written to %s", self.save_merged_checkpoint())
+                logger.info("merged checkpoint written to %s", save_merged_checkpoint(self))
         accelerator.wait_for_everyone()
         return path
-
-    def _student_tensors(self) -> tuple[str, dict[str, Tensor]]:
-        """(format, tensors): a kohya LoRA (`lora_unet_<ldm path>`) or a full UNet in LDM names, where the
-        backbone has an LDM layout; diffusers/peft names otherwise."""
-        from .checkpoint import kohya_lora_state_dict
-        from .ldm_layout import UNET_PREFIX
-
-        dtype = SAVE_DTYPES[self.config.save_precision]
-        ldm_keys = self.adapter.unet_ldm_keys
-        if isinstance(self.roles, LoraRoles):
-            peft_state = self.roles.peft_state_dict("student")
-            if ldm_keys is None:
-                return "lora", {f"unet.{k}": v.to(dtype) for k, v in peft_state.items()}
-            modules = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in ldm_keys.items() if k.endswith(".weight")}
-            return "lora", kohya_lora_state_dict(peft_state, modules, self.config.network_alpha, dtype)
-        state = self.roles.merged_state_dict("student")
-        if ldm_keys is None:
-            return "unet", {k: v.to(dtype) for k, v in state.items()}
-        return "unet", {UNET_PREFIX + ldm_keys[k]: v.to(dtype) for k, v in state.items()}
-
-    def _base_identity(self) -> dict[str, str]:
-        from .checkpoint import file_sha256
-
-        if self._base is None:
-            source = self.adapter.source_checkpoint or self.adapter.source_model or ""
-            self._base = {"model": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source}
-            weights = self.adapter.source_checkpoint or _diffusers_unet_file(source)
-            if weights:
-                self._base["sha256"] = file_sha256(weights)
-        return self._base
-
-    def save_merged_checkpoint(self) -> str:
-        """The all-in-one checkpoint: the teacher's own file (or an LDM export of its diffusers parts) with the
-        student merged into the UNet."""
-        from .checkpoint import write_ldm_checkpoint, write_merged_checkpoint
-
-        adapter, config = self.adapter, self.config
-        metadata = student_metadata(config, self.step, adapter, self.guidance_scale, kind="checkpoint",
-                                    base=self._base_identity())
-        path = self.output_paths["checkpoint"]
-        if adapter.source_checkpoint:
-            if isinstance(self.roles, LoraRoles):
-                return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
-                                               adapter.prediction_type, deltas=self.roles.lazy_delta_weights("student"),
-                                               overwrite=True)
-            return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
-                                           adapter.prediction_type, unet_state=self.roles.merged_state_dict("student"),
-                                           overwrite=True)
-        return write_ldm_checkpoint(path, adapter, metadata, overwrite=True, dtype=SAVE_DTYPES[config.save_precision],
-                                    unet_state=self.roles.merged_state_dict("student"))
-
-    def save_state(self) -> str:
-        """Atomically write a resumable state folder state-<step> (old ones beyond keep_last_n_states go)."""
-        accelerator, output_dir = self.accelerator, self.config.output_dir
-        final = os.path.join(output_dir, f"{STATE_PREFIX}{self.step:06d}")
-        staging = os.path.join(output_dir, f".{STATE_PREFIX}{self.step:06d}.partial")
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.makedirs(staging)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(staging)
-        from safetensors.torch import save_file
-
-        save_file({"generator": self.random.generator.get_state()},
-                  os.path.join(staging, f"trainer_random_{accelerator.process_index}.safetensors"))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as handle:
-                json.dump({"step": self.step, "nonfinite_skips": self.nonfinite_skips, "output_paths": self.output_paths,
-                           "num_processes": accelerator.num_processes, "config": self.config.to_toml()}, handle)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-            for old in list_states(output_dir)[:-self.config.keep_last_n_states]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return final
-
-    def resume(self, where: str) -> None:
-        """Load a state written by `save_state`; 'latest' picks the newest in output_dir."""
-        from safetensors.torch import load_file
-
-        state_dir = where
-        if where == "latest":
-            states = list_states(self.config.output_dir)
-            if not states:
-                logger.info("resume = latest: no state in %s, starting fresh", self.config.output_dir)
-                return
-            state_dir = states[-1]
-        marker = os.path.join(state_dir, "trainer_state.json")
-        if not os.path.isfile(marker):
-            raise FileNotFoundError(f"resume: {state_dir!r} is not a training state folder (no trainer_state.json)")
-        with open(marker, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        if saved["num_processes"] != self.accelerator.num_processes:
-            raise ValueError(f"resume: the state was written by {saved['num_processes']} processes; "
-                             f"resume it with the same number (now {self.accelerator.num_processes})")
-        self.accelerator.load_state(state_dir)
-        random_file = os.path.join(state_dir, f"trainer_random_{self.accelerator.process_index}.safetensors")
-        self.random.generator.set_state(load_file(random_file)["generator"])
-        self.step, self.nonfinite_skips = saved["step"], saved["nonfinite_skips"]
-        if saved.get("output_paths"):
-            self.output_paths = saved["output_paths"]  # keep writing the files this run started
-        logger.info("resumed from %s at step %d", state_dir, self.step)
-
-    def _save_weights_hook(self, models, weights, output_dir):
-        # accelerate would write the whole (possibly multi-GB, frozen) UNet: save only what is trained.
-        from safetensors.torch import save_file
-
-        weights.clear()
-        if self.accelerator.is_main_process:
-            for role in self.optimizers:
-                tensors = {k: v.contiguous() for k, v in self.roles.trainable_state_dict(role).items()}
-                save_file(tensors, os.path.join(output_dir, f"{role}_weights.safetensors"))
-
-    def _load_weights_hook(self, models, input_dir):
-        from safetensors.torch import load_file
-
-        models.clear()
-        for role in self.optimizers:
-            self.roles.load_trainable_state_dict(role, load_file(os.path.join(input_dir, f"{role}_weights.safetensors")))
-
-
-def _diffusers_unet_file(folder: str) -> str | None:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
-        path = os.path.join(folder, "unet", name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def list_states(output_dir: str) -> list[str]:
-    """Complete state folders in `output_dir`, oldest first."""
-    return sorted(p for p in glob.glob(os.path.join(output_dir, f"{STATE_PREFIX}*"))
-                  if os.path.isfile(os.path.join(p, "trainer_state.json")))
-
 
 def _tracker(log_with: str):
     if log_with == "none":

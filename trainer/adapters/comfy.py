@@ -302,12 +302,9 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
     import os
 
     import comfy.model_management as mm
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
     from safetensors import safe_open
 
-    from ..loop import DecoupledDMDTrainer, TrainerCallbacks, list_states
+    from ..loop import DecoupledDMDTrainer, TrainerCallbacks, build_accelerator, list_states
 
     previews: dict[str, Tensor] = {}
 
@@ -323,13 +320,7 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
 
     callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview)
     with torch.inference_mode(False), trainable_unet(teacher) as adapter:
-        AcceleratorState._reset_state()
-        device = mm.get_torch_device()
-        accelerator = Accelerator(
-            mixed_precision=config.mixed_precision, cpu=device.type == "cpu",
-            project_config=ProjectConfiguration(project_dir=config.output_dir,
-                                                logging_dir=config.logging_dir or os.path.join(config.output_dir, "logs")),
-            step_scheduler_with_optimizer=False)
+        accelerator = build_accelerator(config, cpu=mm.get_torch_device().type == "cpu", trackers=False)
         trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, accelerator=accelerator,
                                       callbacks=callbacks)
         path = trainer.train()

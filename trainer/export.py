@@ -1,0 +1,74 @@
+"""The student as files: a kohya LoRA or a full UNet with its metadata, and the all-in-one checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .networks import LoraRoles
+from .outputs import student_metadata
+
+SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def student_tensors(trainer) -> tuple[str, dict[str, Tensor]]:
+    """(format, tensors): a kohya LoRA (`lora_unet_<ldm path>`) or a full UNet in LDM names, where the
+    backbone has an LDM layout; diffusers/peft names otherwise."""
+    from .checkpoint import kohya_lora_state_dict
+    from .ldm_layout import UNET_PREFIX
+
+    dtype = SAVE_DTYPES[trainer.config.save_precision]
+    ldm_keys = trainer.adapter.unet_ldm_keys
+    if isinstance(trainer.roles, LoraRoles):
+        peft_state = trainer.roles.peft_state_dict("student")
+        if ldm_keys is None:
+            return "lora", {f"unet.{k}": v.to(dtype) for k, v in peft_state.items()}
+        modules = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in ldm_keys.items() if k.endswith(".weight")}
+        return "lora", kohya_lora_state_dict(peft_state, modules, trainer.config.network_alpha, dtype)
+    state = trainer.roles.merged_state_dict("student")
+    if ldm_keys is None:
+        return "unet", {k: v.to(dtype) for k, v in state.items()}
+    return "unet", {UNET_PREFIX + ldm_keys[k]: v.to(dtype) for k, v in state.items()}
+
+
+def base_identity(trainer) -> dict[str, str]:
+    from .checkpoint import file_sha256
+
+    if trainer._base is None:
+        source = trainer.adapter.source_checkpoint or trainer.adapter.source_model or ""
+        trainer._base = {"model": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source}
+        weights = trainer.adapter.source_checkpoint or _diffusers_unet_file(source)
+        if weights:
+            trainer._base["sha256"] = file_sha256(weights)
+    return trainer._base
+
+
+def save_merged_checkpoint(trainer) -> str:
+    """The all-in-one checkpoint: the teacher's own file (or an LDM export of its diffusers parts) with the
+    student merged into the UNet."""
+    from .checkpoint import write_ldm_checkpoint, write_merged_checkpoint
+
+    adapter, config = trainer.adapter, trainer.config
+    metadata = student_metadata(config, trainer.step, adapter, trainer.guidance_scale, kind="checkpoint",
+                                base=base_identity(trainer))
+    path = trainer.output_paths["checkpoint"]
+    if adapter.source_checkpoint:
+        if isinstance(trainer.roles, LoraRoles):
+            return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
+                                           adapter.prediction_type, deltas=trainer.roles.lazy_delta_weights("student"),
+                                           overwrite=True)
+        return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
+                                       adapter.prediction_type, unet_state=trainer.roles.merged_state_dict("student"),
+                                       overwrite=True)
+    return write_ldm_checkpoint(path, adapter, metadata, overwrite=True, dtype=SAVE_DTYPES[config.save_precision],
+                                unet_state=trainer.roles.merged_state_dict("student"))
+
+
+def _diffusers_unet_file(folder: str) -> str | None:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        path = os.path.join(folder, "unet", name)
+        if os.path.isfile(path):
+            return path
+    return None
