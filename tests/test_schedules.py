@@ -519,3 +519,16 @@ def test_check_student_timesteps_empty_and_nan(sd):
         check_student_timesteps(sd, [999.0, float("nan")], 20)
     with pytest.raises(ValueError):
         check_student_timesteps(sd, [float("nan")], 20)
+
+
+def test_parse_student_timesteps_is_the_one_reader_of_a_written_grid():
+    from decoupled_dmd.trainer.schedules import parse_student_timesteps
+
+    assert parse_student_timesteps("999, 749;499,249") == [999, 749, 499, 249]
+    assert parse_student_timesteps([999, 499.0]) == [999, 499]
+    for bad, words in (("999,abc", "whole numbers"), ([999, 499.5], "whole numbers"), ([True], "whole numbers"),
+                       ("", "strictly decreasing"), ("249,999", "strictly decreasing"), ("999,999", "strictly"),
+                       ([999, -1], "non-negative")):
+        with pytest.raises(ValueError, match=words):
+            parse_student_timesteps(bad, "timesteps")
+    assert parse_student_timesteps([5, -3], minimum=None) == [5, -3]

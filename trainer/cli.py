@@ -88,7 +88,12 @@ def sample_main(argv: list[str] | None = None) -> int:
         parser.error(f"{error} (give --student with a distilled file, a distilled checkpoint as --model, or "
                      "--teacher_steps N to sample the teacher)")
     if args.timesteps:
-        timesteps = [int(t) for t in args.timesteps.split(",")]
+        from .schedules import parse_student_timesteps
+
+        try:
+            timesteps = parse_student_timesteps(args.timesteps, "--timesteps")
+        except ValueError as error:
+            parser.error(str(error))
     images = sample_images(adapter, prompts, args.seed, timesteps=timesteps, teacher_steps=args.teacher_steps,
                            guidance_scale=args.guidance_scale, resolution=resolution)
     print(save_image_grid(images, args.output))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 import toml
 
 from .losses import REGULARIZERS, UPDATE_NORMALIZATIONS
-from .schedules import RENOISE_SCHEDULES, is_strictly_decreasing
+from .schedules import RENOISE_SCHEDULES, parse_student_timesteps
 from .tiny_models import TINY_MODELS
 
 TRAINING_MODES = ("lora", "full")
@@ -229,9 +229,10 @@ def validate(config: TrainConfig) -> None:
         _fail("guidance_scale", f"{config.guidance_scale!r} must be >= 1 (1 turns CFG augmentation off)")
     if config.min_timestep >= config.max_timestep:
         _fail("min_timestep", f"{config.min_timestep} must be below max_timestep {config.max_timestep}")
-    timesteps = config.student_timesteps
-    if not timesteps or not is_strictly_decreasing(timesteps) or any(t < 0 for t in timesteps):
-        _fail("student_timesteps", f"{timesteps!r} must be non-negative and strictly decreasing, e.g. [999, 749, 499, 249]")
+    try:
+        timesteps = parse_student_timesteps(config.student_timesteps)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if timesteps[-1] <= config.min_timestep:
         _fail("student_timesteps", f"the last step {timesteps[-1]} must be above min_timestep {config.min_timestep}")
     if not config.cfg_augmentation and config.regularizer != "dm":
@@ -283,7 +284,12 @@ def _coerce(key: str, value):
             return float(value)
         if kind is list:
             items = [v.strip() for v in value.split(",") if v.strip()] if from_text else list(value)
-            return [int(v) for v in items] if key == "student_timesteps" else [str(v) for v in items]
+            if key == "student_timesteps":
+                try:
+                    return parse_student_timesteps(value)
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
+            return [str(v) for v in items]
         if kind is str:
             if not isinstance(value, str):
                 raise ValueError

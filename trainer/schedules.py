@@ -239,8 +239,29 @@ def is_strictly_decreasing(values) -> bool:
     return all(a > b for a, b in zip(values, values[1:]))
 
 
+def parse_student_timesteps(value, name: str = "student_timesteps", minimum: int | None = 0) -> list[int]:
+    """The one reader of a student grid a user writes (config, CLI, node): text ('999, 749, 499, 249'; commas
+    or semicolons) or a sequence of whole numbers, strictly decreasing (noisy to clean) and >= `minimum`.
+    ValueError naming `name` otherwise. `check_student_timesteps` then checks it against a model's range."""
+    example = "e.g. 999,749,499,249"
+    items = [v for v in str(value).replace(";", ",").split(",") if v.strip()] if isinstance(value, str) else value
+    try:
+        values = [int(v) for v in items]
+    except (TypeError, ValueError):
+        values = None
+    if values is not None and not isinstance(value, str) and any(
+            isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) for v in items):
+        values = None
+    if values is None:
+        raise ValueError(f"{name} {value!r}: write whole numbers separated by commas, {example}")
+    if not values or not is_strictly_decreasing(values) or (minimum is not None and min(values) < minimum):
+        raise ValueError(f"{name} {value!r}: need non-negative, strictly decreasing timesteps (noisy to clean), "
+                         f"{example}")
+    return values
+
+
 def check_student_timesteps(schedule: NoiseSchedule, timesteps, min_timestep: int) -> None:
-    """Fail early on a student grid the schedule cannot express."""
+    """Fail early on a student grid the schedule cannot express (its range; fractional flow timesteps allowed)."""
     low, high = schedule.valid_timestep_range()
     if not timesteps:
         raise ValueError("student_timesteps is empty; give the student's timesteps, e.g. [999, 749, 499, 249]")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Conditioning, ModelAdapter
-from ..schedules import DiscreteVPSchedule, append_dims
+from ..schedules import DiscreteVPSchedule, append_dims, parse_student_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -452,13 +452,10 @@ def save_checkpoint_file(student: Student, name: str) -> str:
 
 
 def parse_timesteps(text: str) -> list[int]:
-    """'999, 749, 499, 249' -> [999, 749, 499, 249] (strictly decreasing, 0..999)."""
-    try:
-        values = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"timesteps {text!r}: write integers separated by commas, e.g. 999,749,499,249") from None
-    if not values or any(not 0 <= v <= 999 for v in values) or any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(f"timesteps {text!r}: need strictly decreasing integers in 0..999, e.g. 999,749,499,249")
+    """'999, 749, 499, 249' -> [999, 749, 499, 249]: the one grid reader, and SD's 1000-step range."""
+    values = parse_student_timesteps(text, "timesteps")
+    if values[0] > 999:
+        raise ValueError(f"timesteps {text!r}: SD1.5 / SDXL timesteps run from 999 (noisy) to 0, e.g. 999,749,499,249")
     return values
 
 
