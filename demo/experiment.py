@@ -93,15 +93,11 @@ class RunResult:
 
 
 def student_trajectory(denoiser, noise: Tensor, levels: list[float], cond, generator: torch.Generator) -> list[Tensor]:
-    """The x0 prediction (unclipped) after every student step (trainer.sampling's DMD2 multistep sampler, unrolled)."""
-    x, outputs = noise, []
-    for index, value in enumerate(levels):
-        level = torch.full((x.shape[0],), value, dtype=torch.float64)
-        x0 = denoiser(x, level, cond)
-        outputs.append(x0)
-        if index + 1 < len(levels):
-            fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-            x = denoiser.schedule.renoise(x0.to(x.dtype), fresh, torch.full_like(level, levels[index + 1]))
+    """The x0 prediction (unclipped) after every student step of the trainer's own few-step sampler."""
+    from ..trainer.sampling import few_step_sample
+
+    outputs: list[Tensor] = []
+    few_step_sample(denoiser, noise, levels, cond, generator=generator, callback=lambda index, x0: outputs.append(x0))
     return outputs
 
 

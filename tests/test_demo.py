@@ -117,3 +117,19 @@ def test_dmd_demo_stops_on_ctrl_c_saves_and_still_writes_its_results(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     assert 1 <= summary["train_steps"] < 500
     assert any(p.name.startswith("state-") for p in (out / "training").iterdir())
+
+
+def test_student_trajectory_is_the_trainers_sampler_step_by_step():
+    from decoupled_dmd.demo.experiment import student_trajectory
+    from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
+    from decoupled_dmd.trainer.sampling import few_step_sample, student_levels
+
+    adapter = DiffusersAdapter.from_pretrained(TEACHER_DIR)
+    levels = student_levels(adapter.schedule, [999, 749, 499])
+    noise = torch.randn(2, *adapter.latent_shape(28, 28), generator=torch.Generator().manual_seed(0))
+    cond = adapter.encode_prompts(demo_prompts()[:2])
+    with torch.no_grad():
+        steps = student_trajectory(adapter.denoiser(), noise, levels, cond, torch.Generator().manual_seed(1))
+        final = few_step_sample(adapter.denoiser(), noise, levels, cond, generator=torch.Generator().manual_seed(1))
+        first = adapter.denoiser()(noise, torch.full((2,), levels[0], dtype=torch.float64), cond)
+    assert len(steps) == 3 and torch.equal(steps[-1], final) and torch.equal(steps[0], first)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -15,17 +17,21 @@ def student_levels(schedule: NoiseSchedule, timesteps: list) -> list[float]:
 
 
 def few_step_sample(student: Denoiser, noise: Tensor, levels: list[float], cond: Conditioning,
-                    generator: torch.Generator | None = None, stop_after: int | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, stop_after: int | None = None,
+                    callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """The DMD2/LCM multistep sampler: predict x0, re-noise it with fresh noise to the next level, cfg 1.
 
     Starts from pure noise at levels[0]. With `stop_after = k` it returns the input of step k instead
-    (backward simulation: the generator input z_t for a student step t_k).
+    (backward simulation: the generator input z_t for a student step t_k). `callback(index, x0)` sees each
+    step's x0 prediction (as k-diffusion's samplers report theirs).
     """
     x = noise
     steps = len(levels) if stop_after is None else stop_after
     for index in range(steps):
         level = torch.full((x.shape[0],), levels[index], dtype=torch.float64, device=x.device)
         x0 = student(x, level, cond)
+        if callback is not None:
+            callback(index, x0)
         if stop_after is None and index == len(levels) - 1:
             return x0
         next_level = torch.full_like(level, levels[index + 1])
