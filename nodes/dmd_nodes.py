@@ -44,7 +44,9 @@ def _input_file(name: str) -> str:
 
 
 def read_prompt_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    from ..trainer.api import prompt_lines
+
+    return prompt_lines(text)
 
 
 def _pil(images):

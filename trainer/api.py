@@ -15,8 +15,14 @@ from .loop import DecoupledDMDTrainer, TrainerCallbacks
 logger = logging.getLogger(__name__)
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The one rule for prompts written as text (a file, a node's text box): one per line, blank lines and
+    # comments skipped."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def read_prompts(source, what: str = "prompt_file") -> list[str]:
-    """Prompts from a text file (one per line; blank lines and # comments skipped) or a list."""
+    """Prompts from a text file (`prompt_lines`' rule) or a list."""
     if isinstance(source, list):
         return [str(p) for p in source if str(p).strip()]
     if not source:
@@ -24,7 +30,7 @@ def read_prompts(source, what: str = "prompt_file") -> list[str]:
     if not os.path.isfile(source):
         raise ConfigError(f"{what}: {source!r} does not exist; give a text file with one prompt per line")
     with open(source, encoding="utf-8") as handle:
-        prompts = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        prompts = prompt_lines(handle.read())
     if not prompts:
         raise ConfigError(f"{what}: {source!r} holds no prompts; write one prompt per line")
     return prompts
