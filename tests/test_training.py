@@ -203,3 +203,19 @@ def test_bf16_autocast_on_cpu(tiny_model_dir, tmp_path):
     trainer.train()
     logs = jsonl(tmp_path / "out" / "logs" / "metrics.jsonl")[-1]
     assert logs["grad_norm_student"] == logs["grad_norm_student"] and logs["grad_norm_student"] > 0
+
+
+def test_every_adapter_answers_whether_it_can_write_a_merged_checkpoint(tiny_model_dir, tmp_path):
+    from decoupled_dmd.trainer.adapters.comfy import ComfyAdapter
+    from decoupled_dmd.trainer.config import ConfigError
+
+    # ComfyUI writes its all-in-one checkpoint with its own saver: refused before training, not after
+    comfy_like = object.__new__(ComfyAdapter)
+    assert "ComfyUI's own saver" in ComfyAdapter.merged_checkpoint_problem(comfy_like)
+    flow = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-flow"))
+    assert "not a 'flow' model" in flow.merged_checkpoint_problem()
+    assert DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sdxl")).merged_checkpoint_problem() is None
+    with pytest.raises(ConfigError, match="save_merged_checkpoint"):
+        make_trainer(tiny_model_dir, tmp_path, kind="tiny-flow", save_merged_checkpoint=True)
+    identity = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15")).identity()
+    assert len(identity["sha256"]) == 64 and os.sep not in identity["model"]

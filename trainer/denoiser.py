@@ -97,6 +97,15 @@ class ModelAdapter(ABC):
     def enable_gradient_checkpointing(self, network: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
+    def identity(self) -> dict[str, str]:
+        """What the student's metadata records as its base: a name (never a local path) and, where a file holds
+        the weights, its sha256."""
+        return {"model": self.source_model or ""}
+
+    def merged_checkpoint_problem(self) -> str | None:
+        """Why `save_merged_checkpoint` cannot work with this teacher (a message saying what to do), or None."""
+        return f"{type(self).__name__} cannot write an all-in-one checkpoint; set save_merged_checkpoint = false"
+
     def planning_module(self, network: nn.Module) -> nn.Module:
         """The module whose parameters and buffers the memory plan swaps for meta tensors to simulate a call of
         `network`: the backbone itself, or whatever owns it and the tables its calls read."""

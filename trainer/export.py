@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -34,14 +32,9 @@ def student_tensors(trainer) -> tuple[str, dict[str, Tensor]]:
 
 
 def base_identity(trainer) -> dict[str, str]:
-    from .checkpoint import file_sha256
-
+    """The adapter's identity of the base (name, sha256), hashed once per run."""
     if trainer._base is None:
-        source = trainer.adapter.source_checkpoint or trainer.adapter.source_model or ""
-        trainer._base = {"model": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source}
-        weights = trainer.adapter.source_checkpoint or _diffusers_unet_file(source)
-        if weights:
-            trainer._base["sha256"] = file_sha256(weights)
+        trainer._base = trainer.adapter.identity()
     return trainer._base
 
 
@@ -64,11 +57,3 @@ def save_merged_checkpoint(trainer) -> str:
                                        overwrite=True)
     return write_ldm_checkpoint(path, adapter, metadata, overwrite=True, dtype=SAVE_DTYPES[config.save_precision],
                                 unet_state=trainer.roles.merged_state_dict("student"))
-
-
-def _diffusers_unet_file(folder: str) -> str | None:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
-        path = os.path.join(folder, "unet", name)
-        if os.path.isfile(path):
-            return path
-    return None

@@ -127,9 +127,8 @@ class DecoupledDMDTrainer:
         self.callbacks = callbacks or TrainerCallbacks()
         self.logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
         self.accelerator = accelerator = accelerator if accelerator is not None else build_accelerator(config)
-        if config.save_merged_checkpoint and not adapter.source_checkpoint and adapter.family not in ("sd15", "sdxl"):
-            raise ConfigError("save_merged_checkpoint: needs an SD1.5/SDXL teacher (a single-file checkpoint or a "
-                              f"diffusers folder), not a {adapter.family!r} model; set it to false")
+        if config.save_merged_checkpoint and adapter.merged_checkpoint_problem():
+            raise ConfigError(adapter.merged_checkpoint_problem())
         self.output_paths: dict[str, str] | None = None
         self._base: dict[str, str] | None = None
         if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":

@@ -154,6 +154,10 @@ class ComfyAdapter(ModelAdapter):
         kwargs = {name: value.cond for name, value in kwargs.items()}
         return self.base_model.apply_model(x, k_sigma, transformer_options={}, **kwargs).float()
 
+    def merged_checkpoint_problem(self) -> str | None:
+        return ("save_merged_checkpoint: in ComfyUI the all-in-one checkpoint is written with ComfyUI's own saver "
+                "(the Train node's save_checkpoint input); set save_merged_checkpoint = false for this trainer")
+
     def planning_skeleton(self):
         """The same UNet as a diffusers module on the meta device, its config read from this UNet's LDM weight
         shapes: ComfyUI's apply_model consults device memory and copies tables, which meta tensors refuse."""

@@ -167,6 +167,22 @@ class DiffusersAdapter(ModelAdapter):
             tensors["text_embeds"] = torch.zeros((rows, pooled), device=device)
         return Conditioning(tensors)
 
+    def identity(self) -> dict[str, str]:
+        from ..checkpoint import file_sha256
+
+        source = self.source_checkpoint or self.source_model or ""
+        out = {"model": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source}
+        weights = self.source_checkpoint or _diffusers_unet_file(source)
+        if weights:
+            out["sha256"] = file_sha256(weights)
+        return out
+
+    def merged_checkpoint_problem(self) -> str | None:
+        if self.source_checkpoint or self.family in ("sd15", "sdxl"):
+            return None  # the input file with the UNet replaced, or an LDM export of the diffusers parts
+        return (f"save_merged_checkpoint: needs an SD1.5/SDXL teacher (a single-file checkpoint or a diffusers "
+                f"folder), not a {self.family!r} model; set it to false")
+
     def text_encoder_parameters(self) -> int:
         return sum(p.numel() for encoder in self.text_encoders for p in encoder.parameters())
 
@@ -255,6 +271,14 @@ class DiffusersAdapter(ModelAdapter):
         images = torch.cat([self.vae.decode(latent[None].to(parameter.device, parameter.dtype), return_dict=False)[0]
                             for latent in latents])
         return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _diffusers_unet_file(folder: str) -> str | None:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+        path = os.path.join(folder, "unet", name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _meta_parameter_count(path: str, folder: str) -> int:
