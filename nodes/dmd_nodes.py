@@ -12,6 +12,7 @@ import os
 
 from ..trainer.adapters import comfy as comfy_adapter
 from ..trainer.config import MIXED_PRECISIONS, OPTIMIZERS, REGULARIZERS, RENOISE_SCHEDULES
+from . import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Train:
             return problem
         if isinstance(timesteps, str) and timesteps.strip():
             try:
-                comfy_adapter.parse_timesteps(timesteps)
+                runtime.parse_timesteps(timesteps)
             except ValueError as error:
                 return str(error)
         name = (output_name or "").strip() if isinstance(output_name, str) or output_name is None else ""
@@ -225,8 +226,8 @@ class Train:
                 training_prompts += read_prompt_lines(handle.read())
         if not training_prompts:
             raise ValueError("no training prompts: write some in `prompts` (one per line) or give a prompt_file")
-        student_timesteps = (comfy_adapter.parse_timesteps(timesteps) if timesteps.strip()
-                             else comfy_adapter.trailing_timesteps(steps))
+        student_timesteps = (runtime.parse_timesteps(timesteps) if timesteps.strip()
+                             else runtime.trailing_timesteps(steps))
         output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
         config = config_from_dict({
             "output_dir": output_dir, "output_name": output_name.strip(), "student_timesteps": student_timesteps,
@@ -252,16 +253,16 @@ class Train:
             except mm.InterruptProcessingException:
                 mm.interrupt_current_processing(True)
 
-        result = comfy_adapter.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
+        result = runtime.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
                                        should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview)
         if result.interrupted:
             logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again with resume on)",
                         result.steps_done, result.state_dir)
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException()
-        student = comfy_adapter.Student(teacher, result.student_path, result.metadata, result.timesteps,
+        student = runtime.Student(teacher, result.student_path, result.metadata, result.timesteps,
                                         result.state_dir, result.steps_done)
-        model = comfy_adapter.student_model(teacher.model, result.student_path)
+        model = runtime.student_model(teacher.model, result.student_path)
         lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
         previews = result.previews
         if previews is None:
@@ -303,14 +304,14 @@ class SaveDistilled:
             if name is None:
                 continue
             try:
-                comfy_adapter.check_file_name(name, what)
+                runtime.check_file_name(name, what)
             except ValueError as error:
                 return str(error)
         return True
 
     def save(self, student, save_lora, lora_name, save_checkpoint, checkpoint_name):
-        lora_path = comfy_adapter.save_lora_file(student, lora_name) if save_lora else ""
-        checkpoint_path = comfy_adapter.save_checkpoint_file(student, checkpoint_name) if save_checkpoint else ""
+        lora_path = runtime.save_lora_file(student, lora_name) if save_lora else ""
+        checkpoint_path = runtime.save_checkpoint_file(student, checkpoint_name) if save_checkpoint else ""
         written = [p for p in (lora_path, checkpoint_path) if p]
         return {"ui": {"text": written}, "result": (lora_path, checkpoint_path)}
 
@@ -352,21 +353,21 @@ class FewStepSampler:
     def VALIDATE_INPUTS(cls, timesteps=None):
         if isinstance(timesteps, str) and timesteps.strip():
             try:
-                comfy_adapter.parse_timesteps(timesteps)
+                runtime.parse_timesteps(timesteps)
             except ValueError as error:
                 return str(error)
         return True
 
     def sample(self, model, positive, latent_image, seed, steps, timesteps, metadata_file, student=None):
         if timesteps.strip():
-            chosen = comfy_adapter.parse_timesteps(timesteps)
+            chosen = runtime.parse_timesteps(timesteps)
         elif student is not None:
             chosen = student.timesteps
         elif metadata_file.strip():
-            chosen = comfy_adapter.timesteps_from_file(metadata_file.strip())
+            chosen = runtime.timesteps_from_file(metadata_file.strip())
         else:
-            chosen = comfy_adapter.trailing_timesteps(steps)
-        return (comfy_adapter.sample_student(model, positive, latent_image, seed, chosen),)
+            chosen = runtime.trailing_timesteps(steps)
+        return (runtime.sample_student(model, positive, latent_image, seed, chosen),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -7,7 +7,7 @@ import pytest
 
 from decoupled_dmd import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from decoupled_dmd.nodes.dmd_nodes import Train, check_resolution, read_prompt_lines
-from decoupled_dmd.trainer.adapters.comfy import (
+from decoupled_dmd.nodes.runtime import (
     check_file_name,
     checkpoint_metadata,
     parse_timesteps,

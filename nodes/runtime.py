@@ -1,0 +1,221 @@
+"""The node runtime: what the Decoupled DMD nodes do, over the ComfyUI adapter (trainer/adapters/comfy.py).
+
+Train a student on a ComfyUI teacher in this process, sample it with ComfyUI's own sampler, save it with
+ComfyUI's savers, and read the names and timesteps the nodes are given. ComfyUI is imported lazily, inside the
+functions, so the node classes import (and CI checks their schemas) without it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..trainer.adapters.comfy import Teacher, detect_family, trainable_unet
+from ..trainer.schedules import DiscreteVPSchedule, parse_student_timesteps
+
+
+# --- the node entry points ----------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    student_path: str  # the kohya LoRA the trainer wrote (with metadata)
+    state_dir: str | None
+    steps_done: int
+    timesteps: list[int]
+    metadata: dict[str, str]
+    previews: Tensor | None  # (B, 3, H, W) in [0, 1]
+    metrics_file: str
+    interrupted: bool = False
+    seconds_per_step: float = math.nan
+
+
+def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[str] | None = None,
+            should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None
+            ) -> TrainResult:
+    """Run the Decoupled DMD trainer on a ComfyUI teacher in this process; adapters are removed afterwards."""
+    import json
+    import os
+
+    import comfy.model_management as mm
+    from safetensors import safe_open
+
+    from ..trainer.loop import DecoupledDMDTrainer, TrainerCallbacks, build_accelerator, list_states
+
+    previews: dict[str, Tensor] = {}
+
+    def keep_preview(step, images):
+        previews["last"] = images.detach().float().cpu()
+        on_preview(step, images)
+
+    stopped = {"flag": False}
+
+    def stop():
+        stopped["flag"] = stopped["flag"] or bool(should_stop())
+        return stopped["flag"]
+
+    callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview)
+    with torch.inference_mode(False), trainable_unet(teacher) as adapter:
+        accelerator = build_accelerator(config, cpu=mm.get_torch_device().type == "cpu", trackers=False)
+        trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, accelerator=accelerator,
+                                      callbacks=callbacks)
+        path = trainer.train()
+        steps = trainer.step
+        states = list_states(config.output_dir)
+        del trainer, accelerator
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata() or {}
+    metrics = os.path.join(config.logging_dir or os.path.join(config.output_dir, "logs"), "metrics.jsonl")
+    seconds = math.nan
+    if os.path.isfile(metrics):
+        with open(metrics, encoding="utf-8") as handle:
+            lines = [json.loads(line) for line in handle if line.strip()]
+        if lines:
+            seconds = float(lines[-1].get("seconds_per_step", math.nan))
+    return TrainResult(path, states[-1] if states else None, steps, [int(t) for t in config.student_timesteps],
+                       metadata, previews.get("last"), metrics, stopped["flag"], seconds)
+
+
+def student_model(model, lora_path: str, strength: float = 1.0):
+    """The teacher MODEL with the student LoRA applied, as LoraLoader would (a new clone; input untouched)."""
+    import comfy.sd
+    import comfy.utils
+
+    lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
+    student, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0.0)
+    return student
+
+
+def student_sigmas(model, timesteps: list[int]) -> Tensor:
+    """The k-diffusion sigmas of the student's exact trained timesteps, then 0 (for SamplerCustom / lcm)."""
+    sampling = model.get_model_object("model_sampling")
+    schedule = DiscreteVPSchedule.from_k_sigmas(sampling.sigmas.detach().cpu().double())
+    levels = torch.tensor([float(schedule.level(t)) for t in timesteps], dtype=torch.float64)
+    sigmas = schedule.k_sigma(levels).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def sample_student(model, positive, latent: dict, seed: int, timesteps: list[int]) -> dict:
+    """Few-step sampling at cfg 1 with the trained timesteps: ComfyUI's lcm sampler on the exact sigmas
+    (predict x0, re-noise with fresh noise), which is the trainer's own few-step sampler."""
+    import comfy.sample
+    import comfy.samplers
+
+    detect_family(model)
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    sigmas = student_sigmas(model, timesteps)
+    sampler = comfy.samplers.ksampler("lcm")
+    out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, positive, [], samples,
+                                     noise_mask=latent.get("noise_mask"), seed=seed, disable_pbar=False)
+    result = dict(latent)
+    result["samples"] = out
+    return result
+
+
+# --- students, files, timesteps -----------------------------------------------------------------------------
+@dataclass
+class Student:
+    """The train node's result, handed to Save Distilled and the Few-Step Sampler."""
+
+    teacher: Teacher
+    lora_path: str
+    metadata: dict[str, str]
+    timesteps: list[int]
+    state_dir: str | None
+    steps_done: int
+
+
+def check_file_name(name: str, what: str = "file name") -> str:
+    """A relative name inside a models folder: no absolute path, no `..`; adds .safetensors if missing."""
+    import os
+
+    cleaned = (name or "").strip().replace("\\", "/")
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ValueError(f"{what} is empty; write a name such as my_student")
+    if cleaned.startswith("/") or os.path.isabs(cleaned) or ":" in parts[0] or ".." in parts:
+        raise ValueError(f"{what} {name!r} must stay inside its models folder: write a plain name such as "
+                         "my_student or sub/my_student, without '..' or an absolute path")
+    joined = "/".join(parts)
+    return joined if joined.lower().endswith(".safetensors") else joined + ".safetensors"
+
+
+def _models_path(folder: str, name: str, what: str) -> str:
+    import os
+
+    import folder_paths
+
+    relative = check_file_name(name, what)
+    root = os.path.abspath(folder_paths.get_folder_paths(folder)[0])
+    path = os.path.abspath(os.path.join(root, relative))
+    if os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{what} {name!r} leaves models/{folder}; write a plain name")
+    return path
+
+
+def save_lora_file(student: Student, name: str) -> str:
+    """Copy the student LoRA (kohya keys + metadata) into models/loras; an existing file gets a counter."""
+    import shutil
+
+    from ..trainer.outputs import atomic_write
+
+    path = _models_path("loras", name, "lora_name")
+    return atomic_write(path, lambda staging: shutil.copyfile(student.lora_path, staging))
+
+
+def checkpoint_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:
+    """The LoRA's header, restated for an all-in-one checkpoint."""
+    metadata = {k: v for k, v in lora_metadata.items() if not k.startswith("ss_")}
+    metadata["decoupled_dmd.format"] = "checkpoint"
+    if metadata.get("modelspec.architecture", "").endswith("/lora"):
+        metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")]
+    return metadata
+
+
+def save_checkpoint_file(student: Student, name: str) -> str:
+    """The teacher (with its own LoRAs) plus the student merged, CLIP and VAE, by ComfyUI's own checkpoint saver,
+    into models/checkpoints (LDM layout, `v_pred` for v-prediction models)."""
+    import comfy.sd
+
+    from ..trainer.outputs import atomic_write
+
+    path = _models_path("checkpoints", name, "checkpoint_name")
+    model = student_model(student.teacher.model, student.lora_path)
+    metadata = checkpoint_metadata(student.metadata)
+    return atomic_write(path, lambda staging: comfy.sd.save_checkpoint(
+        staging, model, clip=student.teacher.clip, vae=student.teacher.vae, metadata=metadata))
+
+
+def parse_timesteps(text: str) -> list[int]:
+    """'999, 749, 499, 249' -> [999, 749, 499, 249]: the one grid reader, and SD's 1000-step range."""
+    values = parse_student_timesteps(text, "timesteps")
+    if values[0] > 999:
+        raise ValueError(f"timesteps {text!r}: SD1.5 / SDXL timesteps run from 999 (noisy) to 0, e.g. 999,749,499,249")
+    return values
+
+
+def trailing_timesteps(steps: int) -> list[int]:
+    """The evenly spaced grid from 999 ('trailing' spacing, ComfyUI's `simple`): 4 -> [999, 749, 499, 249]."""
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"steps {steps}: need 1..1000")
+    return [int(999 - i * 1000 / steps) for i in range(steps)]
+
+
+def timesteps_from_file(name: str) -> list[int]:
+    """decoupled_dmd.student_timesteps of a file in models/loras or models/checkpoints."""
+    import json
+
+    import folder_paths
+    from safetensors import safe_open
+
+    for folder in ("loras", "checkpoints"):
+        path = folder_paths.get_full_path(folder, name)
+        if path:
+            with safe_open(path, "pt") as handle:
+                metadata = handle.metadata() or {}
+            if "decoupled_dmd.student_timesteps" not in metadata:
+                raise ValueError(f"{name!r} has no decoupled_dmd metadata; give the timesteps or steps instead")
+            return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
+    raise ValueError(f"metadata_file {name!r} is in neither models/loras nor models/checkpoints")
