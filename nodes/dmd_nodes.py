@@ -44,6 +44,40 @@ def _input_file(name: str) -> str:
     return path
 
 
+# The Train node's contract with the trainer: widget -> (config key, conversion of the widget's value).
+TRAIN_WIDGETS = {
+    "renoise_schedule": ("renoise_schedule", None),
+    "regularizer": ("regularizer", None),
+    "network_dim": ("network_dim", None),
+    "network_alpha": ("network_alpha", None),
+    "learning_rate": ("learning_rate", None),
+    "fake_learning_rate": ("fake_learning_rate", lambda v: v or None),  # 0: the student's rate
+    "fake_updates_per_step": ("fake_updates_per_step", None),
+    "max_train_steps": ("max_train_steps", None),
+    "resolution": ("resolution", lambda v: v or ""),  # 0: the model's default
+    "batch_size": ("train_batch_size", None),
+    "seed": ("seed", None),
+    "gradient_checkpointing": ("gradient_checkpointing", None),
+    "mixed_precision": ("mixed_precision", None),
+    "preview_every": ("sample_every_n_steps", None),
+    "save_every": ("save_every_n_steps", None),
+    "resume": ("resume", lambda v: "latest" if v else ""),
+    "optimizer": ("optimizer_type", None),
+}
+
+
+def train_config_values(widgets: dict) -> dict:
+    """Config values from the Train node's widget values (pure: tested without ComfyUI); the node adds the
+    output folder and what the teacher decides (guidance, unconditional input)."""
+    values = {key: convert(widgets[widget]) if convert else widgets[widget]
+              for widget, (key, convert) in TRAIN_WIDGETS.items() if widget in widgets}
+    timesteps = widgets.get("timesteps", "").strip()
+    values.update(output_name=widgets["output_name"].strip(), log_with="none",
+                  student_timesteps=runtime.parse_timesteps(timesteps) if timesteps
+                  else runtime.trailing_timesteps(widgets["steps"]))
+    return values
+
+
 def read_prompt_lines(text: str) -> list[str]:
     from ..trainer.api import prompt_lines
 
@@ -210,6 +244,7 @@ class Train:
               network_dim, network_alpha, learning_rate, fake_learning_rate, fake_updates_per_step, max_train_steps,
               resolution, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every, save_every, resume,
               preview_prompts="", optimizer="adamw", unique_id=None):
+        widgets = dict(locals())
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
@@ -226,20 +261,9 @@ class Train:
                 training_prompts += read_prompt_lines(handle.read())
         if not training_prompts:
             raise ValueError("no training prompts: write some in `prompts` (one per line) or give a prompt_file")
-        student_timesteps = (runtime.parse_timesteps(timesteps) if timesteps.strip()
-                             else runtime.trailing_timesteps(steps))
         output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
-        config = config_from_dict({
-            "output_dir": output_dir, "output_name": output_name.strip(), "student_timesteps": student_timesteps,
-            "renoise_schedule": renoise_schedule, "regularizer": regularizer, "network_dim": network_dim,
-            "network_alpha": network_alpha, "learning_rate": learning_rate,
-            "fake_learning_rate": fake_learning_rate or None, "fake_updates_per_step": fake_updates_per_step,
-            "max_train_steps": max_train_steps, "resolution": resolution or "", "train_batch_size": batch_size,
-            "seed": seed, "gradient_checkpointing": gradient_checkpointing, "mixed_precision": mixed_precision,
-            "sample_every_n_steps": preview_every, "save_every_n_steps": save_every,
-            "resume": "latest" if resume else "", "log_with": "none", "guidance_scale": teacher.guidance_scale,
-            "uncond_mode": teacher.uncond_mode, "optimizer_type": optimizer,
-        })
+        config = config_from_dict(dict(train_config_values(widgets), output_dir=output_dir,
+                                       guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
         progress = comfy.utils.ProgressBar(max_train_steps, node_id=unique_id)
         last_preview = {}
 

@@ -184,3 +184,28 @@ def test_ui_workflow_matches_its_api_twin(name):
                 assert (str(target), target_slot) == (node_id, slot)
                 assert api[node_id]["inputs"][item["name"]] == [str(source), source_slot]
                 assert kind == inputs[item["name"]][0]
+
+
+def test_every_train_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_config():
+    from decoupled_dmd.nodes.dmd_nodes import TRAIN_WIDGETS, train_config_values
+    from decoupled_dmd.trainer.config import KEYS, config_from_dict
+
+    schema = Train.INPUT_TYPES()
+    widgets = {name: spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+               for section in ("required", "optional") for name, spec in schema.get(section, {}).items()}
+    for name, spec in [*schema["required"].items(), *schema.get("optional", {}).items()]:
+        if isinstance(spec[0], list):  # a combo: its first choice unless a default is given
+            widgets[name] = widgets[name] if widgets[name] is not None else spec[0][0]
+    not_config = {"teacher", "prompts", "prompt_file", "output_name", "steps", "timesteps", "preview_prompts"}
+    assert set(widgets) - not_config == set(TRAIN_WIDGETS)  # a new widget must say where it goes
+    assert all(key in KEYS for key, _ in TRAIN_WIDGETS.values())
+    values = train_config_values(dict(widgets, output_name=" my_student ", timesteps=""))
+    config = config_from_dict(dict(values, output_dir="out"))
+    assert config.output_name == "my_student" and config.log_with == "none"
+    assert config.student_timesteps == trailing_timesteps(widgets["steps"])
+    assert config.train_batch_size == widgets["batch_size"] and config.optimizer_type == widgets["optimizer"]
+    assert config.resume == ("latest" if widgets["resume"] else "")
+    assert train_config_values(dict(widgets, output_name="x", timesteps="999,499", fake_learning_rate=0.0,
+                                    resolution=0))["student_timesteps"] == [999, 499]
+    assert train_config_values(dict(widgets, output_name="x", fake_learning_rate=0.0))["fake_learning_rate"] is None
+
