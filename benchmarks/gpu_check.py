@@ -278,8 +278,13 @@ def _plan_verdict(small: bool) -> str:
 
     from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
     from decoupled_dmd.trainer.config import config_from_dict
-    from decoupled_dmd.trainer.memory_plan import MemoryPlanError, check_fits, knob_savings, plan_training_memory
-    from decoupled_dmd.trainer.networks import LoraRoles
+    from decoupled_dmd.trainer.memory_plan import (
+        MemoryPlanError,
+        check_fits,
+        knob_savings,
+        plan_training_memory,
+        skeleton_roles,
+    )
     from decoupled_dmd.trainer.schedules import DiscreteVPSchedule
 
     config = config_from_dict(dict(TRAIN_SETTINGS, resolution=256 if small else 1024, memory_limit_gb=24))
@@ -291,9 +296,7 @@ def _plan_verdict(small: bool) -> str:
         unet.to(torch.bfloat16 if changed.mixed_precision == "bf16" else torch.float32)
         adapter = DiffusersAdapter(unet, [], [], DiscreteVPSchedule.scaled_linear(), "epsilon")
         adapter.latent_downscale = 8
-        roles = LoraRoles(unet, changed.network_dim, changed.network_alpha, adapter.default_lora_target_modules())
-        if changed.gradient_checkpointing:
-            adapter.enable_gradient_checkpointing(unet)
+        roles = skeleton_roles(adapter, changed)
         height, width = changed.resolution_hw()
         return plan_training_memory(adapter, roles, changed, adapter.latent_shape(height, width),
                                     adapter.example_conditioning, "cuda", 817_000_000, 83_650_000)

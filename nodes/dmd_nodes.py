@@ -78,6 +78,39 @@ def train_config_values(widgets: dict) -> dict:
     return values
 
 
+def _training_prompts(prompts: str, prompt_file: str) -> list[str]:
+    """The Train node's prompts: its text box, then the lines of its prompt file (in ComfyUI's input folder)."""
+    training_prompts = read_prompt_lines(prompts)
+    if prompt_file.strip():
+        with open(_input_file(prompt_file), encoding="utf-8") as handle:
+            training_prompts += read_prompt_lines(handle.read())
+    if not training_prompts:
+        raise ValueError("no training prompts: write some in `prompts` (one per line) or give a prompt_file")
+    return training_prompts
+
+
+def _progress_callbacks(total: int, node_id):
+    """(on_step, on_preview) for the trainer: ComfyUI's progress bar with the latest preview; Cancel becomes a
+    stop request (the trainer saves and the node reports the interruption)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    progress = comfy.utils.ProgressBar(total, node_id=node_id)
+    last_preview = {}
+
+    def on_preview(step, images):
+        last_preview["image"] = _pil(images)
+
+    def on_step(step, logs):
+        preview = last_preview.pop("image", None)
+        try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
+            progress.update_absolute(step, total, ("JPEG", preview, 512) if preview else None)
+        except mm.InterruptProcessingException:
+            mm.interrupt_current_processing(True)
+
+    return on_step, on_preview
+
+
 def read_prompt_lines(text: str) -> list[str]:
     from ..trainer.api import prompt_lines
 
@@ -255,37 +288,20 @@ class Train:
         problem = check_resolution(resolution)
         if problem:
             raise ValueError(problem)
-        training_prompts = read_prompt_lines(prompts)
-        if prompt_file.strip():
-            with open(_input_file(prompt_file), encoding="utf-8") as handle:
-                training_prompts += read_prompt_lines(handle.read())
-        if not training_prompts:
-            raise ValueError("no training prompts: write some in `prompts` (one per line) or give a prompt_file")
+        training_prompts = _training_prompts(prompts, prompt_file)
         output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
         config = config_from_dict(dict(train_config_values(widgets), output_dir=output_dir,
                                        guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
-        progress = comfy.utils.ProgressBar(max_train_steps, node_id=unique_id)
-        last_preview = {}
-
-        def on_preview(step, images):
-            last_preview["image"] = _pil(images)
-
-        def on_step(step, logs):
-            preview = last_preview.pop("image", None)
-            try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
-                progress.update_absolute(step, max_train_steps, ("JPEG", preview, 512) if preview else None)
-            except mm.InterruptProcessingException:
-                mm.interrupt_current_processing(True)
-
+        on_step, on_preview = _progress_callbacks(max_train_steps, unique_id)
         result = runtime.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
-                                       should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview)
+                                 should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview)
         if result.interrupted:
             logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again with resume on)",
                         result.steps_done, result.state_dir)
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException()
         student = runtime.Student(teacher, result.student_path, result.metadata, result.timesteps,
-                                        result.state_dir, result.steps_done)
+                                  result.state_dir, result.steps_done)
         model = runtime.student_model(teacher.model, result.student_path)
         lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
         previews = result.previews

@@ -60,8 +60,7 @@ def plan_memory(config: TrainConfig, device: str | None = None):
     and a function that plans a changed config the same way (for the knobs). None where the teacher is not
     a file or folder this can read without loading (a hub id)."""
     from .adapters.diffusers import DiffusersAdapter
-    from .memory_plan import plan_training_memory
-    from .networks import FullRoles, LoraRoles
+    from .memory_plan import plan_training_memory, skeleton_roles
     from .tiny_models import resolve_builtin
 
     path = resolve_builtin(config.pretrained_model_name_or_path)
@@ -72,14 +71,8 @@ def plan_memory(config: TrainConfig, device: str | None = None):
 
     def plan_for(changed: TrainConfig):
         skeleton, sizes = DiffusersAdapter.skeleton(path, changed.v_parameterization)
-        network = skeleton.network.to(WEIGHT_DTYPES[changed.mixed_precision])
-        if changed.training_mode == "lora":
-            targets = changed.lora_target_modules or skeleton.default_lora_target_modules()
-            roles = LoraRoles(network, changed.network_dim, changed.network_alpha, targets)
-        else:
-            roles = FullRoles(network)
-        if changed.gradient_checkpointing:
-            skeleton.enable_gradient_checkpointing(network)
+        skeleton.network.to(WEIGHT_DTYPES[changed.mixed_precision])
+        roles = skeleton_roles(skeleton, changed)
         height, width = changed.resolution_hw() or skeleton.default_resolution
         return plan_training_memory(skeleton, roles, changed, skeleton.latent_shape(height, width),
                                     skeleton.example_conditioning, device, sizes["text_encoders"], sizes["vae"])

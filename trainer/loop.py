@@ -179,7 +179,7 @@ class DecoupledDMDTrainer:
     def _plan_memory(self):
         """Plan this run's peak memory on the loaded model (front ends that load weights themselves, such as
         ComfyUI, get their plan here; the CLI plans before loading), log it, and stop if it does not fit."""
-        from .memory_plan import check_fits, knob_savings, memory_limit_bytes, plan_training_memory
+        from .memory_plan import check_fits, knob_savings, memory_limit_bytes, plan_training_memory, skeleton_roles
 
         config, device = self.config, self.accelerator.device.type
         template = self.prompt_cache.get([""])
@@ -195,13 +195,9 @@ class DecoupledDMDTrainer:
                           adapter_scale=changed.network_dim / config.network_dim)
             skeleton = self.adapter.planning_skeleton()
             if skeleton is not None:  # simulate on a meta stand-in, count the real adapters
-                roles = LoraRoles(skeleton.network, changed.network_dim, changed.network_alpha,
-                                  skeleton.default_lora_target_modules())
-                if changed.gradient_checkpointing:
-                    skeleton.enable_gradient_checkpointing(skeleton.network)
+                simulate_on = (skeleton, skeleton_roles(skeleton, changed), skeleton.example_conditioning)
                 return plan_training_memory(self.adapter, self.roles, changed, self.adapter.latent_shape(height, width),
-                                            cond_for, device, simulate_on=(skeleton, roles, skeleton.example_conditioning),
-                                            **common)
+                                            cond_for, device, simulate_on=simulate_on, **common)
             network = self.roles.module("student")
             toggled = changed.gradient_checkpointing != config.gradient_checkpointing
             if toggled:

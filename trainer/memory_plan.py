@@ -234,21 +234,33 @@ class MemoryPlan:
 
 def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], optimizer_type: str,
                simulated: dict[str, int], text_encoder_bytes: int = 0, encode_bytes: int = 0, vae_bytes: int = 0,
-               device: str = "cuda") -> MemoryPlan:
+               device: str = "cuda", held_parameters: list[Tensor] | None = None, adapter_scale: float = 1.0,
+               optimizer_step: bool = False) -> MemoryPlan:
     """Combine the static parts with the simulated peaks into phases:
-    - encoding prompts: base, text encoders and their activations (encoders leave the device afterwards);
-    - training: base, adapters, optimiser states, VAE, plus the larger of a trained step (activations and one
-      role's gradients, simulated) and a teacher call."""
-    trainable = [p for params in adapter_parameters.values() for p in params]
-    adapters = 4 * sum(p.numel() for p in trainable)
-    optimizer = optimizer_state_bytes(trainable, optimizer_type)
-    parts = {"base weights": base_bytes, "trained weights (fp32, student + fake)": adapters, "optimizer states": optimizer,
+    - encoding prompts: base, text encoders and their activations (encoders leave a GPU afterwards);
+    - training: base, trained weights, optimiser states, VAE, plus the larger of a trained step (activations and
+      one role's gradients, simulated) and the widest no-grad call;
+    - with `optimizer_step`: AdamW's step, one role's gradients and one temporary of its size.
+
+    `adapter_parameters` are the optimised roles' tensors; `held_parameters` every trained tensor in memory
+    (default: the same; LoRA mode holds both adapters whether or not the fake trains); `adapter_scale` scales
+    all of them (another LoRA rank, planned without rebuilding the adapters)."""
+    optimized = [p for params in adapter_parameters.values() for p in params]
+    held = optimized if held_parameters is None else held_parameters
+    trained = int(adapter_scale * 4 * sum(p.numel() for p in held))
+    optimizer = int(adapter_scale * optimizer_state_bytes(optimized, optimizer_type))
+    parts = {"base weights": base_bytes, "trained weights (fp32, student + fake)": trained, "optimizer states": optimizer,
              "VAE": vae_bytes, "text encoders (while encoding)": text_encoder_bytes,
              "trained step (activations + grads)": simulated["train_step"],
              "widest no-grad call": simulated["no_grad_call"]}
-    resident = base_bytes + adapters + optimizer + vae_bytes
-    phases = {"encoding prompts": base_bytes + adapters + text_encoder_bytes + encode_bytes + vae_bytes,
+    resident = base_bytes + trained + optimizer + vae_bytes
+    if device == "cpu":  # "offloading" the text encoders to the CPU keeps them where they are
+        resident += text_encoder_bytes
+    phases = {"encoding prompts": base_bytes + trained + text_encoder_bytes + encode_bytes + vae_bytes,
               "training": resident + max(simulated["train_step"], simulated["no_grad_call"])}
+    if optimizer_step:
+        one_role = max(sum(p.numel() for p in params) for params in adapter_parameters.values())
+        phases["optimizer step"] = resident + 2 * int(adapter_scale * 4 * one_role)
     return MemoryPlan(parts, phases, device)
 
 
@@ -275,8 +287,7 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
     """The memory plan of `config` on `adapter`'s backbone with `roles` (LoRA adapters or full copies) on it.
 
     The backbone may hold real weights or live on the meta device; it is never modified (gradient
-    checkpointing must already be set as the config says). `adapter_scale` scales the trained parameters'
-    memory (another LoRA rank, planned without rebuilding the adapters). `simulate_on` = (adapter, roles,
+    checkpointing must already be set as the config says). `adapter_scale`: see `build_plan`. `simulate_on` = (adapter, roles,
     cond_for) runs the simulated calls on a stand-in of the same architecture (`planning_skeleton`) while the
     parameter arithmetic stays on the real model."""
     weight_bytes = BYTES[config.mixed_precision]
@@ -293,21 +304,27 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
     simulated = simulate_training_step(sim_network, sim_adapter.predict_x0, cond_for, latent_shape,
                                        config.train_batch_size, widest_no_grad_rows(config), config.mixed_precision,
                                        owner=sim_adapter.planning_module(sim_network))
-    plan = build_plan(base_bytes=base, adapter_parameters={r: trainable[r] for r in roles_used},
+    return build_plan(base_bytes=base, adapter_parameters={r: trainable[r] for r in roles_used},
                       optimizer_type=config.optimizer_type, simulated=simulated,
                       text_encoder_bytes=text_encoder_parameters * weight_bytes, vae_bytes=4 * vae_parameters,
-                      device=device)
-    # LoRA mode holds both adapters whether or not the fake trains; AdamW's step makes one temporary per tensor
-    plan.parts["trained weights (fp32, student + fake)"] = int(adapter_scale * 4 * sum(p.numel() for params in trainable.values()
-                                                                            for p in params))
-    plan.parts["optimizer states"] = int(adapter_scale * plan.parts["optimizer states"])
-    one_role = int(adapter_scale * 4 * max(sum(p.numel() for p in trainable[r]) for r in roles_used))
-    resident = base + plan.parts["trained weights (fp32, student + fake)"] + plan.parts["optimizer states"] + plan.parts["VAE"]
-    if device == "cpu":  # "offloading" the text encoders to the CPU keeps them where they are
-        resident += plan.parts["text encoders (while encoding)"]
-    plan.phases["training"] = resident + max(simulated["train_step"], simulated["no_grad_call"])
-    plan.phases["optimizer step"] = resident + 2 * one_role
-    return plan
+                      device=device, held_parameters=[p for params in trainable.values() for p in params],
+                      adapter_scale=adapter_scale, optimizer_step=True)
+
+
+def skeleton_roles(skeleton, config):
+    """The trained roles `config` asks for (LoRA adapters or full copies), with its gradient checkpointing, on a
+    stand-in backbone built on the meta device for planning."""
+    from .networks import FullRoles, LoraRoles
+
+    network = skeleton.network
+    if config.training_mode == "lora":
+        targets = config.lora_target_modules or skeleton.default_lora_target_modules()
+        roles = LoraRoles(network, config.network_dim, config.network_alpha, targets)
+    else:
+        roles = FullRoles(network)
+    if config.gradient_checkpointing:
+        skeleton.enable_gradient_checkpointing(network)
+    return roles
 
 
 def knob_savings(plan_for: Callable[[object], MemoryPlan], config, base_plan: MemoryPlan) -> list[tuple[str, int]]:
