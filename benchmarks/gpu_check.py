@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -252,6 +253,8 @@ def run_part(name: str, small: bool) -> dict:
         return speed_part("sdxl", 256 if small else 1024, small)
     if name == "sd15":
         return run_training("sd15", 128 if small else 512, steps=4, warmup=1, small=small)
+    if name == "profile":
+        return profile_part("sdxl", 256 if small else 1024, small)
     raise ValueError(f"unknown part {name!r}")
 
 
@@ -270,6 +273,131 @@ def speed_part(family: str, resolution: int, small: bool) -> dict:
     trainer = DecoupledDMDTrainer(config_from_dict(settings), adapter, PROMPTS)
     return {"family": family, "resolution": resolution,
             "variants": compare_speed(trainer, rounds=2, warmup=1, synchronize=_sync)}
+
+
+def profile_part(family: str, resolution: int, small: bool) -> dict:
+    """Where one UNet call's time goes: the plain UNet against the trainer's roles (peft layers, autocast), eager
+    against a CUDA-graph replay of the same call (the launch-bound share), and the profiler's kernel time and
+    launches of the fake's training call."""
+    from decoupled_dmd.trainer.config import config_from_dict
+    from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = build_adapter(family, device, small)
+    unet = adapter.network
+    out: dict = {"family": family, "resolution": resolution,
+                 "attention_processor": type(next(iter(unet.attn_processors.values()))).__name__}
+    latent = resolution // 8
+    x = torch.randn((1, 4, latent, latent), device=device, dtype=unet.dtype)
+    cond = adapter.example_conditioning(1, device)
+    cond = type(cond)({k: torch.randn_like(v, dtype=unet.dtype) for k, v in cond.tensors.items()})
+    level = torch.full((1,), 0.5, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def plain():
+        adapter.predict_x0(unet, x, level, cond)
+
+    @torch.no_grad()
+    def plain_autocast():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            adapter.predict_x0(unet, x, level, cond)
+
+    for name, fn in (("plain_bf16", plain), ("plain_bf16_autocast", plain_autocast)):
+        fn()
+        out[f"{name}_seconds"] = _timed(fn, 5)
+    settings = dict(TRAIN_SETTINGS, resolution=resolution, memory_limit_gb=1e6,
+                    output_dir=tempfile.mkdtemp(prefix="gpu-check-profile-"), pretrained_model_name_or_path="(in memory)")
+    if device == "cpu":
+        settings["mixed_precision"] = "no"
+    trainer = DecoupledDMDTrainer(config_from_dict(settings), adapter, PROMPTS)
+    x32 = x.float()
+
+    def role_call(role, grad=False):
+        def run():
+            network = trainer.roles.module(role)
+            with torch.set_grad_enabled(grad), trainer.accelerator.autocast():
+                x0 = adapter.predict_x0(network, x32, level, cond)
+            if grad:
+                x0.float().square().mean().backward()
+        return run
+
+    for name, fn in (("teacher", role_call("teacher")), ("student_nograd", role_call("student")),
+                     ("fake_forward_backward", role_call("fake", grad=True))):
+        fn()
+        out[f"{name}_seconds"] = _timed(fn, 3)
+    if device == "cuda":
+        out.update(graph_checks(trainer, adapter, x32, level, cond))
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            role_call("fake", grad=True)()
+            _sync()
+        events = prof.key_averages()
+        out["fake_forward_backward_kernel_seconds"] = sum(e.self_device_time_total for e in events) / 1e6
+        out["fake_forward_backward_launches"] = sum(e.count for e in events if e.key in ("cudaLaunchKernel",
+                                                                                         "cuLaunchKernelEx"))
+        out["top_device_ops"] = [(e.key[:60], round(e.self_device_time_total / 1e3, 2), e.count)
+                                 for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]]
+        out["top_cpu_ops"] = [(e.key[:60], round(e.self_cpu_time_total / 1e3, 2), e.count)
+                              for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]]
+    return out
+
+
+def graph_checks(trainer, adapter, x, level, cond) -> dict:
+    """The trainer's CUDA graph of a no-grad student call against the eager call (same output?), its time, and
+    an experiment for what is left: the fake's training forward + backward as a graphed callable."""
+    from decoupled_dmd.trainer.graphs import GraphedCalls
+
+    out: dict = {}
+    graphs = GraphedCalls()
+
+    def graphed():
+        with torch.no_grad(), trainer.accelerator.autocast():
+            network = trainer.roles.module("student")
+            return graphs("student", functools.partial(adapter.predict_x0, network), x, level, cond)
+
+    with torch.no_grad(), trainer.accelerator.autocast():
+        eager = adapter.predict_x0(trainer.roles.module("student"), x, level, cond)
+    graphed()
+    replayed = graphed()
+    out["graph_captured"] = bool(graphs.graphs)
+    out["graph_failures"] = list(graphs.failed.values())
+    out["graph_vs_eager_max_abs_diff"] = float((replayed - eager).abs().max())
+    out["graph_vs_eager_bit_identical"] = bool(torch.equal(replayed, eager))
+    out["student_nograd_cuda_graph_seconds"] = _timed(graphed, 5)
+    graphs.reset()
+    try:  # experiment: the fake's training call (forward, gradient-checkpointed backward) as a graphed callable
+        from decoupled_dmd.trainer.denoiser import Conditioning
+
+        names = sorted(cond.tensors)
+
+        class FakeCall(torch.nn.Module):
+            def __init__(self, network):
+                super().__init__()
+                self.network = network
+
+            def forward(self, x_t, lvl, *tensors):
+                return adapter.predict_x0(self.network, x_t, lvl, Conditioning(dict(zip(names, tensors))))
+
+        network = trainer.roles.module("fake")
+        call = FakeCall(network)
+        args = (x, level, *[cond[n] for n in names])
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            graphed_call = torch.cuda.make_graphed_callables(call, args, num_warmup_iters=2)
+
+        def step(fn):
+            def run():
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    x0 = fn(*args)
+                x0.float().square().mean().backward()
+            return run
+
+        step(call)()
+        out["fake_forward_backward_eager_seconds"] = _timed(step(call), 3)
+        out["fake_forward_backward_graphed_seconds"] = _timed(step(graphed_call), 3)
+    except Exception as error:
+        out["training_graph_error"] = f"{type(error).__name__}: {str(error)[:400]}"
+    return out
 
 
 def _plan_verdict(small: bool) -> str:
@@ -339,7 +467,7 @@ def markdown(results: dict) -> str:
              "| run | s / generator update | FE / update | floor (FE x 1 fwd) | peak allocated | plan | plan / measured |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, part in results["parts"].items():
-        if "variants" in part:
+        if "variants" in part or name == "profile":
             continue
         if "error" in part and "seconds_per_update" not in part:
             lines.append(f"| {name} | failed: {part['error'][:160]} | | | | | |")
@@ -361,7 +489,7 @@ def markdown(results: dict) -> str:
         lines += ["", f"| sampling, SDXL {sdxl['resolution']} px, one image | seconds | speed-up vs teacher |",
                   "| --- | --- | --- |",
                   f"| teacher 50 steps, CFG | {s['teacher_50_cfg_seconds']:.2f} | 1 |",
-                  f"| student 4 steps, LoRA unmerged | {s['student_4_lora_seconds']:.3f} | "
+                  f"| student 4 steps, LoRA unmerged (the trainer's denoiser) | {s['student_4_lora_seconds']:.3f} | "
                   f"{s['speedup_student_4_lora']:.1f}x |",
                   f"| student 4 steps, LoRA merged | {s['student_4_merged_seconds']:.3f} | "
                   f"{s['speedup_student_4_merged']:.1f}x |",
@@ -372,6 +500,10 @@ def markdown(results: dict) -> str:
         from decoupled_dmd.demo.cost import speed_markdown
 
         lines += ["", speed_markdown({f"SDXL {speed['resolution']} px": speed["variants"]})]
+    prof = results["parts"].get("profile", {})
+    if "teacher_seconds" in prof:
+        lines += ["", f"| one UNet call, {prof['family']} {prof['resolution']} px, batch 1 | seconds |", "| --- | --- |"]
+        lines += [f"| {k[:-8]} | {v:.4f} |" for k, v in prof.items() if k.endswith("_seconds")]
     cap = results["parts"].get("sdxl-24gb")
     if cap:
         lines += ["", f"24 GiB cap: {'fits' if cap.get('fits') else 'does NOT fit'}"

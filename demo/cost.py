@@ -299,13 +299,16 @@ if __name__ == "__main__":
 
 
 # --- speed of one generator update, before and after each waste cut, side by side ------------------------------
-_ALL = {"batch_teacher_rows": True, "fast_switch": True, "skip_input_casts": True}
+GRAPH_ROW = "same math: + CUDA graphs of the no-grad calls"
+_ALL = {"batch_teacher_rows": True, "fast_switch": True, "skip_input_casts": True, "cuda_graphs": True}
 SPEED_VARIANTS = {
-    # name: (trainer attributes, config changes); each row adds to the one before it
+    # name: (trainer attributes, config changes); each row adds to the one before it. CUDA graphs act on a GPU
+    # only: a trainer without them (a CPU run) skips their row.
     "before (two teacher calls, peft role switch, LoRA input casts)": (
-        {"batch_teacher_rows": False, "fast_switch": False, "skip_input_casts": False}, {}),
-    "same math: one teacher call, fast role switch": (dict(_ALL, skip_input_casts=False), {}),
-    "same math: + no LoRA input casts (mixed precision)": (_ALL, {}),
+        {"batch_teacher_rows": False, "fast_switch": False, "skip_input_casts": False, "cuda_graphs": False}, {}),
+    "same math: one teacher call, fast role switch": (dict(_ALL, skip_input_casts=False, cuda_graphs=False), {}),
+    "same math: + no LoRA input casts (mixed precision)": (dict(_ALL, cuda_graphs=False), {}),
+    GRAPH_ROW: (_ALL, {}),
     "+ batch_fake_samples": (_ALL, {"batch_fake_samples": True}),
     "+ share_generator_sample": (_ALL, {"batch_fake_samples": True, "share_generator_sample": True}),
 }
@@ -316,26 +319,35 @@ def compare_speed(trainer, rounds: int = 3, warmup: int = 1, synchronize=None) -
     interleaved round by round so that drift of the machine hits every variant alike."""
     synchronize = synchronize or (lambda: None)
     base_config = trainer.config
-    times: dict[str, list[float]] = {name: [] for name in SPEED_VARIANTS}
+    graphs = trainer.graphs
+    variants = {name: v for name, v in SPEED_VARIANTS.items() if graphs is not None or name != GRAPH_ROW}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     work: dict[str, dict] = {}
-    for _ in range(warmup):  # kernels chosen, caches filled: not charged to the first variant
-        trainer.train_step()
+
+    def use(attributes: dict, changes: dict) -> None:
+        trainer.batch_teacher_rows = attributes["batch_teacher_rows"]
+        if hasattr(trainer.roles, "_fast_switch"):
+            trainer.roles._fast_switch = attributes["fast_switch"]
+            trainer.roles.skip_input_casts(attributes["skip_input_casts"] and base_config.mixed_precision != "no")
+        trainer.graphs = graphs if attributes["cuda_graphs"] else None
+        trainer.config = base_config.replace(**changes)
+
+    for _ in range(warmup):  # kernels chosen, caches filled, graphs captured: not charged to any timed round
+        for attributes, changes in variants.values():
+            use(attributes, changes)
+            trainer.train_step()
     for _ in range(rounds):
         state = trainer.random.generator.get_state()
-        for name, (attributes, changes) in SPEED_VARIANTS.items():
+        for name, (attributes, changes) in variants.items():
             trainer.random.generator.set_state(state)  # every variant of a round draws the same first steps
-            trainer.batch_teacher_rows = attributes["batch_teacher_rows"]
-            if hasattr(trainer.roles, "_fast_switch"):
-                trainer.roles._fast_switch = attributes["fast_switch"]
-                trainer.roles.skip_input_casts(attributes["skip_input_casts"] and base_config.mixed_precision != "no")
-            trainer.config = base_config.replace(**changes)
+            use(attributes, changes)
             synchronize()
             started = time.perf_counter()
             trainer.train_step()
             synchronize()
             times[name].append(time.perf_counter() - started)
             work[name] = trainer.meter.logs()
-    trainer.config = base_config
+    trainer.config, trainer.graphs = base_config, graphs
     before = sum(times[next(iter(SPEED_VARIANTS))]) / rounds
     out = {}
     for name, values in times.items():

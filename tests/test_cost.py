@@ -278,3 +278,167 @@ def test_skipping_lora_input_casts_under_bf16_autocast_trains_bit_for_bit(tiny_m
         trainer.train_step()
         states.append({k: v.clone() for k, v in trainer.roles.trainable_state_dict("student").items()})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# --- CUDA graphs of the no-grad calls (the plumbing, with a stand-in for the capture) -----------------------------
+class _Replayed:
+    """Stands in for torch.cuda.CUDAGraph: "capture" binds the call to the static buffers, a replay recomputes it
+    into the same static output tensor, as a graph's replay rewrites its output memory."""
+
+    def __init__(self, run, output):
+        self.run, self.output, self.replays = run, output, 0
+
+    def replay(self):
+        self.output.copy_(self.run())
+        self.replays += 1
+
+
+def _stand_in_backend(captured):
+    from decoupled_dmd.trainer.graphs import _CudaGraph
+
+    class StandIn(_CudaGraph):
+        def _capture(self, fn, pool):
+            run = lambda: fn(self.x, self.level, self.cond)  # noqa: E731
+            graph = _Replayed(run, run())
+            captured.append(graph)
+            return graph, graph.output
+    return StandIn
+
+
+def test_graphed_calls_capture_on_second_use_and_replay_fresh_inputs():
+    from decoupled_dmd.trainer.denoiser import Conditioning
+    from decoupled_dmd.trainer.graphs import GraphedCalls
+
+    captured, eager_calls = [], []
+    weight = torch.tensor(2.0)
+
+    def fn(x, level, cond):
+        eager_calls.append(x.shape)
+        return x * weight + level[:, None] + cond["c"]
+
+    graphs = GraphedCalls(backend=_stand_in_backend(captured))
+    cond = Conditioning({"c": torch.ones(2, 3)})
+
+    def call(x, level, name="student"):
+        with torch.no_grad():
+            return graphs(name, fn, x, level, cond)
+
+    inputs = [(torch.randn(2, 3), torch.rand(2, dtype=torch.float64)) for _ in range(4)]
+    results = [call(*i) for i in inputs]
+    assert len(graphs.graphs) == 1 and captured[0].replays == 3  # first call eager, then captured
+    first_replay = results[1]
+    weight.fill_(3.0)  # the optimizer changes weights in place: a replay computes with the new ones
+    results.append(call(*inputs[0]))
+    assert torch.equal(first_replay, inputs[1][0] * 2 + inputs[1][1][:, None] + 1)  # not rewritten by later replays
+    assert torch.equal(results[-1], inputs[0][0] * 3 + inputs[0][1][:, None] + 1)
+    for (x, level), result in zip(inputs[1:4], results[1:4]):
+        assert torch.allclose(result, x * 2 + level[:, None] + 1)
+    call(torch.randn(1, 3), torch.rand(1, dtype=torch.float64))  # another shape: its own signature, eager first
+    call(*inputs[0], name="teacher")
+    assert len(graphs.graphs) == 1
+    with torch.enable_grad():
+        graphs("student", fn, *inputs[0], cond)  # with grad a call always runs eagerly
+    assert captured[0].replays == 4
+
+
+def test_a_call_that_cannot_be_captured_stays_eager():
+    from decoupled_dmd.trainer.denoiser import Conditioning
+    from decoupled_dmd.trainer.graphs import GraphedCalls
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = GraphedCalls(backend=refuse)
+    cond = Conditioning({"c": torch.zeros(1, 2)})
+    x, level = torch.ones(1, 2), torch.zeros(1, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = [graphs("fake", lambda a, b, c: a + 1, x, level, cond) for _ in range(3)]
+    assert all(torch.equal(o, x + 1) for o in outputs)
+    assert len(graphs.failed) == 1 and not graphs.graphs and "not permitted" in next(iter(graphs.failed.values()))
+
+
+def test_training_with_replayed_no_grad_calls_is_bit_for_bit_the_eager_run(tiny_model_dir, tmp_path):
+    from decoupled_dmd.trainer.graphs import GraphedCalls
+
+    states, replays = [], []
+    for graphed in (False, True):
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(graphed), kind="tiny-sdxl", max_train_steps=3,
+                               batch_fake_samples=True)  # rows leave the batched samples: several shapes
+        assert trainer.graphs is None  # a CPU run: no graphs
+        if graphed:
+            captured = []
+            trainer.graphs = GraphedCalls(backend=_stand_in_backend(captured))
+        for _ in range(3):
+            trainer.train_step()
+        if graphed:
+            replays = [g.replays for g in captured]
+        states.append({k: v.clone() for k, v in trainer.roles.trainable_state_dict("student").items()}
+                      | {f"fake.{k}": v.clone() for k, v in trainer.roles.trainable_state_dict("fake").items()})
+    assert sum(replays) > 10  # student simulation, x_gen, teacher and fake calls were replayed
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_the_plan_holds_the_graph_pool_for_the_run():
+    from decoupled_dmd.trainer.graphs import uses_cuda_graphs
+
+    params = [torch.empty(1000)]
+    common = dict(base_bytes=GIB, adapter_parameters={"student": params}, optimizer_type="adamw",
+                  simulated={"train_step": 300, "no_grad_call": 100})
+    plain, graphed = build_plan(**common), build_plan(**common, graph_pool=True)
+    assert graphed.phases["training"] - plain.phases["training"] == 100
+    assert graphed.parts["CUDA graph pool (no-grad calls)"] == 100
+    config = config_from_dict({"pretrained_model_name_or_path": "x"})
+
+    class Diffusers:
+        supports_cuda_graphs = True
+
+    assert config.cuda_graphs and uses_cuda_graphs(config, Diffusers, "cuda")
+    assert not uses_cuda_graphs(config, Diffusers, "cpu")
+    assert not uses_cuda_graphs(config.replace(cuda_graphs=False), Diffusers, "cuda")
+    assert not uses_cuda_graphs(config, type("Comfy", (), {"supports_cuda_graphs": False}), "cuda")
+
+
+def test_a_capture_records_the_weight_casts_itself():
+    """Autocast caches the bf16 copy of an fp32 trainable weight while a context is open. A graph that read the
+    warm-up's cached copy would read freed memory later, and never see an optimizer step: the capture must
+    cast the weight itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from decoupled_dmd.trainer.denoiser import Conditioning
+    from decoupled_dmd.trainer.graphs import GraphedCalls, _CudaGraph
+
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    inner = torch.autocast("cpu", dtype=torch.bfloat16)  # one object for every call, as accelerate's forward wrapper
+
+    def fn(x, level, cond):
+        with inner:
+            return F.linear(x, weight).float()
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == tuple(weight.shape):
+                WeightCasts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    recorded = []
+
+    class Counting(_CudaGraph):
+        def _warm_up(self, fn):
+            fn(self.x, self.level, self.cond)
+
+        def _record(self, fn, pool):
+            WeightCasts.count = 0
+            with WeightCasts():
+                output = fn(self.x, self.level, self.cond)
+            recorded.append(WeightCasts.count)
+            return _Replayed(lambda: fn(self.x, self.level, self.cond), output), output
+
+    graphs = GraphedCalls(backend=Counting)
+    cond, level = Conditioning({"c": torch.zeros(2, 1)}), torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's context around the calls
+        for _ in range(2):
+            graphs("student", fn, torch.randn(2, 4), level, cond)
+    assert recorded == [1]

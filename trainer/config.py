@@ -136,6 +136,10 @@ class TrainConfig:
     seed: int = _key(0, "Seed of every random draw (a resumed run continues the same sequence).")
     mixed_precision: str = _key("no", "Autocast precision; frozen weights are stored in it too.", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _key(False, "Trade compute for memory in the UNet.")
+    cuda_graphs: bool = _key(
+        True, "Replay the no-grad UNet calls (backward simulation, teacher, the fake's DM prediction) as CUDA graphs: "
+        "the same kernels on the current weights without Python and launch overhead (CUDA and diffusers models; "
+        "ComfyUI's models run eagerly). Holds the widest no-grad call's temporaries for the run.")
     memory_limit_gb: float = _key(
         0.0, "GiB the run may use on its device. Before loading weights the memory plan (printed) estimates the "
         "peak; a run that would not fit stops there, naming the settings that would make it fit. 0 = the GPU's "

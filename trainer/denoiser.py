@@ -70,6 +70,7 @@ class ModelAdapter(ABC):
     source_checkpoint: str | None = None  # the single-file checkpoint the teacher came from (merged outputs)
     source_model: str | None = None  # what the user named: file, folder or hub id
     unet_ldm_keys: dict[str, str] | None = None  # backbone weight name -> LDM name (kohya LoRA keys), if any
+    supports_cuda_graphs: bool = False  # its no-grad calls can be captured as CUDA graphs (trainer/graphs.py)
 
     @abstractmethod
     def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from .accounting import CostMeter
 from .config import ConfigError, TrainConfig
-from .denoiser import Conditioning, ModelAdapter, PromptCache
+from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache
 from .export import base_identity, save_merged_checkpoint, student_tensors
+from .graphs import GraphedCalls, uses_cuda_graphs
 from .losses import (
     cfg_augmentation,
     classifier_free_guidance,
@@ -149,6 +150,7 @@ class DecoupledDMDTrainer:
         self.meter = CostMeter(config.train_batch_size, config.gradient_checkpointing,
                                torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
         self._uncond_cache: dict[int, Conditioning] = {}
+        self.graphs = GraphedCalls() if uses_cuda_graphs(config, adapter, accelerator.device.type) else None
         self.batch_teacher_rows = True  # one teacher call per update; False (two calls) only to measure the gain
         self._generator_sample: tuple[Conditioning, Tensor] | None = None
         self.random.generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
@@ -249,14 +251,23 @@ class DecoupledDMDTrainer:
     def _x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False,
             kind: str | None = None) -> Tensor:
         """x0 prediction of `role`; `train` routes through the data-parallel wrapper so gradients sync."""
-        module = self.roles.module(role)
-        network = self.wrapped[role] if train else module
         self.meter.forward(role, x_t.shape[0], kind or ("train_forward" if train else "forward"))
         with self.accelerator.autocast():
-            return self.adapter.predict_x0(network, x_t, level, cond)
+            if train:
+                self.roles.module(role)
+                return self.adapter.predict_x0(self.wrapped[role], x_t, level, cond)
+            return self._call(role, x_t, level, cond)
 
-    def denoiser(self, role: str):
-        return self.adapter.denoiser(self.roles.module(role), activate=lambda: self.roles.module(role))
+    def _call(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        """A call of `role` outside the data-parallel wrapper; without grad, a CUDA-graph replay where enabled."""
+        network = self.roles.module(role)
+        if self.graphs is None:
+            return self.adapter.predict_x0(network, x_t, level, cond)
+        return self.graphs(role, functools.partial(self.adapter.predict_x0, network), x_t, level, cond)
+
+    def denoiser(self, role: str) -> Denoiser:
+        """`role` on the denoiser contract (the samplers' input)."""
+        return _RoleDenoiser(self, role)
 
     # --- random draws ----------------------------------------------------------------------------------------
     def _randn(self, batch: int) -> Tensor:
@@ -586,6 +597,14 @@ class DecoupledDMDTrainer:
                 logger.info("merged checkpoint written to %s", save_merged_checkpoint(self))
         accelerator.wait_for_everyone()
         return path
+
+class _RoleDenoiser:
+    def __init__(self, trainer: DecoupledDMDTrainer, role: str):
+        self.trainer, self.role, self.schedule = trainer, role, trainer.adapter.schedule
+
+    def __call__(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
+        return self.trainer._call(self.role, x_t, level, cond)
+
 
 def _tracker(log_with: str):
     if log_with == "none":

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .config import ConfigError
+from .graphs import uses_cuda_graphs
 
 GIB = 1024 ** 3
 
@@ -235,12 +236,14 @@ class MemoryPlan:
 def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], optimizer_type: str,
                simulated: dict[str, int], text_encoder_bytes: int = 0, encode_bytes: int = 0, vae_bytes: int = 0,
                device: str = "cuda", held_parameters: list[Tensor] | None = None, adapter_scale: float = 1.0,
-               optimizer_step: bool = False) -> MemoryPlan:
+               optimizer_step: bool = False, graph_pool: bool = False) -> MemoryPlan:
     """Combine the static parts with the simulated peaks into phases:
     - encoding prompts: base, text encoders and their activations (encoders leave a GPU afterwards);
     - training: base, trained weights, optimiser states, VAE, plus the larger of a trained step (activations and
       one role's gradients, simulated) and the widest no-grad call;
-    - with `optimizer_step`: AdamW's step, one role's gradients and one temporary of its size.
+    - with `optimizer_step`: AdamW's step, one role's gradients and one temporary of its size;
+    - with `graph_pool` (CUDA graphs of the no-grad calls, trainer/graphs.py): the widest no-grad call's
+      temporaries stay reserved in the graphs' pool for the whole run, beside a trained step.
 
     `adapter_parameters` are the optimised roles' tensors; `held_parameters` every trained tensor in memory
     (default: the same; LoRA mode holds both adapters whether or not the fake trains); `adapter_scale` scales
@@ -254,6 +257,9 @@ def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], 
              "trained step (activations + grads)": simulated["train_step"],
              "widest no-grad call": simulated["no_grad_call"]}
     resident = base_bytes + trained + optimizer + vae_bytes
+    if graph_pool:
+        parts["CUDA graph pool (no-grad calls)"] = simulated["no_grad_call"]
+        resident += simulated["no_grad_call"]
     if device == "cpu":  # "offloading" the text encoders to the CPU keeps them where they are
         resident += text_encoder_bytes
     phases = {"encoding prompts": base_bytes + trained + text_encoder_bytes + encode_bytes + vae_bytes,
@@ -308,7 +314,8 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
                       optimizer_type=config.optimizer_type, simulated=simulated,
                       text_encoder_bytes=text_encoder_parameters * weight_bytes, vae_bytes=4 * vae_parameters,
                       device=device, held_parameters=[p for params in trainable.values() for p in params],
-                      adapter_scale=adapter_scale, optimizer_step=True)
+                      adapter_scale=adapter_scale, optimizer_step=True,
+                      graph_pool=uses_cuda_graphs(config, adapter, device))
 
 
 def skeleton_roles(skeleton, config):
@@ -339,6 +346,8 @@ def knob_savings(plan_for: Callable[[object], MemoryPlan], config, base_plan: Me
         candidates.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
     if config.mixed_precision == "no":
         candidates.append(('mixed_precision = "bf16"', {"mixed_precision": "bf16"}))
+    if config.cuda_graphs and "CUDA graph pool (no-grad calls)" in base_plan.parts:
+        candidates.append(("cuda_graphs = false", {"cuda_graphs": False}))
     if config.train_batch_size > 1:
         candidates.append(("train_batch_size = 1", {"train_batch_size": 1}))
     hw = config.resolution_hw()

@@ -41,6 +41,8 @@ def schedule_from_scheduler_config(config: dict) -> tuple[NoiseSchedule, str]:
 class DiffusersAdapter(ModelAdapter):
     """A diffusers UNet teacher with its CLIP text encoder(s), tokenizer(s) and optional VAE."""
 
+    supports_cuda_graphs = True  # a call is pure tensor work on the device (captured and replayed on an H200)
+
     def __init__(self, unet, text_encoders: list, tokenizers: list, schedule: NoiseSchedule, prediction_type: str,
                  vae=None, uncond_mode: str = "empty_prompt"):
         self.network = unet
