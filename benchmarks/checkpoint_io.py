@@ -30,7 +30,7 @@ def build_sdxl_checkpoint(folder: str) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from decoupled_dmd.trainer.checkpoint import write_ldm_checkpoint
+    from decoupled_dmd.trainer.formats import write_ldm_checkpoint
     from decoupled_dmd.trainer.tiny_models import write_tiny_clip_tokenizer
 
     path = os.path.join(folder, "sdxl_random.safetensors")
@@ -67,7 +67,8 @@ def main():
                         help="weight dtype of the loaded model (the trainer's mixed_precision)")
     args = parser.parse_args()
     os.makedirs(args.folder, exist_ok=True)
-    from decoupled_dmd.trainer.checkpoint import load_single_file, write_merged_checkpoint
+    from decoupled_dmd.trainer.adapters.single_file import load_single_file
+    from decoupled_dmd.trainer.formats import write_merged_checkpoint
     from decoupled_dmd.trainer.networks import LoraRoles
 
     started = time.time()
@@ -82,7 +83,7 @@ def main():
         for p in roles.trainable_parameters("student"):
             p.normal_(0, 1e-3)
     started = stage("inject student + fake LoRA", started)
-    from decoupled_dmd.trainer.checkpoint import kohya_lora_state_dict
+    from decoupled_dmd.trainer.formats import kohya_lora_state_dict
 
     modules = {k[:-7]: v[:-7] for k, v in adapter.unet_ldm_keys.items() if k.endswith(".weight")}
     lora = kohya_lora_state_dict(roles.peft_state_dict("student"), modules, args.rank / 8, torch.float16)

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from ..trainer.config import OPTIMIZERS
+from ..trainer.outputs import atomic_write
 
 logger = logging.getLogger("decoupled_dmd.benchmark")
 
@@ -294,7 +295,7 @@ def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]
     return paths
 
 
-def benchmark_main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmd-benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 10-minute subset (4-step schedules only)")
     parser.add_argument("--output_dir", default="output/dmd-benchmark")
@@ -319,11 +320,12 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_speed", action="store_true",
                         help="skip the side-by-side seconds per update of the waste cuts (tiny SD1.5 / SDXL, demo)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    mode_name = "quick" if args.quick else "full"
-    mode = dict(MODES[mode_name])
+    return parser
+
+
+def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The quick or full mode with the command line's overrides."""
+    mode = dict(MODES["quick" if args.quick else "full"])
     for key in ("seeds", "max_train_steps", "eval_every", "eval_per_prompt", "train_batch_size"):
         if getattr(args, key) is not None:
             mode[key] = getattr(args, key)
@@ -335,53 +337,85 @@ def benchmark_main(argv: list[str] | None = None) -> int:
         mode["variants"] = tuple(names)
     if args.student_steps:
         mode["student_steps"] = tuple(int(s) for s in args.student_steps.split(","))
+    return mode
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(staging: str) -> None:
+        with open(staging, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    atomic_write(path, write, overwrite=True)
+
+
+def _write_json(path: str, value) -> None:
+    _write_text(path, json.dumps(value, indent=1))
+
+
+def _quality_section(args: argparse.Namespace, mode: dict, mode_name: str) -> tuple[list[str], bool]:
+    """Train every planned run, evaluate, write quality.json and the plots; (report lines, a gate failed)."""
+    from .metrics import Evaluator, evaluation_prompts
+    from .models import teacher_info
+
+    jobs = plan_jobs(mode, args.output_dir, args.grid)
+    logger.info("%d training runs, %d at a time", len(jobs), args.jobs)
+    results = run_jobs(jobs, args.jobs)
+    floor = Evaluator().noise_floor(len(evaluation_prompts(mode["eval_per_prompt"])))
+    reference = teacher_info().get("reference", {})
+    guidance = teacher_info().get("guidance_scale", 3.0)
+    teacher = {"adherence": reference.get(f"cfg_{guidance:g}", {}).get("adherence", math.nan),
+               "unguided_adherence": reference.get("cfg_1", {}).get("adherence", math.nan)}
+    summary = summarize(results, floor)
+    _write_json(os.path.join(args.output_dir, "quality.json"),
+                {"mode": mode, "grid": args.grid, "summary": summary, "noise_floor": floor})
+    plots = plot(results, args.output_dir, floor)
+    report = [markdown(summary, mode_name, mode, args.grid, floor, teacher),
+              "Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]
+    return report, not all(g["passed"] for g in summary["gates"])
+
+
+def _cost_section(args: argparse.Namespace) -> str:
+    """Peak memory and time per update of the cost cases (or the cost.json already there, with --reuse_cost)."""
+    from .cost import cost_markdown, run_cost_benchmark
+
+    cost_file = os.path.join(args.output_dir, "cost.json")
+    if args.reuse_cost and os.path.isfile(cost_file):
+        with open(cost_file, encoding="utf-8") as handle:
+            return cost_markdown(json.load(handle))
+    sizes = [s.strip() for s in args.cost_sizes.split(",") if s.strip()]
+    cost = run_cost_benchmark(sizes, os.path.join(args.output_dir, "cost"), threads=args.cost_threads,
+                              rank=args.cost_rank, optimizer=args.cost_optimizer)
+    _write_json(cost_file, cost)
+    return cost_markdown(cost)
+
+
+def _speed_section(args: argparse.Namespace) -> str:
+    """Seconds per update of the waste cuts, side by side."""
+    from .cost import run_speed_benchmark, speed_markdown
+
+    speed = run_speed_benchmark(threads=args.cost_threads)
+    _write_json(os.path.join(args.output_dir, "speed.json"), speed)
+    return speed_markdown(speed)
+
+
+def benchmark_main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    mode_name = "quick" if args.quick else "full"
+    mode = _mode(parser, args)
     os.makedirs(args.output_dir, exist_ok=True)
     started = time.time()
-    report = [f"# dmd-benchmark ({mode_name})", ""]
-    failed = False
+    report, failed = [f"# dmd-benchmark ({mode_name})", ""], False
     if not args.skip_quality:
-        from .metrics import Evaluator, evaluation_prompts
-        from .models import teacher_info
-
-        jobs = plan_jobs(mode, args.output_dir, args.grid)
-        logger.info("%d training runs, %d at a time", len(jobs), args.jobs)
-        results = run_jobs(jobs, args.jobs)
-        floor = Evaluator().noise_floor(len(evaluation_prompts(mode["eval_per_prompt"])))
-        reference = teacher_info().get("reference", {})
-        guidance = teacher_info().get("guidance_scale", 3.0)
-        teacher = {"adherence": reference.get(f"cfg_{guidance:g}", {}).get("adherence", math.nan),
-                   "unguided_adherence": reference.get("cfg_1", {}).get("adherence", math.nan)}
-        summary = summarize(results, floor)
-        with open(os.path.join(args.output_dir, "quality.json"), "w", encoding="utf-8") as handle:
-            json.dump({"mode": mode, "grid": args.grid, "summary": summary, "noise_floor": floor}, handle, indent=1)
-        report = [markdown(summary, mode_name, mode, args.grid, floor, teacher)]
-        plots = plot(results, args.output_dir, floor)
-        report += ["Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]
-        failed = not all(g["passed"] for g in summary["gates"])
+        report, failed = _quality_section(args, mode, mode_name)
     if not args.skip_cost:
-        from .cost import cost_markdown, run_cost_benchmark
-
-        sizes = [s.strip() for s in args.cost_sizes.split(",") if s.strip()]
-        cost_file = os.path.join(args.output_dir, "cost.json")
-        if args.reuse_cost and os.path.isfile(cost_file):
-            with open(cost_file, encoding="utf-8") as handle:
-                cost = json.load(handle)
-        else:
-            cost = run_cost_benchmark(sizes, os.path.join(args.output_dir, "cost"), threads=args.cost_threads,
-                                      rank=args.cost_rank, optimizer=args.cost_optimizer)
-            with open(cost_file, "w", encoding="utf-8") as handle:
-                json.dump(cost, handle, indent=1)
-        report.append(cost_markdown(cost))
+        report.append(_cost_section(args))
     if not args.skip_speed:
-        from .cost import run_speed_benchmark, speed_markdown
-
-        speed = run_speed_benchmark(threads=args.cost_threads)
-        with open(os.path.join(args.output_dir, "speed.json"), "w", encoding="utf-8") as handle:
-            json.dump(speed, handle, indent=1)
-        report.append(speed_markdown(speed))
+        report.append(_speed_section(args))
     report.append(f"Total time: {time.time() - started:.0f} s.")
-    with open(os.path.join(args.output_dir, "benchmark.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(report) + "\n")
+    _write_text(os.path.join(args.output_dir, "benchmark.md"), "\n".join(report) + "\n")
     print("\n".join(report))
     return 1 if (failed and args.strict) else 0
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from ..trainer.adapters.comfy import Teacher, detect_family, trainable_unet
+from ..trainer.config import ConfigError
+from ..trainer.formats import checkpoint_metadata, read_student_metadata, student_timesteps
 from ..trainer.schedules import DiscreteVPSchedule, parse_student_timesteps
 
 
@@ -165,15 +167,6 @@ def save_lora_file(student: Student, name: str) -> str:
     return atomic_write(path, lambda staging: shutil.copyfile(student.lora_path, staging))
 
 
-def checkpoint_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:
-    """The LoRA's header, restated for an all-in-one checkpoint."""
-    metadata = {k: v for k, v in lora_metadata.items() if not k.startswith("ss_")}
-    metadata["decoupled_dmd.format"] = "checkpoint"
-    if metadata.get("modelspec.architecture", "").endswith("/lora"):
-        metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")]
-    return metadata
-
-
 def save_checkpoint_file(student: Student, name: str) -> str:
     """The teacher (with its own LoRAs) plus the student merged, CLIP and VAE, by ComfyUI's own checkpoint saver,
     into models/checkpoints (LDM layout, `v_pred` for v-prediction models)."""
@@ -205,17 +198,13 @@ def trailing_timesteps(steps: int) -> list[int]:
 
 def timesteps_from_file(name: str) -> list[int]:
     """decoupled_dmd.student_timesteps of a file in models/loras or models/checkpoints."""
-    import json
-
     import folder_paths
-    from safetensors import safe_open
 
     for folder in ("loras", "checkpoints"):
         path = folder_paths.get_full_path(folder, name)
         if path:
-            with safe_open(path, "pt") as handle:
-                metadata = handle.metadata() or {}
-            if "decoupled_dmd.student_timesteps" not in metadata:
-                raise ValueError(f"{name!r} has no decoupled_dmd metadata; give the timesteps or steps instead")
-            return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
+            try:
+                return student_timesteps(read_student_metadata(path))
+            except ConfigError as error:
+                raise ValueError(f"{name!r}: {error}; give the timesteps or steps instead") from None
     raise ValueError(f"metadata_file {name!r} is in neither models/loras nor models/checkpoints")

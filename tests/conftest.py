@@ -42,7 +42,7 @@ def ldm_checkpoint(tiny_model_dir, tmp_path_factory):
     import torch
 
     from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
-    from decoupled_dmd.trainer.checkpoint import write_ldm_checkpoint
+    from decoupled_dmd.trainer.formats import write_ldm_checkpoint
 
     built = {}
 

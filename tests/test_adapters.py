@@ -102,3 +102,30 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_model_dir):
 def test_a_folder_that_is_not_a_model_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing unet/, text_encoder/, tokenizer/, scheduler/"):
         DiffusersAdapter.from_pretrained(str(tmp_path))
+
+
+def test_batched_x0_is_one_call_that_equals_the_separate_calls(tiny_model_dir):
+    """CFG's cond / uncond rows (and a third at another level) through one call give each row's own x0."""
+    from decoupled_dmd.trainer.denoiser import batched_x0
+
+    adapter = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sdxl"))
+    denoiser = adapter.denoiser()
+    calls = []
+
+    def counted(x_t, level, cond):
+        calls.append(x_t.shape[0])
+        return denoiser(x_t, level, cond)
+
+    generator = torch.Generator().manual_seed(0)
+    shape = adapter.latent_shape(*adapter.default_resolution)
+    cond, uncond = adapter.encode_prompts(["a red house", "a cat"]), adapter.encode_prompts(["", ""])
+    rows = [(torch.randn(2, *shape, generator=generator), adapter.schedule.level(torch.tensor(t)), c)
+            for t, c in (([700, 300], cond), ([700, 300], uncond), ([100, 900], cond))]
+    with torch.no_grad():
+        together = batched_x0(counted, rows)
+        separate = [denoiser(*row) for row in rows]
+    assert calls == [6]
+    assert [x.shape[0] for x in together] == [2, 2, 2]
+    for joint, alone in zip(together, separate):
+        torch.testing.assert_close(joint, alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-3)  # cond and uncond really differ

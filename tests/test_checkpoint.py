@@ -14,15 +14,15 @@ from safetensors.torch import load_file, save_file
 
 from decoupled_dmd.trainer import ldm_layout as layout
 from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
+from decoupled_dmd.trainer.adapters.single_file import load_single_file
 from decoupled_dmd.trainer.api import apply_student, load_teacher, read_student_metadata
-from decoupled_dmd.trainer.checkpoint import (
+from decoupled_dmd.trainer.config import config_from_dict
+from decoupled_dmd.trainer.formats import (
     CheckpointError,
     inspect_checkpoint,
-    load_single_file,
     read_safetensors_header,
     write_ldm_checkpoint,
 )
-from decoupled_dmd.trainer.config import config_from_dict
 from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
 from decoupled_dmd.trainer.outputs import atomic_write
 
@@ -173,7 +173,7 @@ def test_tokenizer_errors_name_the_missing_files(ldm_checkpoint, tmp_path, monke
     with pytest.raises(CheckpointError, match="lacks merges.txt"):
         load_single_file(ldm_checkpoint("tiny-sd15"), tokenizer_path=str(tmp_path / "tok"))
     with pytest.raises(CheckpointError, match="set tokenizer_path"):
-        from decoupled_dmd.trainer.checkpoint import resolve_tokenizer_folder
+        from decoupled_dmd.trainer.adapters.single_file import resolve_tokenizer_folder
 
         resolve_tokenizer_folder("")
 
@@ -394,7 +394,7 @@ def test_a_second_run_gets_a_counter_and_a_resumed_run_keeps_its_files(tiny_mode
 
 
 def test_safetensors_stream_writer_is_readable_by_the_library(tmp_path):
-    from decoupled_dmd.trainer.checkpoint import write_safetensors_stream
+    from decoupled_dmd.trainer.formats import write_safetensors_stream
 
     source = tmp_path / "source.safetensors"
     save_file({"a": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)},

@@ -9,10 +9,10 @@ from decoupled_dmd import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from decoupled_dmd.nodes.dmd_nodes import Train, check_resolution, read_prompt_lines
 from decoupled_dmd.nodes.runtime import (
     check_file_name,
-    checkpoint_metadata,
     parse_timesteps,
     trailing_timesteps,
 )
+from decoupled_dmd.trainer.formats import checkpoint_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(REPO, "workflows")

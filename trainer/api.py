@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -10,6 +9,7 @@ import torch
 
 from .config import ConfigError, TrainConfig
 from .denoiser import ModelAdapter
+from .formats import read_student_metadata, student_format, student_timesteps
 from .loop import DecoupledDMDTrainer, TrainerCallbacks
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
 
     dtype: the frozen weights' dtype (the trainer's weight dtype: loading SDXL in bf16 halves host memory)."""
     from .adapters.diffusers import DiffusersAdapter
-    from .checkpoint import load_single_file
+    from .adapters.single_file import load_single_file
     from .tiny_models import resolve_builtin
 
     if not name_or_path:
@@ -112,21 +112,6 @@ def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
     return trainer.train()
 
 
-def read_student_metadata(path: str) -> dict[str, str]:
-    """The `decoupled_dmd.*` header of a student file (LoRA, UNet or all-in-one checkpoint)."""
-    from .checkpoint import read_safetensors_header
-
-    header, _ = read_safetensors_header(path)
-    metadata = header.get("__metadata__") or {}
-    if metadata.get("decoupled_dmd.method") != "decoupled-dmd":
-        raise ConfigError(f"{path!r} is not a Decoupled DMD student (no decoupled_dmd metadata)")
-    return metadata
-
-
-def student_timesteps(metadata: dict[str, str]) -> list[int]:
-    return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
-
-
 def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
     """Load a saved student into the adapter's backbone in place; returns its trained timesteps.
 
@@ -135,11 +120,11 @@ def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
     """
     from safetensors.torch import load_file
 
-    from .checkpoint import is_kohya_lora, peft_from_kohya
+    from .formats import is_kohya_lora, lora_module_names, peft_from_kohya
     from .ldm_layout import UNET_PREFIX
 
     metadata = read_student_metadata(student_path)
-    kind = metadata.get("decoupled_dmd.format", "lora" if metadata["decoupled_dmd.training_mode"] == "lora" else "unet")
+    kind = student_format(metadata)
     if kind == "checkpoint":
         return student_timesteps(metadata)
     tensors = load_file(student_path)
@@ -147,8 +132,7 @@ def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
     ldm_keys = adapter.unet_ldm_keys or {}
     if kind == "lora":
         if is_kohya_lora(tensors):
-            modules = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in ldm_keys.items() if k.endswith(".weight")}
-            state, rank, alpha = peft_from_kohya(tensors, modules)
+            state, rank, alpha = peft_from_kohya(tensors, lora_module_names(ldm_keys))
         else:
             state = {k.removeprefix("unet."): v.float() for k, v in tensors.items()}
             rank, alpha = int(metadata["decoupled_dmd.network_dim"]), float(metadata["decoupled_dmd.network_alpha"])

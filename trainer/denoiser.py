@@ -57,6 +57,16 @@ class Denoiser(Protocol):
     def __call__(self, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor: ...
 
 
+def batched_x0(denoise: Callable[[Tensor, Tensor, Conditioning], Tensor],
+               rows: list[tuple[Tensor, Tensor, Conditioning]]) -> list[Tensor]:
+    """x0 of several (x_t, level, cond) rows in one call, split back per row: CFG's cond and uncond halves
+    (plus DM's row in the generator update) cost one batched call instead of one each."""
+    if len(rows) == 1:
+        return [denoise(*rows[0])]
+    x0 = denoise(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), Conditioning.cat([r[2] for r in rows]))
+    return list(x0.split([r[0].shape[0] for r in rows]))
+
+
 class ModelAdapter(ABC):
     """Everything model-specific the trainer needs, behind one small surface."""
 

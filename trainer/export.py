@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .formats import (
+    kohya_lora_state_dict,
+    lora_module_names,
+    student_metadata,
+    write_ldm_checkpoint,
+    write_merged_checkpoint,
+)
 from .networks import LoraRoles
-from .outputs import student_metadata
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -14,7 +20,6 @@ SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 def student_tensors(trainer) -> tuple[str, dict[str, Tensor]]:
     """(format, tensors): a kohya LoRA (`lora_unet_<ldm path>`) or a full UNet in LDM names, where the
     backbone has an LDM layout; diffusers/peft names otherwise."""
-    from .checkpoint import kohya_lora_state_dict
     from .ldm_layout import UNET_PREFIX
 
     dtype = SAVE_DTYPES[trainer.config.save_precision]
@@ -23,8 +28,7 @@ def student_tensors(trainer) -> tuple[str, dict[str, Tensor]]:
         peft_state = trainer.roles.peft_state_dict("student")
         if ldm_keys is None:
             return "lora", {f"unet.{k}": v.to(dtype) for k, v in peft_state.items()}
-        modules = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in ldm_keys.items() if k.endswith(".weight")}
-        return "lora", kohya_lora_state_dict(peft_state, modules, trainer.config.network_alpha, dtype)
+        return "lora", kohya_lora_state_dict(peft_state, lora_module_names(ldm_keys), trainer.config.network_alpha, dtype)
     state = trainer.roles.merged_state_dict("student")
     if ldm_keys is None:
         return "unet", {k: v.to(dtype) for k, v in state.items()}
@@ -41,8 +45,6 @@ def base_identity(trainer) -> dict[str, str]:
 def save_merged_checkpoint(trainer) -> str:
     """The all-in-one checkpoint: the teacher's own file (or an LDM export of its diffusers parts) with the
     student merged into the UNet."""
-    from .checkpoint import write_ldm_checkpoint, write_merged_checkpoint
-
     adapter, config = trainer.adapter, trainer.config
     metadata = student_metadata(config, trainer.step, adapter, trainer.guidance_scale, kind="checkpoint",
                                 base=base_identity(trainer))

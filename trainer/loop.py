@@ -23,8 +23,9 @@ from torch import Tensor
 
 from .accounting import CostMeter
 from .config import ConfigError, TrainConfig
-from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache
+from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache, batched_x0
 from .export import base_identity, save_merged_checkpoint, student_tensors
+from .formats import atomic_save_safetensors, student_metadata
 from .graphs import GraphedCalls, uses_cuda_graphs
 from .losses import (
     cfg_augmentation,
@@ -37,7 +38,7 @@ from .losses import (
     weighted_denoising_loss,
 )
 from .networks import FullRoles, LoraRoles, Roles
-from .outputs import atomic_save_safetensors, free_path, save_image_grid, student_metadata
+from .outputs import free_path, save_image_grid
 from .sampling import few_step_sample, student_levels
 from .schedules import (
     check_student_timesteps,
@@ -420,8 +421,7 @@ class DecoupledDMDTrainer:
         predictions = []
         groups = [rows] if self.batch_teacher_rows else [rows[:2], rows[2:]]  # unbatched: CA pair, then DM
         for group in (g for g in groups if g):
-            predictions += self._x0("teacher", torch.cat([r[0] for r in group]), torch.cat([r[1] for r in group]),
-                                    Conditioning.cat([r[2] for r in group])).split(batch)
+            predictions += batched_x0(functools.partial(self._x0, "teacher"), group)
         terms = _UpdateTerms()
         if use_ca:
             x0_cond, x0_uncond = predictions[0], predictions[1]

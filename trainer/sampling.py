@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .denoiser import Conditioning, Denoiser
+from .denoiser import Conditioning, Denoiser, batched_x0
 from .losses import classifier_free_guidance
 from .schedules import NoiseSchedule, append_dims, teacher_sampling_levels
 
@@ -46,11 +46,10 @@ def cfg_sample(teacher: Denoiser, noise: Tensor, cond: Conditioning, uncond: Con
     """Deterministic DDIM in x0 space with classifier-free guidance (Euler for flow models)."""
     schedule = teacher.schedule
     levels = teacher_sampling_levels(schedule, steps)
-    both = Conditioning.cat([cond, uncond])
     x = noise
     for index in range(steps):
         level = torch.full((x.shape[0],), levels[index], dtype=torch.float64, device=x.device)
-        x0_cond, x0_uncond = teacher(torch.cat([x, x]), torch.cat([level, level]), both).chunk(2)
+        x0_cond, x0_uncond = batched_x0(teacher, [(x, level, cond), (x, level, uncond)])
         x0 = classifier_free_guidance(x0_cond, x0_uncond, guidance_scale)
         if levels[index + 1] >= 1.0:
             return x0

@@ -26,7 +26,7 @@ def build_tiny_sd15(path: str) -> str:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from decoupled_dmd.trainer.checkpoint import write_ldm_checkpoint
+    from decoupled_dmd.trainer.formats import write_ldm_checkpoint
 
     torch.manual_seed(0)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
@@ -49,7 +49,7 @@ def build_tiny_sdxl(path: str) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from decoupled_dmd.trainer.checkpoint import write_ldm_checkpoint
+    from decoupled_dmd.trainer.formats import write_ldm_checkpoint
 
     torch.manual_seed(0)
     # down levels: no transformer, then 1 and 2 per res block (2 res blocks each) -> [0,0,1,1,2,2];

@@ -116,7 +116,7 @@ class DiffusersAdapter(ModelAdapter):
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         if os.path.isfile(path):
-            from ..checkpoint import inspect_checkpoint
+            from ..formats import inspect_checkpoint
             from ..ldm_layout import SD15_CLIP_PREFIX, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, VAE_PREFIX
 
             info = inspect_checkpoint(path, v_parameterization)
@@ -170,7 +170,7 @@ class DiffusersAdapter(ModelAdapter):
         return Conditioning(tensors)
 
     def identity(self) -> dict[str, str]:
-        from ..checkpoint import file_sha256
+        from ..formats import file_sha256
 
         source = self.source_checkpoint or self.source_model or ""
         out = {"model": os.path.basename(source.rstrip("/")) if os.path.exists(source) else source}

@@ -1,9 +1,14 @@
-"""Single-file (LDM layout) SD1.5 / SDXL checkpoints in, kohya LoRA and all-in-one checkpoints out.
+"""Every file format the product reads or writes, in one place.
 
-Reading: only safetensors; the architecture, prediction type and UNet config come from the tensors, the CLIP
-tokenizer from `tokenizer_path` (or the Hugging Face cache). Writing: the all-in-one checkpoint is the user's
-own file with only the UNet tensors replaced; every other tensor is copied byte for byte, streamed, so a
-multi-GB checkpoint never has to sit in memory twice.
+- safetensors: checked headers (pickles refused, truncation found before loading), streamed writing, atomic saves;
+- single-file (LDM layout) SD1.5 / SDXL checkpoints: detection from the header alone, CLIP key layouts;
+- LoRA in the kohya layout (`lora_unet_*`) and its peft twin;
+- the all-in-one checkpoint: the user's own file with only the UNet tensors replaced, every other tensor copied
+  byte for byte, streamed, so a multi-GB checkpoint never sits in memory twice;
+- the metadata schema of every student file (`modelspec.*`, `decoupled_dmd.*`, kohya's `ss_*`), written and
+  read here.
+
+Building models from a single file is the adapters' job (`adapters/single_file.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PICKLE_MAGIC = (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save zip, raw pickle
-CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")
-CLIP_HUB_REPO = "openai/clip-vit-large-patch14"
-VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -146,97 +149,8 @@ def inspect_checkpoint(path: str, v_parameterization: bool | None = None) -> Che
                           header.get("__metadata__", {}) or {}, shapes)
 
 
-# --- loading ------------------------------------------------------------------------------------------------
-def resolve_tokenizer_folder(tokenizer_path: str | None) -> str:
-    """A folder with CLIP's BPE files: `tokenizer_path`, else openai/clip-vit-large-patch14 in the HF cache."""
-    if tokenizer_path:
-        if not os.path.isdir(tokenizer_path):
-            raise CheckpointError(f"tokenizer_path: {tokenizer_path!r} is not a folder; give a folder with the CLIP "
-                                  f"BPE files {' and '.join(CLIP_TOKENIZER_FILES)}")
-        missing = [f for f in CLIP_TOKENIZER_FILES if not os.path.isfile(os.path.join(tokenizer_path, f))]
-        if missing:
-            raise CheckpointError(f"tokenizer_path: {tokenizer_path!r} lacks {', '.join(missing)}; it needs the CLIP "
-                                  "BPE files vocab.json and merges.txt (as in openai/clip-vit-large-patch14 or "
-                                  "ComfyUI's comfy/sd1_tokenizer)")
-        return tokenizer_path
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = [try_to_load_from_cache(CLIP_HUB_REPO, f) for f in CLIP_TOKENIZER_FILES]
-    except Exception:  # noqa: BLE001 - an unusable cache is the same as no cache
-        found = [None, None]
-    if all(isinstance(f, str) for f in found):
-        return os.path.dirname(found[0])
-    raise CheckpointError("single-file checkpoints carry no tokenizer: set tokenizer_path to a folder with the CLIP "
-                          "BPE files vocab.json and merges.txt (a download of openai/clip-vit-large-patch14, or "
-                          f"ComfyUI's comfy/sd1_tokenizer); the Hugging Face cache has no {CLIP_HUB_REPO} either")
-
-
-def load_single_file(path: str, tokenizer_path: str | None = None, v_parameterization: bool | None = None,
-                     uncond_mode: str = "empty_prompt", dtype=torch.float32, load_vae: bool = True):
-    """Load an SD1.5/SDXL single-file checkpoint as a `DiffusersAdapter`, with no network access."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from safetensors import safe_open
-
-    from .adapters.diffusers import DiffusersAdapter
-    from .schedules import DiscreteVPSchedule
-
-    info = inspect_checkpoint(path, v_parameterization)
-    tokenizer_folder = resolve_tokenizer_folder(tokenizer_path)
-    shapes = info.shapes
-
-    def tensors(prefix: str) -> dict[str, Tensor]:
-        with safe_open(path, framework="pt") as handle:
-            return {k[len(prefix):]: _to_dtype(handle.get_tensor(k), dtype) for k in handle.keys() if k.startswith(prefix)}
-
-    encoders, tokenizers = [], []
-    if info.family == "sd15":
-        clip_l = _clip_l_state(tensors(layout.SD15_CLIP_PREFIX))
-        encoders.append(_build_clip(clip_l, projection=False, act="quick_gelu", tokenizer_folder=tokenizer_folder))
-        tokenizers.append(_tokenizer(tokenizer_folder, encoders[0], pad_token=None))
-    else:
-        clip_l = _clip_l_state(tensors(layout.SDXL_CLIP_L_PREFIX))
-        encoders.append(_build_clip(clip_l, projection=False, act="quick_gelu", tokenizer_folder=tokenizer_folder))
-        clip_g = open_clip_to_hf(tensors(layout.SDXL_CLIP_G_PREFIX))
-        encoders.append(_build_clip(clip_g, projection=True, act="gelu", tokenizer_folder=tokenizer_folder))
-        tokenizers.append(_tokenizer(tokenizer_folder, encoders[0], pad_token=None))
-        tokenizers.append(_tokenizer(tokenizer_folder, encoders[1], pad_token="!"))  # OpenCLIP pads with "!"
-        pooled = encoders[1].config.projection_dim
-        adm = info.unet_config["projection_class_embeddings_input_dim"]
-        if (adm - pooled) % 6:
-            raise CheckpointError(f"{os.path.basename(path)}: ADM input {adm} does not fit a pooled embedding of "
-                                  f"{pooled} plus 6 size embeddings")
-        info.unet_config["addition_time_embed_dim"] = (adm - pooled) // 6
-
-    unet_state = {layout.UNET_PREFIX + k: v for k, v in tensors(layout.UNET_PREFIX).items()}
-    with init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel(**info.unet_config)
-    key_map = layout.unet_key_map(dict(unet.config), unet.state_dict().keys())
-    missing = [k for k, ldm in key_map.items() if layout.UNET_PREFIX + ldm not in unet_state]
-    if missing:
-        raise CheckpointError(f"{os.path.basename(path)}: UNet tensors missing for {missing[:3]}; the file is damaged")
-    unet.load_state_dict({k: unet_state[layout.UNET_PREFIX + ldm] for k, ldm in key_map.items()}, strict=True, assign=True)
-    del unet_state
-
-    vae = None
-    if load_vae and info.has_vae:
-        vae = _load_vae(tensors(layout.VAE_PREFIX), shapes, info.family)
-    for module in [unet, vae, *encoders]:
-        if module is not None:
-            module.requires_grad_(False).eval()
-    adapter = DiffusersAdapter(unet, encoders, tokenizers, DiscreteVPSchedule.scaled_linear(), info.prediction_type,
-                               vae=vae, uncond_mode=uncond_mode)
-    adapter.source_checkpoint = os.path.abspath(path)
-    adapter.unet_ldm_keys = key_map
-    return adapter
-
-
-def _to_dtype(tensor: Tensor, dtype) -> Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
-
-
-def _clip_l_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+# --- text encoder key layouts ----------------------------------------------------------------------------------
+def clip_l_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     # Old SD1.x files store the CLIP transformer without the `text_model.` level.
     state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()}
     state.pop("text_model.embeddings.position_ids", None)
@@ -274,31 +188,6 @@ def _qkv_order(key: str) -> int:
     return next(i for i, p in enumerate(("q_proj", "k_proj", "v_proj")) if p in key)
 
 
-def _build_clip(state: dict[str, Tensor], projection: bool, act: str, tokenizer_folder: str):
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(m.group(1)) for k in state for m in [re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)] if m)
-    special = _special_token_ids(tokenizer_folder)
-    config = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-        intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_attention_heads=max(1, hidden // layout.CLIP_HEAD_CHANNELS),
-        max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
-        projection_dim=state["text_projection.weight"].shape[0] if projection else hidden,
-        hidden_act=act, **special)
-    with init_empty_weights(include_buffers=False):
-        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-    state = _native_clip_names(model, state)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise CheckpointError(f"text encoder tensors do not fit a CLIP text model: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
 
 def canonical_clip_state(encoder) -> dict[str, Tensor]:
     """A CLIP text model's weights under the `text_model.*` names LDM files use (transformers 5 dropped the
@@ -307,57 +196,21 @@ def canonical_clip_state(encoder) -> dict[str, Tensor]:
             for k, v in encoder.state_dict().items()}
 
 
-def _native_clip_names(model, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    if any(k.startswith("text_model.") for k in model.state_dict()):
-        return state
-    return {k.removeprefix("text_model."): v for k, v in state.items()}
-
-
-def _special_token_ids(tokenizer_folder: str) -> dict[str, int]:
-    with open(os.path.join(tokenizer_folder, "vocab.json"), encoding="utf-8") as handle:
-        vocab = json.load(handle)
-    bos, eos = vocab.get("<|startoftext|>"), vocab.get("<|endoftext|>")
-    if bos is None or eos is None:
-        raise CheckpointError(f"tokenizer_path: {tokenizer_folder!r}/vocab.json lacks CLIP's <|startoftext|> / "
-                              "<|endoftext|> tokens; is it a CLIP tokenizer?")
-    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
-
-
-def _tokenizer(folder: str, encoder, pad_token: str | None):
-    from transformers import CLIPTokenizer
-
-    kwargs = {"pad_token": pad_token} if pad_token else {}
-    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-    tokenizer.model_max_length = encoder.config.max_position_embeddings
-    if len(tokenizer) > encoder.config.vocab_size:
-        raise CheckpointError(f"tokenizer_path: {folder!r} has {len(tokenizer)} tokens but the text encoder only "
-                              f"{encoder.config.vocab_size}; it is not this model's tokenizer")
-    return tokenizer
-
-
-def _load_vae(state: dict[str, Tensor], shapes: dict, family: str):
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    prefix = layout.VAE_PREFIX
-    levels = 1 + max(int(m.group(1)) for k in shapes for m in [re.match(r"first_stage_model\.encoder\.down\.(\d+)\.", k)] if m)
-    channels = [shapes[f"{prefix}encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
-    config = {
-        "in_channels": shapes[f"{prefix}encoder.conv_in.weight"][1],
-        "out_channels": shapes[f"{prefix}decoder.conv_out.weight"][0],
-        "latent_channels": shapes[f"{prefix}post_quant_conv.weight"][0],
-        "block_out_channels": channels,
-        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "layers_per_block": 1 + max(int(m.group(1)) for k in shapes
-                                    for m in [re.match(r"first_stage_model\.encoder\.down\.0\.block\.(\d+)\.", k)] if m),
-        "scaling_factor": VAE_SCALING[family],
-    }
-    converted = convert_ldm_vae_checkpoint({prefix + k: v for k, v in state.items()}, config)
-    with init_empty_weights(include_buffers=False):
-        vae = AutoencoderKL(**config)
-    vae.load_state_dict(converted, strict=True, assign=True)
-    return vae
+def hf_to_open_clip(encoder) -> dict[str, Tensor]:
+    state = canonical_clip_state(encoder)
+    mapping = layout.open_clip_key_map(state.keys(), encoder.config.num_hidden_layers)
+    out, qkv = {}, {}
+    for key, oc_key in mapping.items():
+        if oc_key.endswith(("in_proj_weight", "in_proj_bias")):
+            qkv.setdefault(oc_key, {})[_qkv_order(key)] = state[key]
+        elif oc_key == "text_projection":
+            out[oc_key] = state[key].t().contiguous()
+        else:
+            out[oc_key] = state[key]
+    for oc_key, parts in qkv.items():
+        out[oc_key] = torch.cat([parts[i] for i in range(3)])
+    out["logit_scale"] = torch.tensor(4.6052)  # ln(100): part of every OpenCLIP state, unused for text conditioning
+    return {layout.SDXL_CLIP_G_PREFIX + k: v for k, v in out.items()}
 
 
 # --- LoRA in the kohya layout ---------------------------------------------------------------------------------
@@ -400,6 +253,12 @@ def peft_from_kohya(tensors: dict[str, Tensor], ldm_modules: dict[str, str]) -> 
 
 def is_kohya_lora(keys) -> bool:
     return any(k.startswith("lora_unet_") for k in keys)
+
+
+
+def lora_module_names(unet_ldm_keys: dict[str, str]) -> dict[str, str]:
+    """{diffusers module: LDM module} from a {diffusers weight: LDM weight} key map (the modules LoRA adapts)."""
+    return {k[: -len(".weight")]: v[: -len(".weight")] for k, v in unet_ldm_keys.items() if k.endswith(".weight")}
 
 
 # --- writing --------------------------------------------------------------------------------------------------
@@ -526,21 +385,13 @@ def write_ldm_checkpoint(path: str, adapter, metadata: dict[str, str] | None = N
     return atomic_write(path, lambda staging: save_file(tensors, staging, metadata=metadata), overwrite=overwrite)
 
 
-def hf_to_open_clip(encoder) -> dict[str, Tensor]:
-    state = canonical_clip_state(encoder)
-    mapping = layout.open_clip_key_map(state.keys(), encoder.config.num_hidden_layers)
-    out, qkv = {}, {}
-    for key, oc_key in mapping.items():
-        if oc_key.endswith(("in_proj_weight", "in_proj_bias")):
-            qkv.setdefault(oc_key, {})[_qkv_order(key)] = state[key]
-        elif oc_key == "text_projection":
-            out[oc_key] = state[key].t().contiguous()
-        else:
-            out[oc_key] = state[key]
-    for oc_key, parts in qkv.items():
-        out[oc_key] = torch.cat([parts[i] for i in range(3)])
-    out["logit_scale"] = torch.tensor(4.6052)  # ln(100): part of every OpenCLIP state, unused for text conditioning
-    return {layout.SDXL_CLIP_G_PREFIX + k: v for k, v in out.items()}
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: str, metadata: dict[str, str] | None = None,
+                            overwrite: bool = True) -> str:
+    """Save tensors with `atomic_write`; returns the path written."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda staging: save_file(tensors, staging, metadata=metadata), overwrite=overwrite)
 
 
 # --- identity and metadata ------------------------------------------------------------------------------------
@@ -567,3 +418,84 @@ KOHYA_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 def comfyui_sampler_settings(steps: int) -> dict:
     """What a stock KSampler needs to sample the student (the Few-Step Sampler reads the exact timesteps)."""
     return {"sampler_name": "lcm", "scheduler": "sgm_uniform", "cfg": 1.0, "steps": steps}
+
+
+# --- the metadata schema of student files ----------------------------------------------------------------------
+METHOD = "decoupled-dmd"
+
+
+def student_metadata(config, step: int, adapter, guidance_scale: float, kind: str = "lora",
+                     base: dict[str, str] | None = None) -> dict[str, str]:
+    """Header of every student file (safetensors metadata is str -> str).
+
+    kind: lora | unet | checkpoint. Holds what a loader needs to sample the student as trained (steps, exact
+    timesteps, the stock ComfyUI sampler settings), where it came from (base file and hash) and the full config.
+    """
+    steps = len(config.student_timesteps)
+    family = adapter.family
+    architecture = MODELSPEC_ARCHITECTURE.get(family, f"decoupled-dmd-{family}")
+    height, width = config.resolution_hw() or adapter.default_resolution
+    metadata = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture + ("/lora" if kind == "lora" else ""),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": f"{config.output_name} ({steps}-step Decoupled DMD)",
+        "modelspec.description": f"{steps}-step student distilled with Decoupled DMD; sample at cfg 1 with the "
+                                 f"timesteps in decoupled_dmd.student_timesteps (ComfyUI: lcm + sgm_uniform)",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.prediction_type": {"v_prediction": "v", "flow": "rectified-flow"}.get(adapter.prediction_type,
+                                                                                         adapter.prediction_type),
+        "decoupled_dmd.method": METHOD,
+        "decoupled_dmd.format": kind,
+        "decoupled_dmd.family": family,
+        "decoupled_dmd.prediction_type": adapter.prediction_type,
+        "decoupled_dmd.training_mode": config.training_mode,
+        "decoupled_dmd.steps": str(steps),
+        "decoupled_dmd.student_timesteps": json.dumps([int(t) for t in config.student_timesteps]),
+        "decoupled_dmd.comfyui_sampler": json.dumps(comfyui_sampler_settings(steps)),
+        "decoupled_dmd.train_steps": str(step),
+        "decoupled_dmd.guidance_scale": str(guidance_scale),
+        "decoupled_dmd.renoise_schedule": config.renoise_schedule,
+        "decoupled_dmd.network_dim": str(config.network_dim),
+        "decoupled_dmd.network_alpha": str(config.network_alpha),
+        "decoupled_dmd.lora_target_modules": json.dumps(
+            config.lora_target_modules or adapter.default_lora_target_modules()),
+        "decoupled_dmd.config": config.to_toml(),
+    }
+    for name, value in (base or {}).items():
+        metadata[f"decoupled_dmd.base_{name}"] = value
+    if kind == "lora":  # read by kohya tools and A1111/Forge's LoRA info panel
+        metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(config.network_dim),
+                         "ss_network_alpha": str(config.network_alpha),
+                         "ss_base_model_version": KOHYA_BASE_VERSION.get(family, family),
+                         "ss_v2": "False", "ss_output_name": config.output_name})
+    return metadata
+
+
+def checkpoint_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:
+    """A LoRA's header, restated for an all-in-one checkpoint that holds it merged."""
+    metadata = {k: v for k, v in lora_metadata.items() if not k.startswith("ss_")}
+    metadata["decoupled_dmd.format"] = "checkpoint"
+    if metadata.get("modelspec.architecture", "").endswith("/lora"):
+        metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")]
+    return metadata
+
+
+def read_student_metadata(path: str) -> dict[str, str]:
+    """The header of a student file (LoRA, UNet or all-in-one checkpoint); refuses files without one."""
+    header, _ = read_safetensors_header(path)
+    metadata = header.get("__metadata__") or {}
+    if metadata.get("decoupled_dmd.method") != METHOD:
+        raise ConfigError(f"{path!r} is not a Decoupled DMD student (no decoupled_dmd metadata)")
+    return metadata
+
+
+def student_format(metadata: dict[str, str]) -> str:
+    """lora | unet | checkpoint (files from before `decoupled_dmd.format` existed: from the training mode)."""
+    return metadata.get("decoupled_dmd.format", "lora" if metadata["decoupled_dmd.training_mode"] == "lora" else "unet")
+
+
+def student_timesteps(metadata: dict[str, str]) -> list[int]:
+    """The timesteps the student was trained on (sample with exactly these)."""
+    return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
