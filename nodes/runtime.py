@@ -14,15 +14,17 @@ import torch
 from torch import Tensor
 
 from ..trainer.adapters.comfy import Teacher, detect_family, trainable_unet
-from ..trainer.config import ConfigError
+from ..trainer.api import preflight
+from ..trainer.config import ConfigError, portable_name_problem
 from ..trainer.formats import checkpoint_metadata, read_student_metadata, student_timesteps
+from ..trainer.outputs import own_output_dir
 from ..trainer.schedules import DiscreteVPSchedule, parse_student_timesteps
 
 
 # --- the node entry points ----------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    student_path: str  # the kohya LoRA the trainer wrote (with metadata)
+    student_path: str | None  # the kohya LoRA the trainer wrote (with metadata); None: stopped before any update
     state_dir: str | None
     steps_done: int
     timesteps: list[int]
@@ -58,14 +60,18 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
         return stopped["flag"]
 
     callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview)
-    with torch.inference_mode(False), trainable_unet(teacher) as adapter:
-        accelerator = build_accelerator(config, cpu=mm.get_torch_device().type == "cpu", trackers=False)
-        trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, accelerator=accelerator,
-                                      callbacks=callbacks)
-        path = trainer.train()
-        steps = trainer.step
-        states = list_states(config.output_dir)
-        del trainer, accelerator
+    with own_output_dir(config.output_dir):
+        preflight(config, with_teacher=False)  # a resume that cannot continue fails before the UNet is prepared
+        with torch.inference_mode(False), trainable_unet(teacher) as adapter:
+            accelerator = build_accelerator(config, cpu=mm.get_torch_device().type == "cpu", trackers=False)
+            trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, accelerator=accelerator,
+                                          callbacks=callbacks)
+            path = trainer.train()
+            steps = trainer.step
+            states = list_states(config.output_dir)
+            del trainer, accelerator
+    if path is None:  # stopped before the first update: nothing was written
+        return TrainResult(None, None, steps, [int(t) for t in config.student_timesteps], {}, None, "", True)
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata() or {}
     metrics = os.path.join(config.logging_dir or os.path.join(config.output_dir, "logs"), "metrics.jsonl")
@@ -140,6 +146,11 @@ def check_file_name(name: str, what: str = "file name") -> str:
     if cleaned.startswith("/") or os.path.isabs(cleaned) or ":" in parts[0] or ".." in parts:
         raise ValueError(f"{what} {name!r} must stay inside its models folder: write a plain name such as "
                          "my_student or sub/my_student, without '..' or an absolute path")
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        problem = portable_name_problem(part, reserve=len("_00001_.safetensors") if last else 0)
+        if problem:
+            raise ValueError(f"{what}: {problem}")
     joined = "/".join(parts)
     return joined if joined.lower().endswith(".safetensors") else joined + ".safetensors"
 

@@ -21,6 +21,7 @@ from decoupled_dmd.trainer.formats import (
     CheckpointError,
     inspect_checkpoint,
     read_safetensors_header,
+    shareable_config,
     write_ldm_checkpoint,
 )
 from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
@@ -313,7 +314,8 @@ def test_every_file_carries_the_metadata_a_loader_needs(trained):
         assert metadata["decoupled_dmd.base_model"] == os.path.basename(checkpoint)
         restored = config_from_dict({k: v for s in toml.loads(metadata["decoupled_dmd.config"]).values()
                                      for k, v in s.items()})
-        assert restored == trainer.config
+        assert restored == shareable_config(trainer.config)  # the config, with local paths cut to names
+        assert restored.pretrained_model_name_or_path == os.path.basename(checkpoint)
     with safe_open(merged_path, framework="pt") as handle:
         assert handle.metadata()["source"] == "test"  # the input file's own metadata is kept
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 
@@ -11,6 +12,7 @@ from .config import ConfigError, TrainConfig
 from .denoiser import ModelAdapter
 from .formats import read_student_metadata, student_format, student_timesteps
 from .loop import DecoupledDMDTrainer, TrainerCallbacks
+from .outputs import own_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,50 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
     return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def teacher_source_problem(name_or_path: str) -> str | None:
+    """Why the teacher cannot be found (a path that does not exist is never tried as a Hugging Face id)."""
+    if not name_or_path or name_or_path.startswith("builtin:") or os.path.exists(name_or_path):
+        return None
+    looks_like_path = (os.path.isabs(name_or_path) or name_or_path.startswith(("~", ".")) or "\\" in name_or_path
+                       or name_or_path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
+                       or not HUB_ID.match(name_or_path))
+    if looks_like_path:
+        return (f"pretrained_model_name_or_path: {name_or_path!r} does not exist; give an existing .safetensors "
+                "checkpoint or diffusers folder (or a Hugging Face id such as org/model)")
+    return None
+
+
+def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
+    """Every check that needs no weights, so that a bad setting fails in seconds instead of after loading:
+    precision against the device, the teacher's path, its timestep range (from a single file's header), and a
+    resume against its state."""
+    from .schedules import DiscreteVPSchedule, check_student_timesteps
+    from .state import check_resumable, find_state
+
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    if with_teacher:
+        from .formats import refuse_pickle
+
+        refuse_pickle(config.pretrained_model_name_or_path)
+        problem = teacher_source_problem(config.pretrained_model_name_or_path)
+        if problem:
+            raise ConfigError(problem)
+        if os.path.isfile(config.pretrained_model_name_or_path):
+            from .formats import inspect_checkpoint
+
+            inspect_checkpoint(config.pretrained_model_name_or_path)  # SD1.5 / SDXL: the 1000-step DDPM grid
+            try:
+                check_student_timesteps(DiscreteVPSchedule.scaled_linear(), config.student_timesteps,
+                                        config.min_timestep)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+    check_resumable(config, find_state(config))
+
+
 def plan_memory(config: TrainConfig, device: str | None = None):
     """The memory plan of `config` before any weight is loaded (the teacher's structure on the meta device),
     and a function that plans a changed config the same way (for the knobs). None where the teacher is not
@@ -84,7 +130,14 @@ def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
             adapter: ModelAdapter | None = None) -> str:
     """Run Decoupled DMD as configured; returns the path of the saved student.
 
-    Without an adapter the memory plan is made, logged and checked against the limit before loading."""
+    Every check that needs no weights comes first (`preflight`); without an adapter the memory plan is made,
+    logged and checked against the limit before loading. The run owns output_dir from the checks to the end."""
+    with own_output_dir(config.output_dir):
+        return _distill(config, callbacks, adapter)
+
+
+def _distill(config: TrainConfig, callbacks: TrainerCallbacks | None, adapter: ModelAdapter | None) -> str | None:
+    preflight(config, with_teacher=adapter is None)
     prompts = read_prompts(config.prompt_file)
     if not prompts:
         raise ConfigError("prompt_file: not set; give a text file with one training prompt per line")

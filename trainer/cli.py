@@ -38,14 +38,27 @@ def distill_main(argv: list[str] | None = None) -> int:
         return 0
     _setup_logging()
     from .api import distill
-    from .loop import TrainerCallbacks
+    from .loop import TrainerCallbacks, TrainingFailed
+    from .outputs import is_disk_full
 
     stop = StopOnInterrupt()
+    log = logging.getLogger("decoupled_dmd")
     try:
         path = distill(config, TrainerCallbacks(should_stop=stop))
     except ConfigError as error:
         parser.error(str(error))
-    logging.getLogger("decoupled_dmd").info("student written to %s", path)
+    except TrainingFailed as error:
+        log.error("%s", error)
+        return 1
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        log.error("%s", error.strerror)
+        return 1
+    if path is None:
+        log.info("nothing written: stopped before the first update")
+        return 130
+    log.info("student written to %s", path)
     return 130 if stop.requested else 0
 
 

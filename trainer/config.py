@@ -63,8 +63,12 @@ class TrainConfig:
     logging_dir: str = _key("", "TensorBoard and JSONL log folder; empty means <output_dir>/logs.", section="model")
     log_with: str = _key("auto", "Tracker: auto (TensorBoard if installed), tensorboard, none. JSONL is always written.",
                          LOG_WITH, section="model")
-    resume: str = _key("", "Resume from a training state folder, or 'latest' for the newest in output_dir.",
-                       section="model")
+    resume: str = _key("", "Resume from a training state folder, or 'latest' for the newest in output_dir. A state "
+                       "of another teacher, rank, targets or optimiser settings is refused; one with other method "
+                       "settings too, unless resume_changed_settings.", section="model")
+    resume_changed_settings: bool = _key(
+        False, "Resume even though method settings (guidance, schedule, timesteps, batch, resolution...) differ "
+        "from the state's; the run continues with the new ones.", section="model")
     save_merged_checkpoint: bool = _key(
         False, "Also write <output_name>_checkpoint.safetensors: the input single-file checkpoint with the student "
         "merged into its UNet (same layout and dtype; loads in CheckpointLoaderSimple).", section="model")
@@ -146,6 +150,9 @@ class TrainConfig:
         "free memory (no check on a CPU).")
     save_every_n_steps: int = _key(0, "Save the student and a resumable state every N steps; 0 = only at the end.")
     keep_last_n_states: int = _key(2, "Resumable states kept in output_dir (older ones are deleted).")
+    max_nonfinite_updates: int = _key(
+        10, "Stop the run (keeping its last good state) after this many updates in a row with a non-finite "
+        "gradient.")
     sample_every_n_steps: int = _key(0, "Write a preview grid every N steps; 0 = only at the end.")
 
     def __post_init__(self):
@@ -218,9 +225,26 @@ def validate(config: TrainConfig) -> None:
         if not ok or (isinstance(value, float) and math.isnan(value)):
             _fail(key, f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(f.name, f"{value!r} is not a finite number")
     for key in ("network_dim", "network_alpha", "max_train_steps", "train_batch_size", "learning_rate",
-                "mean_variance_target_var", "keep_last_n_states"):
+                "mean_variance_target_var", "keep_last_n_states", "max_nonfinite_updates"):
         positive(key)
+    for key, upper, why in (("learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
+                            ("fake_learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
+                            ("guidance_scale", 100.0, "SDXL's CFG scales are about 5 .. 12"),
+                            ("fake_updates_per_step", 100, "DMD2 uses 5"),
+                            ("dmd_loss_weight", 1e4, "the default is 1"),
+                            ("mean_variance_weight", 1e4, "the default is 1"),
+                            ("network_dim", 1024, "LoRA ranks are 4 .. 256"),
+                            ("train_batch_size", 4096, "")):
+        value = getattr(config, key)
+        if value is not None and value > upper:
+            _fail(key, f"{value!r} is beyond {upper:g}{'; ' + why if why else ''}")
+    if not 0 <= config.seed < 2**32:
+        _fail("seed", f"{config.seed} must be in 0 .. {2**32 - 1}")
     for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
                 "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight", "memory_limit_gb"):
         positive(key, allow_zero=True)
@@ -247,10 +271,34 @@ def validate(config: TrainConfig) -> None:
         width, height = _parse_resolution(config.resolution)
         if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
             _fail("resolution", f"{width}x{height} must be multiples of 8 between 8 and 8192")
-    if not config.output_name or os.sep in config.output_name or config.output_name in (".", ".."):
-        _fail("output_name", f"{config.output_name!r} must be a plain file name without folders")
+    problem = portable_name_problem(config.output_name, reserve=len("_checkpoint_00001_.safetensors"))
+    if problem:
+        _fail("output_name", problem)
     if not isinstance(config.sample_prompts, (str, list)):
         _fail("sample_prompts", "must be a file path or a list of prompts")
+
+
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+NAME_BYTES = 255  # one path component on ext4, NTFS and APFS
+
+
+def portable_name_problem(name, reserve: int = 0) -> str | None:
+    """Why `name` is not a plain file name valid on Linux, Windows and macOS (with `reserve` bytes left for
+    suffixes the product adds), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "empty; give a plain file name such as my_student"
+    bad = sorted({c for c in name if c in '/\\:*?"<>|' or ord(c) < 32})
+    if bad:
+        return (f"{name!r} contains {', '.join(repr(c) for c in bad)}; a plain file name has no folders, "
+                "no control characters and none of / \\ : * ? \" < > |")
+    if name in (".", "..") or name.endswith((".", " ")) or name != name.strip():
+        return f"{name!r}: a name cannot be . or .., start or end with a space, or end with a dot (Windows drops them)"
+    if name.split(".")[0].upper() in WINDOWS_RESERVED:
+        return f"{name!r} is a reserved device name on Windows; choose another"
+    if len(name.encode("utf-8")) + reserve > NAME_BYTES:
+        return (f"{name[:40]!r}... is {len(name.encode('utf-8'))} bytes; file names may have at most "
+                f"{NAME_BYTES - reserve} here (the product adds suffixes such as _checkpoint_00001_.safetensors)")
+    return None
 
 
 def _coerce(key: str, value):

@@ -461,7 +461,7 @@ def student_metadata(config, step: int, adapter, guidance_scale: float, kind: st
         "decoupled_dmd.network_alpha": str(config.network_alpha),
         "decoupled_dmd.lora_target_modules": json.dumps(
             config.lora_target_modules or adapter.default_lora_target_modules()),
-        "decoupled_dmd.config": config.to_toml(),
+        "decoupled_dmd.config": shareable_config(config).to_toml(),
     }
     for name, value in (base or {}).items():
         metadata[f"decoupled_dmd.base_{name}"] = value
@@ -471,6 +471,22 @@ def student_metadata(config, step: int, adapter, guidance_scale: float, kind: st
                          "ss_base_model_version": KOHYA_BASE_VERSION.get(family, family),
                          "ss_v2": "False", "ss_output_name": config.output_name})
     return metadata
+
+
+PATH_KEYS = ("pretrained_model_name_or_path", "tokenizer_path", "output_dir", "logging_dir", "prompt_file", "resume",
+             "sample_prompts")
+
+
+def shareable_config(config):
+    """The config with local paths cut to their last component: a creator who shares a student shares no folder
+    names (a Hugging Face id or builtin: name stays as it is)."""
+    changes = {}
+    for key in PATH_KEYS:
+        value = getattr(config, key)
+        if isinstance(value, str) and value and (os.path.isabs(value) or os.path.exists(value)
+                                                 or value.startswith((".", "~")) or "\\" in value):
+            changes[key] = os.path.basename(os.path.normpath(value))
+    return config.replace(**changes) if changes else config
 
 
 def checkpoint_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:

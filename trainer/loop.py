@@ -9,6 +9,7 @@ so a resumed run continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -37,8 +38,8 @@ from .losses import (
     proxy_loss,
     weighted_denoising_loss,
 )
-from .networks import FullRoles, LoraRoles, Roles
-from .outputs import free_path, save_image_grid
+from .networks import FullRoles, LoraRoles, Roles, nonfinite_tensors
+from .outputs import free_path, own_output_dir, remove_stale_staging, save_image_grid
 from .sampling import few_step_sample, student_levels
 from .schedules import (
     check_student_timesteps,
@@ -47,13 +48,26 @@ from .schedules import (
     timestep_level_bounds,
     uniform_levels,
 )
-from .state import list_states, load_weights_hook, resume, save_state, save_weights_hook  # noqa: F401 (list_states: API)
+from .state import (
+    check_resumable,
+    find_state,
+    list_states,
+    load_weights_hook,
+    resume,
+    save_state,
+    save_weights_hook,
+)
 
 logger = logging.getLogger(__name__)
 
 PROMPT_CACHE_LIMIT = 4096  # above this many distinct prompts, encode each batch as it is drawn (still cached), and
 # keep the text encoders on the device instead of encoding everything up front
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingFailed(RuntimeError):
+    """A run that cannot go on (every update non-finite); the message names the likely causes and the last good
+    state."""
 
 
 @dataclass
@@ -134,20 +148,29 @@ class DecoupledDMDTrainer:
         self.output_paths: dict[str, str] | None = None
         self._base: dict[str, str] | None = None
         if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-            raise ValueError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
-        check_student_timesteps(adapter.schedule, config.student_timesteps, config.min_timestep)
+            raise ConfigError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+        try:
+            check_student_timesteps(adapter.schedule, config.student_timesteps, config.min_timestep)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.levels = student_levels(adapter.schedule, config.student_timesteps)
         self.level_bounds = timestep_level_bounds(adapter.schedule, config.min_timestep, config.max_timestep)
         self.guidance_scale = config.guidance_scale or adapter.default_guidance_scale
         height, width = config.resolution_hw() or adapter.default_resolution
         self.latent_shape = adapter.latent_shape(height, width)
 
+        damaged = nonfinite_tensors(adapter.network)
+        if damaged:
+            raise ConfigError(f"the teacher's weights hold NaN or inf in {len(damaged)} tensors (e.g. {damaged[0]}): "
+                              "the checkpoint is damaged; load an intact copy")
         set_seed(config.seed)  # same adapter initialisation on every process
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         adapter.place(accelerator.device, self.weight_dtype)
         self.roles = self._build_roles()
         self.random = _RandomState()
         self.nonfinite_skips = 0
+        self.successful_updates = 0  # generator updates with every gradient finite (resumed from the state)
+        self.nonfinite_streak = 0  # updates in a row with a skipped (non-finite) gradient
         self.meter = CostMeter(config.train_batch_size, config.gradient_checkpointing,
                                torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
         self._uncond_cache: dict[int, Conditioning] = {}
@@ -162,7 +185,6 @@ class DecoupledDMDTrainer:
         self._build_optimizers()
         self.accelerator.register_save_state_pre_hook(functools.partial(save_weights_hook, self))
         self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, self))
-        os.makedirs(config.output_dir, exist_ok=True)
 
     # --- set-up --------------------------------------------------------------------------------------------
     def _build_roles(self) -> Roles:
@@ -472,6 +494,7 @@ class DecoupledDMDTrainer:
         turn's own detached sample, as DMD2 does."""
         config = self.config
         self.meter.reset()
+        skips_before = self.nonfinite_skips
         fakes = config.fake_updates_per_step if config.uses_fake_model else 0
         logs: dict[str, float] = {}
         if config.share_generator_sample:
@@ -485,18 +508,37 @@ class DecoupledDMDTrainer:
         if fake_logs:
             logs.update({k: sum(d[k] for d in fake_logs) / len(fake_logs) for k in fake_logs[0]})
         self.step += 1
+        if self.nonfinite_skips == skips_before:
+            self.successful_updates, self.nonfinite_streak = self.successful_updates + 1, 0
+        else:
+            self.nonfinite_streak += 1
         logs["nonfinite_skips"] = float(self.nonfinite_skips)
         logs.update(self.meter.logs())
         return logs
 
     # --- the loop --------------------------------------------------------------------------------------------
-    def train(self) -> str:
-        """Train to max_train_steps (or until stopped); returns the path of the saved student."""
+    def train(self) -> str | None:
+        """Train to max_train_steps (or until stopped); returns the path of the saved student, or None when it was
+        stopped before its first update (nothing is written then).
+
+        The run owns output_dir while it trains; a resume is checked against the state first (`check_resumable`).
+        Raises `TrainingFailed` when no update succeeds, or too many in a row do not: the last good state stays.
+        """
+        config = self.config
+        owner = own_output_dir(config.output_dir) if self.accelerator.is_main_process else contextlib.nullcontext()
+        with owner:
+            if self.accelerator.is_main_process:
+                remove_stale_staging(config.output_dir)
+            state_dir = find_state(config)
+            record = check_resumable(config, state_dir)
+            if record is not None:
+                resume(self, state_dir, record)
+            return self._train()
+
+    def _train(self) -> str | None:
         from tqdm.auto import tqdm
 
         config, accelerator = self.config, self.accelerator
-        if config.resume:
-            resume(self, config.resume)
         self._reserve_output_paths()
         if accelerator.is_main_process:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
@@ -504,7 +546,7 @@ class DecoupledDMDTrainer:
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
                         # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
                         disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
-        started, first_step = time.time(), self.step
+        started, first_step, save_due = time.time(), self.step, False
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():
                 logger.info("stop requested: saving step %d", self.step)
@@ -515,17 +557,35 @@ class DecoupledDMDTrainer:
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss_generator']:.4f}", std=f"{logs['gen_std']:.3f}")
             self.callbacks.on_step(self.step, logs)
-            if config.save_every_n_steps and self.step % config.save_every_n_steps == 0 \
-                    and self.step < config.max_train_steps:
-                self.save()
+            if self.nonfinite_streak >= config.max_nonfinite_updates:
+                progress.close()
+                raise TrainingFailed(self._divergence_message())
+            save_due = save_due or bool(config.save_every_n_steps and self.step % config.save_every_n_steps == 0)
+            if save_due and self.nonfinite_streak == 0 and self.step < config.max_train_steps:
+                self.save()  # never during a non-finite streak: the last good state must stay the newest
+                save_due = False
             if config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0:
                 self.sample_preview()
         progress.close()
+        if self.successful_updates == 0:
+            if self.step == 0 and self.callbacks.should_stop():
+                logger.info("stopped before the first update: nothing was trained, nothing written")
+                return None
+            raise TrainingFailed(self._divergence_message())
         path = self.save(final=True)
         if not (config.sample_every_n_steps and self.step % config.sample_every_n_steps == 0):
             self.sample_preview()  # the final preview, unless the last step already wrote one
         accelerator.end_training()
         return path
+
+    def _divergence_message(self, what: str | None = None) -> str:
+        states = list_states(self.config.output_dir)
+        kept = f"the last good state is {states[-1]!r}" if states else "no state was written"
+        what = what or (f"{self.nonfinite_streak} updates in a row had a non-finite gradient "
+                        f"({self.successful_updates} succeeded in all)")
+        return (f"training stopped at step {self.step}: {what}, so no student was written for them. Likely "
+                "causes: a learning rate or loss weight too high, guidance_scale too high, fp16 overflow (use bf16), "
+                f"or a damaged teacher; {kept}. Lower the learning rate or fix the cause, then resume or start over")
 
     def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
         """Average every logged number over processes, in one collective."""
@@ -585,6 +645,8 @@ class DecoupledDMDTrainer:
 
         The final save also writes the all-in-one checkpoint when `save_merged_checkpoint` is set."""
         accelerator = self.accelerator
+        if not all(bool(torch.isfinite(p).all()) for p in self.roles.trainable_parameters("student")):
+            raise TrainingFailed(self._divergence_message(f"at step {self.step} the student's weights hold NaN or inf"))
         path = self.student_file()
         state_dir = save_state(self)
         if accelerator.is_main_process:

@@ -47,6 +47,12 @@ class Roles(ABC):
         """Modules the trainer must wrap for data parallelism; two roles may share one module."""
 
 
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's floating-point weights and buffers that hold NaN or inf (a damaged checkpoint)."""
+    return [name for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+
+
 class LoraRoles(Roles):
     def __init__(self, base: nn.Module, rank: int, alpha: float, target_modules: list[str]):
         from peft import LoraConfig, inject_adapter_in_model

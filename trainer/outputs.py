@@ -2,14 +2,109 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
+import socket
 import tempfile
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .config import ConfigError
+
+_HELD_LOCKS: dict[str, list] = {}  # real path -> [open lock file, depth]: re-entrant within a process
+LOCK_NAME = ".decoupled_dmd.lock"
+
+
+@contextlib.contextmanager
+def own_output_dir(folder: str):
+    """Hold `folder` for one run: a second run (another process, or another run in this one) is refused with a
+    message. The OS releases the lock when the process ends, so a crashed run never leaves it stuck; a run that
+    ends removes the lock file."""
+    key = os.path.realpath(folder)
+    entry = _HELD_LOCKS.get(key)
+    if entry is None:
+        entry = _HELD_LOCKS[key] = [_acquire(folder), 0]
+    entry[1] += 1
+    try:
+        yield
+    finally:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD_LOCKS[key]
+            handle = entry[0]
+            try:
+                os.remove(handle.name)  # before unlocking: a waiting run then locks a fresh file (see _acquire)
+            except OSError:
+                pass
+            _unlock(handle)
+            handle.close()
+
+
+def _acquire(folder: str):
+    path = os.path.join(folder, LOCK_NAME)
+    for _ in range(100):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if not os.path.isdir(folder):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"output_dir {folder!r} cannot be used ({error.strerror or error}); give a folder "
+                              "this user can create and write to") from None
+        if not _try_lock(handle):
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"output_dir {folder!r} is in use by another run ({owner}); wait for it to finish, "
+                              "or give this run its own output_dir")
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except OSError:
+            same = False
+        if same:  # not a file the previous owner removed while this one waited for it
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            return handle
+        _unlock(handle)
+        handle.close()
+    raise ConfigError(f"output_dir {folder!r}: could not take its lock file {LOCK_NAME}; is something removing it?")
+
+
+def _try_lock(handle) -> bool:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _unlock(handle) -> None:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        pass
 
 
 def free_path(path: str) -> str:
@@ -24,6 +119,42 @@ def free_path(path: str) -> str:
     raise FileExistsError(f"{path!r}: no free counter name left; clean up the folder")
 
 
+STAGING_PREFIX, STAGING_SUFFIX = ".partial-", ".tmp"  # loaders list .safetensors/.png, never .tmp
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_process_umask()  # what open() would give: temporary files start as 0600
+
+
+def remove_stale_staging(folder: str) -> list[str]:
+    """Delete temporaries a killed writer left in `folder` (call only while this run owns the folder)."""
+    removed = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(STAGING_PREFIX) and name.endswith(STAGING_SUFFIX):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(name)
+                except OSError:
+                    pass
+    return removed
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, also as libraries re-raise it (safetensors: 'No space left on device (os error 28)')."""
+    return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) \
+        or "No space left on device" in str(error) or "os error 28" in str(error)
+
+
+def disk_full_error(path: str, kept: str) -> OSError:
+    return OSError(errno.ENOSPC, f"disk full while writing {path!r}; {kept}: free space or choose another folder")
+
+
 def atomic_write(path: str, write: Callable[[str], object], overwrite: bool = False) -> str:
     """Call `write(staging)` on a temporary file in the target folder, then move it to `path`.
 
@@ -33,15 +164,16 @@ def atomic_write(path: str, write: Callable[[str], object], overwrite: bool = Fa
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".partial-", suffix=os.path.splitext(path)[1], dir=folder)
+    handle, staging = tempfile.mkstemp(prefix=STAGING_PREFIX, suffix=os.path.splitext(path)[1] + STAGING_SUFFIX,
+                                       dir=folder)
     os.close(handle)
     try:
         try:
             write(staging)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise OSError(error.errno, f"disk full while writing {path!r}; nothing was written under that name: "
-                                           "free space or choose another folder") from error
+            os.chmod(staging, FILE_MODE)
+        except Exception as error:
+            if is_disk_full(error):
+                raise disk_full_error(path, "nothing was written under that name") from error
             raise
         if overwrite:
             os.replace(staging, path)

@@ -12,6 +12,11 @@ import logging
 import os
 import shutil
 
+import toml
+
+from .config import KEYS, ConfigError, config_from_dict, flatten_toml, portable_name_problem
+from .outputs import disk_full_error, is_disk_full
+
 logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "state-"
@@ -26,16 +31,16 @@ def save_state(trainer) -> str:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging)
-    from safetensors.torch import save_file
-
-    save_file({"generator": trainer.random.generator.get_state()},
-              os.path.join(staging, f"trainer_random_{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
+    try:
+        _write_state(trainer, staging)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(error):
+            kept = list_states(output_dir)
+            raise disk_full_error(final, "the partial state was removed; the last good state is "
+                                  + (repr(kept[-1]) if kept else "none")) from error
+        raise
     if accelerator.is_main_process:
-        with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as handle:
-            json.dump({"step": trainer.step, "nonfinite_skips": trainer.nonfinite_skips, "output_paths": trainer.output_paths,
-                       "num_processes": accelerator.num_processes, "config": trainer.config.to_toml()}, handle)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_states(output_dir)[:-trainer.config.keep_last_n_states]:
@@ -44,31 +49,138 @@ def save_state(trainer) -> str:
     return final
 
 
-def resume(trainer, where: str) -> None:
-    """Load a state written by `save_state`; 'latest' picks the newest in output_dir."""
+def _write_state(trainer, staging: str) -> None:
+    from safetensors.torch import save_file
+
+    from .export import base_identity
+
+    accelerator = trainer.accelerator
+    accelerator.save_state(staging)
+    save_file({"generator": trainer.random.generator.get_state()},
+              os.path.join(staging, f"trainer_random_{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = {"step": trainer.step, "nonfinite_skips": trainer.nonfinite_skips,
+                  "successful_updates": trainer.successful_updates,
+                  # file names only: a state folder is self-contained, wherever it is copied
+                  "output_paths": {role: os.path.basename(path) for role, path in trainer.output_paths.items()},
+                  "base": base_identity(trainer), "family": trainer.adapter.family,
+                  "prediction_type": trainer.adapter.prediction_type,
+                  "num_processes": accelerator.num_processes, "config": trainer.config.to_toml()}
+        with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+
+
+# Settings a resumed run may change freely (where files go, how often it saves or previews, how fast it runs).
+FREE_ON_RESUME = {"pretrained_model_name_or_path", "tokenizer_path", "output_dir", "logging_dir", "log_with", "resume",
+                  "resume_changed_settings", "overwrite", "save_merged_checkpoint", "save_precision", "prompt_file",
+                  "sample_prompts", "max_train_steps", "save_every_n_steps", "keep_last_n_states",
+                  "sample_every_n_steps", "memory_limit_gb", "cuda_graphs", "gradient_checkpointing",
+                  "mixed_precision", "max_nonfinite_updates"}
+# Settings the state's weights or optimiser hold: a different value cannot continue this run.
+FIXED_ON_RESUME = {"training_mode", "network_dim", "network_alpha", "lora_target_modules", "optimizer_type",
+                   "learning_rate", "fake_learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "lr_warmup_steps"}
+
+
+def find_state(config) -> str | None:
+    """The state folder `config.resume` names (None: a fresh run, or 'latest' with no state yet)."""
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        states = list_states(config.output_dir)
+        if not states:
+            logger.info("resume = latest: no state in %s, starting fresh", config.output_dir)
+        return states[-1] if states else None
+    if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")):
+        found = "does not exist" if not os.path.exists(config.resume) else "is not a training state folder (no trainer_state.json)"
+        raise ConfigError(f"resume: {config.resume!r} {found}; give a state-<step> folder of a run, 'latest' for "
+                          f"the newest in output_dir, or leave it empty for a fresh run")
+    return config.resume
+
+
+def read_state_record(state_dir: str) -> dict:
+    try:
+        with open(os.path.join(state_dir, "trainer_state.json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError("no step")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"resume: {state_dir!r}/trainer_state.json is damaged ({error}); resume an older state "
+                          "or start a fresh run") from None
+    return record
+
+
+def check_resumable(config, state_dir: str | None) -> dict | None:
+    """Refuse, before any weight loads, a resume that would silently do the wrong thing, and a fresh run that
+    would replace another run's states. Returns the state's record (None for a fresh run)."""
+    if state_dir is None:
+        others = list_states(config.output_dir)
+        if others:
+            raise ConfigError(f"output_dir {config.output_dir!r} holds another run's states ({os.path.basename(others[-1])}"
+                              "); continue it with resume = 'latest', or give this run its own output_dir "
+                              "(a fresh run never replaces another run's states)")
+        return None
+    record = read_state_record(state_dir)
+    try:
+        saved = config_from_dict(flatten_toml(toml.loads(record.get("config", ""))))
+    except (ConfigError, toml.TomlDecodeError) as error:
+        raise ConfigError(f"resume: the config stored in {state_dir!r} cannot be read ({error})") from None
+    changed = {name: (getattr(saved, name), getattr(config, name)) for name in KEYS
+               if name not in FREE_ON_RESUME and getattr(saved, name) != getattr(config, name)}
+    fixed = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
+    listed = "; ".join(f"{k}: state {a!r}, now {b!r}" for k, (a, b) in (fixed or changed).items())
+    if fixed:
+        raise ConfigError(f"resume: {state_dir!r} was trained with other weights or optimiser settings ({listed}); "
+                          "these cannot change within a run: set them back, or start a fresh run in another "
+                          "output_dir")
+    if changed and not config.resume_changed_settings:
+        raise ConfigError(f"resume: the settings differ from the state's ({listed}); set them back, set "
+                          "resume_changed_settings = true to continue with the new ones, or start a fresh run in "
+                          "another output_dir")
+    if changed:
+        logger.warning("resume: continuing with changed settings: %s", listed)
+    if record["step"] >= config.max_train_steps:
+        raise ConfigError(f"resume: this run already finished ({record['step']} of max_train_steps = "
+                          f"{config.max_train_steps}); raise max_train_steps to train further, or start a fresh run "
+                          "in another output_dir")
+    return record
+
+
+def resume(trainer, state_dir: str, record: dict) -> None:
+    """Load a state written by `save_state` (checked by `check_resumable`) into the trainer."""
     from safetensors.torch import load_file
 
-    state_dir = where
-    if where == "latest":
-        states = list_states(trainer.config.output_dir)
-        if not states:
-            logger.info("resume = latest: no state in %s, starting fresh", trainer.config.output_dir)
-            return
-        state_dir = states[-1]
-    marker = os.path.join(state_dir, "trainer_state.json")
-    if not os.path.isfile(marker):
-        raise FileNotFoundError(f"resume: {state_dir!r} is not a training state folder (no trainer_state.json)")
-    with open(marker, encoding="utf-8") as handle:
-        saved = json.load(handle)
-    if saved["num_processes"] != trainer.accelerator.num_processes:
-        raise ValueError(f"resume: the state was written by {saved['num_processes']} processes; "
-                         f"resume it with the same number (now {trainer.accelerator.num_processes})")
-    trainer.accelerator.load_state(state_dir)
-    random_file = os.path.join(state_dir, f"trainer_random_{trainer.accelerator.process_index}.safetensors")
+    accelerator = trainer.accelerator
+    if record.get("num_processes", 1) != accelerator.num_processes:
+        raise ConfigError(f"resume: the state was written by {record['num_processes']} processes; "
+                          f"resume it with the same number (now {accelerator.num_processes})")
+    if record.get("family") not in (None, trainer.adapter.family):
+        raise ConfigError(f"resume: the state is of a {record['family']} model, the teacher is "
+                          f"{trainer.adapter.family}; give the teacher the run was trained on")
+    if record.get("prediction_type") not in (None, trainer.adapter.prediction_type):
+        raise ConfigError(f"resume: the state's teacher predicts {record['prediction_type']}, this one "
+                          f"{trainer.adapter.prediction_type}; give the teacher the run was trained on")
+    saved_hash = (record.get("base") or {}).get("sha256")
+    if saved_hash:
+        from .export import base_identity
+
+        now = base_identity(trainer).get("sha256")
+        if now and now != saved_hash:
+            raise ConfigError(f"resume: the state was trained on {record['base'].get('model')!r} "
+                              f"(sha256 {saved_hash[:12]}...), the teacher now is {now[:12]}...; give the same "
+                              "teacher, or start a fresh run in another output_dir")
+    accelerator.load_state(state_dir)
+    random_file = os.path.join(state_dir, f"trainer_random_{accelerator.process_index}.safetensors")
     trainer.random.generator.set_state(load_file(random_file)["generator"])
-    trainer.step, trainer.nonfinite_skips = saved["step"], saved["nonfinite_skips"]
-    if saved.get("output_paths"):
-        trainer.output_paths = saved["output_paths"]  # keep writing the files this run started
+    trainer.step, trainer.nonfinite_skips = record["step"], record["nonfinite_skips"]
+    trainer.successful_updates = record.get("successful_updates", record["step"])
+    # keep writing the files this run started, in this run's folder (older states stored absolute paths)
+    names = {role: os.path.basename(str(path)) for role, path in (record.get("output_paths") or {}).items()}
+    for name in names.values():
+        if portable_name_problem(name) or not name.endswith(".safetensors"):
+            raise ConfigError(f"resume: {state_dir!r}/trainer_state.json names the output file {name!r}, which is "
+                              "not a plain .safetensors name; the state is damaged or was edited")
+    trainer.output_paths = {role: os.path.join(trainer.config.output_dir, name) for role, name in names.items()} or None
     logger.info("resumed from %s at step %d", state_dir, trainer.step)
 
 

@@ -1,0 +1,347 @@
+"""The catalogue of bad inputs and faults: each is refused with a message that says what to change, before the
+weights load where it can be, and nothing a user had is lost or replaced.
+
+Classes: numbers (non-finite, absurd, out of range), file names, state folders (copied, of another run, of
+other settings, finished, damaged), two runs at once, runs that learn nothing, stops, full disks, leaks.
+"""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from decoupled_dmd.trainer import api
+from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
+from decoupled_dmd.trainer.config import ConfigError, config_from_dict
+from decoupled_dmd.trainer.formats import read_student_metadata
+from decoupled_dmd.trainer.loop import DecoupledDMDTrainer, TrainerCallbacks, TrainingFailed, list_states
+from decoupled_dmd.trainer.outputs import FILE_MODE, LOCK_NAME, atomic_write, own_output_dir, remove_stale_staging
+
+PROMPTS = ["a photo of the cat", "a red house"]
+
+
+def settings(tmp_path, **overrides):
+    values = dict(pretrained_model_name_or_path="builtin:tiny-sd15", output_dir=str(tmp_path / "out"),
+                  max_train_steps=2, network_dim=4, network_alpha=4, learning_rate=1e-3, fake_updates_per_step=1,
+                  log_with="none", train_batch_size=1, student_timesteps=[999, 499], resolution=64)
+    values.update(overrides)
+    return values
+
+
+def trainer_for(tiny_model_dir, tmp_path, kind="tiny-sd15", callbacks=None, **overrides):
+    config = config_from_dict(settings(tmp_path, **overrides))
+    adapter = DiffusersAdapter.from_pretrained(tiny_model_dir(kind))
+    return DecoupledDMDTrainer(config, adapter, PROMPTS, callbacks=callbacks)
+
+
+def sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# --- numbers --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, says", [
+    ("learning_rate", float("inf"), "finite"), ("learning_rate", float("nan"), "finite"),
+    ("learning_rate", 5.0, "beyond 1"), ("fake_learning_rate", float("-inf"), "finite"),
+    ("guidance_scale", float("inf"), "finite"), ("guidance_scale", 1e6, "beyond 100"),
+    ("dmd_loss_weight", float("inf"), "finite"), ("dmd_loss_weight", 1e9, "beyond"),
+    ("max_grad_norm", float("nan"), "finite"), ("fake_updates_per_step", 1000, "beyond 100"),
+    ("network_alpha", float("inf"), "finite"), ("network_dim", 100000, "beyond"),
+    ("seed", -1, "0 .. 4294967295"), ("seed", 2**32, "0 .. 4294967295"),
+    ("max_nonfinite_updates", 0, "> 0"),
+])
+def test_non_finite_or_absurd_numbers_are_refused_by_name(tmp_path, key, value, says):
+    with pytest.raises(ConfigError, match=key) as error:
+        config_from_dict(settings(tmp_path, **{key: value}))
+    assert says in str(error.value)
+
+
+@pytest.mark.parametrize("name, says", [
+    ("a/b", "no folders"), ("..\\..\\evil", "no folders"), ("C:evil", "':'"), ("bad\x00name", "control"),
+    ("CON", "reserved"), ("lpt1.backup", "reserved"), ("trailing.", "end with a dot"), (" lead", "space"),
+    ("x" * 300, "bytes"), ("..", "cannot be . or .."), ("", "empty"),
+])
+def test_output_names_must_be_valid_on_every_os(tmp_path, name, says):
+    with pytest.raises(ConfigError, match="output_name") as error:
+        config_from_dict(settings(tmp_path, output_name=name))
+    assert says in str(error.value)
+
+
+def test_node_file_names_are_checked_part_by_part():
+    from decoupled_dmd.nodes.runtime import check_file_name
+
+    assert check_file_name("styles/my_student") == "styles/my_student.safetensors"
+    for bad in ("styles/CON", "a/" + "x" * 300, "..\\x", "C:/x", "nul\x00"):
+        with pytest.raises(ValueError):
+            check_file_name(bad)
+
+
+# --- checks before loading ------------------------------------------------------------------------------------
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad setting was found")
+
+    monkeypatch.setattr(api, "load_teacher", refuse)
+    monkeypatch.setattr(api, "plan_memory", refuse)
+
+
+@pytest.mark.parametrize("teacher, says", [
+    ("/nonexistent/models/sdxl_finetune", "does not exist"), ("./my_model", "does not exist"),
+    ("models\\sdxl.safetensors", "does not exist"), ("missing.safetensors", "does not exist"),
+    ("old.ckpt", "pickled checkpoint"),
+])
+def test_a_missing_teacher_path_is_never_tried_as_a_hub_id(tmp_path, prompt_file, no_loading, teacher, says):
+    config = config_from_dict(settings(tmp_path, pretrained_model_name_or_path=teacher, prompt_file=prompt_file))
+    with pytest.raises(ConfigError, match=says):
+        api.distill(config)
+
+
+def test_precision_and_output_folder_are_checked_before_loading(tmp_path, prompt_file, no_loading):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            api.distill(config_from_dict(settings(tmp_path, mixed_precision="fp16", prompt_file=prompt_file)))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for folder in (blocker, blocker / "below"):
+        with pytest.raises(ConfigError, match="cannot be used"):
+            api.distill(config_from_dict(settings(tmp_path, output_dir=str(folder), prompt_file=prompt_file)))
+
+
+def test_student_timesteps_beyond_a_checkpoints_range_fail_from_its_header(tmp_path, prompt_file, ldm_checkpoint,
+                                                                           no_loading):
+    config = config_from_dict(settings(tmp_path, pretrained_model_name_or_path=ldm_checkpoint("tiny-sd15"),
+                                       student_timesteps=[1500, 500], prompt_file=prompt_file))
+    with pytest.raises(ConfigError, match="1500"):
+        api.distill(config)
+
+
+def test_resume_path_that_does_not_exist_fails_before_loading(tmp_path, prompt_file, no_loading):
+    for where, says in ((tmp_path / "nope", "does not exist"), (tmp_path, "not a training state folder")):
+        config = config_from_dict(settings(tmp_path, resume=str(where), prompt_file=prompt_file))
+        with pytest.raises(ConfigError, match=says):
+            api.distill(config)
+
+
+# --- state folders --------------------------------------------------------------------------------------------
+def test_a_copied_run_folder_resumes_into_itself_and_leaves_the_original_alone(tiny_model_dir, tmp_path):
+    trainer_for(tiny_model_dir, tmp_path).train()
+    original = tmp_path / "out" / "dmd_student.safetensors"
+    before = sha(original)
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    resumed = trainer_for(tiny_model_dir, tmp_path, output_dir=str(tmp_path / "copy"), resume="latest",
+                          max_train_steps=3)
+    path = resumed.train()
+    assert path == str(tmp_path / "copy" / "dmd_student.safetensors")
+    assert read_student_metadata(path)["decoupled_dmd.train_steps"] == "3"
+    assert sha(original) == before
+    record = json.load(open(os.path.join(list_states(str(tmp_path / "copy"))[-1], "trainer_state.json")))
+    assert record["output_paths"] == {"student": "dmd_student.safetensors",
+                                      "checkpoint": "dmd_student_checkpoint.safetensors"}
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"network_dim": 8}, "network_dim: state 4, now 8"),
+    ({"learning_rate": 1e-4}, "optimiser"),
+    ({"guidance_scale": 3.0}, "resume_changed_settings"),
+    ({"student_timesteps": [999, 249]}, "student_timesteps"),
+])
+def test_resume_with_other_settings_is_refused_before_training(tiny_model_dir, tmp_path, change, says):
+    trainer_for(tiny_model_dir, tmp_path).train()
+    states = list_states(str(tmp_path / "out"))
+    trainer = trainer_for(tiny_model_dir, tmp_path, resume="latest", max_train_steps=4, **change)
+    with pytest.raises(ConfigError, match=says):
+        trainer.train()
+    assert list_states(str(tmp_path / "out")) == states and trainer.step == 0
+
+
+def test_changed_method_settings_continue_when_asked(tiny_model_dir, tmp_path):
+    trainer_for(tiny_model_dir, tmp_path).train()
+    trainer = trainer_for(tiny_model_dir, tmp_path, resume="latest", max_train_steps=3, guidance_scale=3.0,
+                          resume_changed_settings=True)
+    trainer.train()
+    assert trainer.step == 3
+    with pytest.raises(ConfigError, match="network_dim"):  # what the weights hold never changes within a run
+        trainer_for(tiny_model_dir, tmp_path, resume="latest", max_train_steps=5, network_dim=8,
+                    resume_changed_settings=True).train()
+
+
+def test_resume_with_another_teacher_is_refused(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    trainer_for(tiny_model_dir, tmp_path).train()
+    retrained = tmp_path / "retrained"
+    shutil.copytree(tiny_model_dir("tiny-sd15"), retrained)
+    weights = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.bias"] += 0.01
+    save_file(tensors, weights)
+    config = config_from_dict(settings(tmp_path, resume="latest", max_train_steps=4))
+    other = DecoupledDMDTrainer(config, DiffusersAdapter.from_pretrained(str(retrained)), PROMPTS)
+    with pytest.raises(ConfigError, match="sha256"):
+        other.train()
+    v_prediction = trainer_for(tiny_model_dir, tmp_path, kind="tiny-sd15-v", resume="latest", max_train_steps=4)
+    with pytest.raises(ConfigError, match="predicts epsilon"):
+        v_prediction.train()
+    sdxl = trainer_for(tiny_model_dir, tmp_path, kind="tiny-sdxl", resume="latest", max_train_steps=4)
+    with pytest.raises(ConfigError, match="sd15 model"):
+        sdxl.train()
+
+
+def test_a_finished_run_is_never_silently_resumed(tiny_model_dir, tmp_path):
+    trainer_for(tiny_model_dir, tmp_path).train()
+    student = tmp_path / "out" / "dmd_student.safetensors"
+    before = sha(student)
+    with pytest.raises(ConfigError, match="already finished"):
+        trainer_for(tiny_model_dir, tmp_path, resume="latest").train()
+    assert sha(student) == before
+
+
+def test_a_fresh_run_never_replaces_another_runs_states(tiny_model_dir, tmp_path):
+    trainer_for(tiny_model_dir, tmp_path).train()
+    states = list_states(str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="another run's states"):
+        trainer_for(tiny_model_dir, tmp_path, seed=7).train()
+    assert list_states(str(tmp_path / "out")) == states
+
+
+def test_a_damaged_or_edited_state_is_refused(tiny_model_dir, tmp_path):
+    trainer_for(tiny_model_dir, tmp_path, max_train_steps=1).train()
+    marker = os.path.join(list_states(str(tmp_path / "out"))[-1], "trainer_state.json")
+    record = json.load(open(marker))
+    record["output_paths"]["student"] = "..\\..\\escape.safetensors"
+    json.dump(record, open(marker, "w"))
+    with pytest.raises(ConfigError, match="not a plain .safetensors name"):
+        trainer_for(tiny_model_dir, tmp_path, resume="latest", max_train_steps=2).train()
+    open(marker, "w").write("{not json")
+    with pytest.raises(ConfigError, match="damaged"):
+        trainer_for(tiny_model_dir, tmp_path, resume="latest", max_train_steps=2).train()
+
+
+# --- two runs at once -----------------------------------------------------------------------------------------
+def test_one_run_owns_an_output_folder(tiny_model_dir, tmp_path):
+    folder = str(tmp_path / "out")
+    with own_output_dir(folder):
+        with own_output_dir(folder):  # re-entrant within one run (the API holds it while the trainer runs)
+            assert os.path.isfile(os.path.join(folder, LOCK_NAME))
+    assert not os.path.exists(os.path.join(folder, LOCK_NAME))  # no litter once the run ends
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from decoupled_dmd.trainer.outputs import own_output_dir\n"
+         "with own_output_dir(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)", folder],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=r"in use by another run \(pid \d+"):
+            trainer_for(tiny_model_dir, tmp_path).train()
+    finally:
+        holder.kill()  # a crash: the OS drops the lock, nothing stays stuck
+        holder.wait()
+    assert trainer_for(tiny_model_dir, tmp_path, max_train_steps=1).train()
+
+
+# --- runs that learn nothing ----------------------------------------------------------------------------------
+def test_a_teacher_with_nan_weights_is_refused(tiny_model_dir, tmp_path):
+    adapter = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+    with torch.no_grad():
+        next(adapter.network.parameters()).view(-1)[3] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        DecoupledDMDTrainer(config_from_dict(settings(tmp_path)), adapter, PROMPTS)
+
+
+def poison(trainer):
+    """NaN inside the student's LoRA: every gradient from then on is non-finite."""
+    with torch.no_grad():
+        for name, parameter in trainer.adapter.network.named_parameters():
+            if "lora_A.student" in name:
+                parameter.fill_(float("nan"))
+                return
+
+
+def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_good_state(tiny_model_dir, tmp_path):
+    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=20, save_every_n_steps=1,
+                          max_nonfinite_updates=3)
+    original_step = trainer.train_step
+
+    def step_then_poison():
+        if trainer.step == 2:  # after step 2 was saved
+            poison(trainer)
+        return original_step()
+
+    trainer.train_step = step_then_poison
+    with pytest.raises(TrainingFailed, match="3 updates in a row") as error:
+        trainer.train()
+    assert "state-000002" in str(error.value) and "learning rate" in str(error.value)
+    assert trainer.step == 5
+    assert [os.path.basename(p) for p in list_states(str(tmp_path / "out"))] == ["state-000001", "state-000002"]
+    assert read_student_metadata(str(tmp_path / "out" / "dmd_student.safetensors"))["decoupled_dmd.train_steps"] == "2"
+
+
+def test_a_run_with_no_successful_update_writes_no_student_and_fails(tiny_model_dir, tmp_path):
+    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=2)
+    poison(trainer)
+    with pytest.raises(TrainingFailed, match="0 succeeded"):
+        trainer.train()
+    assert not (tmp_path / "out" / "dmd_student.safetensors").exists()
+    assert list_states(str(tmp_path / "out")) == []
+
+
+def test_a_stop_before_the_first_update_writes_nothing(tiny_model_dir, tmp_path):
+    trainer = trainer_for(tiny_model_dir, tmp_path, callbacks=TrainerCallbacks(should_stop=lambda: True))
+    assert trainer.train() is None
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".safetensors") or p.startswith("state-")]
+
+
+# --- full disks, litter, leaks --------------------------------------------------------------------------------
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     Exception("I/O error: No space left on device (os error 28)")])
+def test_disk_full_is_a_clear_message_and_leaves_nothing(tmp_path, failure):
+    def write(staging):
+        open(staging, "wb").write(b"partial")
+        raise failure
+
+    with pytest.raises(OSError, match="disk full while writing") as error:
+        atomic_write(str(tmp_path / "student.safetensors"), write)
+    assert error.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_during_a_state_save_keeps_the_last_good_state(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=3, save_every_n_steps=1)
+    save = trainer.accelerator.save_state
+
+    def fill_disk_at_step_2(folder, *args, **kwargs):
+        save(folder, *args, **kwargs)
+        if trainer.step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", fill_disk_at_step_2)
+    with pytest.raises(OSError, match="last good state is .*state-000001"):
+        trainer.train()
+    assert [os.path.basename(p) for p in list_states(str(tmp_path / "out"))] == ["state-000001"]
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]
+
+
+def test_files_get_normal_permissions_and_temporaries_are_invisible_to_loaders(tmp_path):
+    path = atomic_write(str(tmp_path / "a.safetensors"), lambda staging: open(staging, "wb").write(b"x"))
+    assert os.stat(path).st_mode & 0o777 == FILE_MODE != 0o600
+    stale = tmp_path / ".partial-abc123.safetensors.tmp"
+    stale.write_bytes(b"left by a killed run")
+    assert not stale.name.endswith((".safetensors", ".ckpt", ".pt", ".png"))
+    assert remove_stale_staging(str(tmp_path)) == [stale.name] and not stale.exists()
+
+
+def test_student_metadata_holds_no_local_paths(tiny_model_dir, tmp_path, prompt_file):
+    config = config_from_dict(settings(tmp_path, pretrained_model_name_or_path=tiny_model_dir("tiny-sd15"),
+                                       prompt_file=prompt_file, max_train_steps=1))
+    path = api.distill(config)
+    metadata = read_student_metadata(path)
+    leaks = {k: v for k, v in metadata.items() if str(tmp_path) in v or os.path.expanduser("~") + os.sep in v}
+    assert not leaks
+    assert 'prompt_file = "prompts.txt"' in metadata["decoupled_dmd.config"]
