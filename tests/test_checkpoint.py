@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import struct
 
 import pytest
@@ -16,7 +17,7 @@ from decoupled_dmd.trainer import ldm_layout as layout
 from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
 from decoupled_dmd.trainer.adapters.single_file import load_single_file
 from decoupled_dmd.trainer.api import apply_student, load_teacher, read_student_metadata
-from decoupled_dmd.trainer.config import config_from_dict
+from decoupled_dmd.trainer.config import ConfigError, config_from_dict
 from decoupled_dmd.trainer.formats import (
     CheckpointError,
     inspect_checkpoint,
@@ -24,7 +25,7 @@ from decoupled_dmd.trainer.formats import (
     shareable_config,
     write_ldm_checkpoint,
 )
-from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
+from decoupled_dmd.trainer.loop import DecoupledDMDTrainer, list_states
 from decoupled_dmd.trainer.outputs import atomic_write
 
 PROMPTS = ["a photo of the cat", "a red house"]
@@ -387,6 +388,10 @@ def test_a_second_run_gets_a_counter_and_a_resumed_run_keeps_its_files(tiny_mode
     common = dict(max_train_steps=1, save_merged_checkpoint=False)
     _, first = train_from_file(tmp_path, tiny_model_dir, checkpoint, **common)
     first_bytes = open(first, "rb").read()
+    with pytest.raises(ConfigError, match="another run's states"):  # its states are never replaced
+        train_from_file(tmp_path, tiny_model_dir, checkpoint, seed=1, **common)
+    for state in list_states(os.path.dirname(first)):  # once the user has cleared them, a new run may start here
+        shutil.rmtree(state)
     _, second = train_from_file(tmp_path, tiny_model_dir, checkpoint, seed=1, **common)
     assert os.path.basename(second) == "dmd_student_00001_.safetensors"
     assert open(first, "rb").read() == first_bytes

@@ -295,7 +295,7 @@ def test_a_run_with_no_successful_update_writes_no_student_and_fails(tiny_model_
 def test_a_stop_before_the_first_update_writes_nothing(tiny_model_dir, tmp_path):
     trainer = trainer_for(tiny_model_dir, tmp_path, callbacks=TrainerCallbacks(should_stop=lambda: True))
     assert trainer.train() is None
-    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".safetensors") or p.startswith("state-")]
+    assert not (tmp_path / "out").exists()  # not even an empty folder
 
 
 # --- full disks, litter, leaks --------------------------------------------------------------------------------
@@ -345,3 +345,58 @@ def test_student_metadata_holds_no_local_paths(tiny_model_dir, tmp_path, prompt_
     leaks = {k: v for k, v in metadata.items() if str(tmp_path) in v or os.path.expanduser("~") + os.sep in v}
     assert not leaks
     assert 'prompt_file = "prompts.txt"' in metadata["decoupled_dmd.config"]
+
+
+# --- dmd-sample checks everything it reads --------------------------------------------------------------------
+@pytest.fixture
+def student_file(tiny_model_dir, tmp_path):
+    trainer_for(tiny_model_dir, tmp_path, max_train_steps=1).train()
+    return str(tmp_path / "out" / "dmd_student.safetensors")
+
+
+def sample_fails(argv, capsys, says):
+    from decoupled_dmd.trainer.cli import sample_main
+
+    with pytest.raises(SystemExit) as exit_:
+        sample_main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err[-2000:]
+
+
+def test_dmd_sample_refuses_bad_flags_before_loading(tiny_model_dir, tmp_path, student_file, capsys, monkeypatch):
+    monkeypatch.setattr(api, "load_teacher", lambda *a, **k: pytest.fail("loaded before the bad flag was found"))
+    model = tiny_model_dir("tiny-sd15")
+    base = ["--model", model, "--student", student_file, "--prompt", "a red house"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for extra, says in ((["--timesteps", "249,499"], "strictly decreasing"), (["--timesteps", "-5"], "non-negative"), (["--timesteps", "9x"], "whole numbers"),
+                        (["--timesteps", "999,999"], "strictly decreasing"),
+                        (["--teacher_steps", "0"], "--teacher_steps 0"),
+                        (["--guidance_scale", "nan"], "--guidance_scale nan"),
+                        (["--seed", "-1"], "--seed -1"), (["--resolution", "13"], "multiples of 8"),
+                        (["--output", str(blocker / "x.png")], "cannot write there"),
+                        (["--output", str(tmp_path / "grid.jpg")], "write a .png file name"),
+                        (["--output", str(tmp_path / "CON.png")], "reserved")):
+        sample_fails(base + extra, capsys, says)
+    sample_fails(["--model", "/nonexistent/sdxl", "--prompt", "x"], capsys, "--model: '/nonexistent/sdxl' does not exist")
+
+
+def test_dmd_sample_refuses_damaged_metadata_and_foreign_students(tiny_model_dir, tmp_path, student_file, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(student_file, "pt") as handle:
+        metadata = handle.metadata()
+    for key, value, says in (("decoupled_dmd.student_timesteps", "[oops", "unusable"),
+                             ("decoupled_dmd.student_timesteps", "[249, 999]", "strictly decreasing"),
+                             ("decoupled_dmd.format", "zip", "not lora, unet or checkpoint")):
+        damaged = tmp_path / "damaged.safetensors"
+        save_file(load_file(student_file), str(damaged), metadata={**metadata, key: value})
+        sample_fails(["--model", tiny_model_dir("tiny-sd15"), "--student", str(damaged), "--prompt", "x",
+                      "--output", str(tmp_path / "s.png")], capsys, says)
+    sample_fails(["--model", tiny_model_dir("tiny-sdxl"), "--student", student_file, "--prompt", "x",
+                  "--output", str(tmp_path / "s.png")], capsys, "student of a sd15 model")
+    sample_fails(["--model", tiny_model_dir("tiny-sd15"), "--student", student_file, "--timesteps", "1500,500",
+                  "--prompt", "x", "--output", str(tmp_path / "s.png")], capsys, "outside this model's range")
+    assert not (tmp_path / "s.png").exists()

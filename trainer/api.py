@@ -178,8 +178,13 @@ def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
 
     metadata = read_student_metadata(student_path)
     kind = student_format(metadata)
+    timesteps = student_timesteps(metadata)
     if kind == "checkpoint":
-        return student_timesteps(metadata)
+        return timesteps
+    family = metadata.get("decoupled_dmd.family")
+    if family and family != adapter.family:
+        raise ConfigError(f"{os.path.basename(student_path)} is a student of a {family} model; --model is "
+                          f"{adapter.family}: give the base it was distilled from")
     tensors = load_file(student_path)
     network = adapter.network
     ldm_keys = adapter.unet_ldm_keys or {}
@@ -188,7 +193,11 @@ def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
             state, rank, alpha = peft_from_kohya(tensors, lora_module_names(ldm_keys))
         else:
             state = {k.removeprefix("unet."): v.float() for k, v in tensors.items()}
-            rank, alpha = int(metadata["decoupled_dmd.network_dim"]), float(metadata["decoupled_dmd.network_alpha"])
+            try:
+                rank, alpha = int(metadata["decoupled_dmd.network_dim"]), float(metadata["decoupled_dmd.network_alpha"])
+            except (KeyError, ValueError):
+                raise ConfigError(f"{os.path.basename(student_path)}: its decoupled_dmd.network_dim / network_alpha "
+                                  "metadata is missing or damaged") from None
         _inject_lora(network, state, rank, alpha, student_path)
     else:
         if any(k.startswith(UNET_PREFIX) for k in tensors):
@@ -217,6 +226,10 @@ def _inject_lora(network, state: dict[str, torch.Tensor], rank: int, alpha: floa
     missing = [k for k in renamed if k not in parameters]
     if missing:
         raise ConfigError(f"{path!r} does not fit this model: unknown keys such as {missing[:2]}")
+    wrong = [k for k, v in renamed.items() if parameters[k].shape != v.shape]
+    if wrong:
+        raise ConfigError(f"{path!r} does not fit this model: {wrong[0]} is {list(renamed[wrong[0]].shape)} in the "
+                          f"file, {list(parameters[wrong[0]].shape)} in the model (a LoRA of another model?)")
     network.load_state_dict(renamed, strict=False)
 
 

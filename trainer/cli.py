@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+import torch
+
 from .config import KEYS, ConfigError, load_config, shown_default
 
 
@@ -78,39 +80,92 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="samples.png", help="PNG grid to write")
     args = parser.parse_args(argv)
-    _setup_logging()
-    from .api import apply_student, load_teacher, read_prompts, sample_images
-    from .config import _parse_resolution
-    from .outputs import save_image_grid
-
     try:
-        prompts = args.prompt + read_prompts(args.prompt_file or "")
-        resolution = None
-        if args.resolution:
-            width, height = _parse_resolution(args.resolution)
-            resolution = (height, width)
+        prompts, resolution, typed_timesteps, saved_timesteps = _check_sample_args(args)
     except ConfigError as error:
         parser.error(str(error))
-    if not prompts:
-        parser.error("give at least one --prompt or a --prompt_file")
+    _setup_logging()
+    from .api import apply_student, load_teacher, sample_images
+    from .outputs import save_image_grid
+    from .schedules import check_student_timesteps
+
     try:
         adapter = load_teacher(args.model, tokenizer_path=args.tokenizer_path)
-        timesteps = apply_student(adapter, args.student or args.model) if (args.student or not args.teacher_steps) \
-            else None
+        timesteps = None
+        if args.student or not args.teacher_steps:
+            timesteps = apply_student(adapter, args.student or args.model)
+        timesteps = typed_timesteps or timesteps
+        if timesteps is not None:
+            try:
+                check_student_timesteps(adapter.schedule, timesteps, -1)
+            except ValueError as error:
+                raise ConfigError(f"{'--timesteps' if typed_timesteps else saved_timesteps}: {error}") from None
     except ConfigError as error:
         parser.error(f"{error} (give --student with a distilled file, a distilled checkpoint as --model, or "
                      "--teacher_steps N to sample the teacher)")
-    if args.timesteps:
-        from .schedules import parse_student_timesteps
-
-        try:
-            timesteps = parse_student_timesteps(args.timesteps, "--timesteps")
-        except ValueError as error:
-            parser.error(str(error))
     images = sample_images(adapter, prompts, args.seed, timesteps=timesteps, teacher_steps=args.teacher_steps,
                            guidance_scale=args.guidance_scale, resolution=resolution)
+    if not bool(torch.isfinite(images).all()):
+        logging.getLogger("decoupled_dmd").error("the samples hold NaN or inf (a damaged model or student?); "
+                                                 "nothing written")
+        return 1
     print(save_image_grid(images, args.output))
     return 0
+
+
+def _check_sample_args(args) -> tuple[list[str], tuple[int, int] | None, list[int] | None, str]:
+    """Everything dmd-sample is given, checked before a model loads: prompts, numbers, paths, the output file, a
+    student's metadata. Returns (prompts, (height, width) or None, typed timesteps or None, where saved ones
+    come from)."""
+    import math
+    import os
+
+    from .api import read_prompts, teacher_source_problem
+    from .config import _parse_resolution, portable_name_problem
+    from .formats import read_student_metadata, student_timesteps
+    from .schedules import parse_student_timesteps
+
+    prompts = args.prompt + read_prompts(args.prompt_file or "")
+    if not prompts:
+        raise ConfigError("give at least one --prompt or a --prompt_file")
+    resolution = None
+    if args.resolution:
+        width, height = _parse_resolution(args.resolution)
+        if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
+            raise ConfigError(f"--resolution {width}x{height}: use multiples of 8 between 8 and 8192")
+        resolution = (height, width)
+    if args.teacher_steps is not None and not 1 <= args.teacher_steps <= 1000:
+        raise ConfigError(f"--teacher_steps {args.teacher_steps}: use 1 .. 1000 (50 is typical)")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and 1 <= args.guidance_scale <= 100):
+        raise ConfigError(f"--guidance_scale {args.guidance_scale}: use a finite scale in 1 .. 100 (SDXL: 5 .. 12)")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed {args.seed}: use 0 .. {2**63 - 1}")
+    for flag, path in (("--model", args.model), ("--student", args.student)):
+        problem = path and teacher_source_problem(path)
+        if problem:
+            raise ConfigError(problem.replace("pretrained_model_name_or_path", flag))
+    output = os.path.abspath(args.output)
+    problem = portable_name_problem(os.path.basename(output))
+    if problem or not output.lower().endswith(".png"):
+        raise ConfigError(f"--output {args.output!r}: {problem or 'write a .png file name'}")
+    folder = os.path.dirname(output)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK) or os.path.isdir(output):
+            raise PermissionError(13, "not writable")
+    except OSError as error:
+        raise ConfigError(f"--output {args.output!r}: cannot write there ({error.strerror or error}); choose "
+                          "another file") from None
+    typed = None
+    if args.timesteps:
+        try:
+            typed = parse_student_timesteps(args.timesteps, "--timesteps")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    saved_from = args.student or args.model
+    if typed is None and (args.student or not args.teacher_steps) and os.path.isfile(saved_from):
+        student_timesteps(read_student_metadata(saved_from))  # garbage or missing metadata fails here, by name
+    return prompts, resolution, typed, f"{os.path.basename(saved_from)}'s decoupled_dmd.student_timesteps"
 
 
 class StopOnInterrupt:

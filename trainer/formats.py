@@ -509,9 +509,21 @@ def read_student_metadata(path: str) -> dict[str, str]:
 
 def student_format(metadata: dict[str, str]) -> str:
     """lora | unet | checkpoint (files from before `decoupled_dmd.format` existed: from the training mode)."""
-    return metadata.get("decoupled_dmd.format", "lora" if metadata["decoupled_dmd.training_mode"] == "lora" else "unet")
+    kind = metadata.get("decoupled_dmd.format") or \
+        ("lora" if metadata.get("decoupled_dmd.training_mode", "lora") == "lora" else "unet")
+    if kind not in ("lora", "unet", "checkpoint"):
+        raise ConfigError(f"decoupled_dmd.format {kind!r} is not lora, unet or checkpoint; the metadata is damaged")
+    return kind
 
 
 def student_timesteps(metadata: dict[str, str]) -> list[int]:
-    """The timesteps the student was trained on (sample with exactly these)."""
-    return [int(t) for t in json.loads(metadata["decoupled_dmd.student_timesteps"])]
+    """The timesteps the student was trained on (sample with exactly these); ConfigError if missing or garbled."""
+    from .schedules import parse_student_timesteps
+
+    key = "decoupled_dmd.student_timesteps"
+    try:
+        return parse_student_timesteps(json.loads(metadata[key]), key)
+    except KeyError:
+        raise ConfigError(f"the file's metadata has no {key}; give the timesteps yourself") from None
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"the file's {key} is unusable ({error}); give the timesteps yourself") from None

@@ -27,7 +27,8 @@ def own_output_dir(folder: str):
     key = os.path.realpath(folder)
     entry = _HELD_LOCKS.get(key)
     if entry is None:
-        entry = _HELD_LOCKS[key] = [_acquire(folder), 0]
+        created = not os.path.exists(folder)
+        entry = _HELD_LOCKS[key] = [_acquire(folder), 0, created]
     entry[1] += 1
     try:
         yield
@@ -42,6 +43,11 @@ def own_output_dir(folder: str):
                 pass
             _unlock(handle)
             handle.close()
+            if entry[2]:
+                try:
+                    os.rmdir(folder)  # a run that wrote nothing leaves no empty folder behind
+                except OSError:
+                    pass
 
 
 def _acquire(folder: str):
