@@ -82,8 +82,9 @@ def _training_prompts(prompts: str, prompt_file: str) -> list[str]:
     """The Train node's prompts: its text box, then the lines of its prompt file (in ComfyUI's input folder)."""
     training_prompts = read_prompt_lines(prompts)
     if prompt_file.strip():
-        with open(_input_file(prompt_file), encoding="utf-8") as handle:
-            training_prompts += read_prompt_lines(handle.read())
+        from ..trainer.api import read_text
+
+        training_prompts += read_prompt_lines(read_text(_input_file(prompt_file), "prompt_file"))
     if not training_prompts:
         raise ValueError("no training prompts: write some in `prompts` (one per line) or give a prompt_file")
     return training_prompts

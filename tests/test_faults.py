@@ -400,3 +400,89 @@ def test_dmd_sample_refuses_damaged_metadata_and_foreign_students(tiny_model_dir
     sample_fails(["--model", tiny_model_dir("tiny-sd15"), "--student", student_file, "--timesteps", "1500,500",
                   "--prompt", "x", "--output", str(tmp_path / "s.png")], capsys, "outside this model's range")
     assert not (tmp_path / "s.png").exists()
+
+
+def test_lora_targets_that_match_nothing_fail_before_loading(tmp_path, prompt_file, monkeypatch):
+    monkeypatch.setattr(api, "load_teacher", lambda *a, **k: pytest.fail("loaded before the targets were checked"))
+    config = config_from_dict(settings(tmp_path, prompt_file=prompt_file, lora_target_modules=["to_q", "to_qq"]))
+    with pytest.raises(ConfigError, match=r"'to_qq' \(did you mean 'to_q'"):
+        api.distill(config)
+
+
+# --- damaged checkpoints --------------------------------------------------------------------------------------
+def _damaged(ldm_checkpoint, tmp_path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ldm_checkpoint("tiny-sdxl"))
+    change(tensors)
+    path = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def _first(tensors, prefix, suffix=".weight"):
+    return next(k for k in sorted(tensors) if k.startswith(prefix) and k.endswith(suffix))
+
+
+@pytest.mark.parametrize("what", ["no CLIP-L tensor", "no OpenCLIP tensor", "no VAE tensor", "misshapen VAE",
+                                  "misshapen CLIP", "integer UNet weight"])
+def test_checkpoints_damaged_anywhere_get_one_line(tiny_model_dir, ldm_checkpoint, tmp_path, what):
+    from decoupled_dmd.trainer import ldm_layout as layout
+    from decoupled_dmd.trainer.adapters.single_file import load_single_file
+    from decoupled_dmd.trainer.formats import CheckpointError
+
+    def change(tensors):
+        if what == "no CLIP-L tensor":
+            del tensors[_first(tensors, layout.SDXL_CLIP_L_PREFIX)]
+        elif what == "no OpenCLIP tensor":
+            del tensors[_first(tensors, layout.SDXL_CLIP_G_PREFIX)]
+        elif what == "no VAE tensor":
+            del tensors[_first(tensors, layout.VAE_PREFIX + "decoder.")]
+        elif what == "misshapen VAE":
+            key = _first(tensors, layout.VAE_PREFIX + "decoder.")
+            tensors[key] = torch.zeros(3, *tensors[key].shape[1:], dtype=tensors[key].dtype)
+        elif what == "misshapen CLIP":
+            key = _first(tensors, layout.SDXL_CLIP_L_PREFIX, "fc1.weight")
+            tensors[key] = tensors[key][:-1]
+        else:
+            key = _first(tensors, layout.UNET_PREFIX + "out.")
+            tensors[key] = tensors[key].to(torch.int16)
+
+    path = _damaged(ldm_checkpoint, tmp_path, change)
+    with pytest.raises(CheckpointError) as error:
+        load_single_file(path, tokenizer_path=os.path.join(tiny_model_dir("tiny-sdxl"), "tokenizer"))
+    message = str(error.value)
+    assert "damaged" in message and "damaged.safetensors" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("header, says", [
+    ("[" * 200_000 + "]" * 200_000, "not a safetensors file"),
+    ('{"w": {"shape": [2], "data_offsets": [0, 8]}}', "no known dtype"),
+    ('{"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}', "shape"),
+    ('{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}', "data_offsets"),
+    ('{"w": {"dtype": "F32", "shape": [2], "data_offsets": "0-8"}}', "data_offsets"),
+    ('{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}', "8 bytes for a F32 tensor of shape [4]"),
+    ('{"__metadata__": {"k": 3}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "table of strings"),
+])
+def test_crafted_headers_are_refused_by_name(tmp_path, header, says):
+    import struct
+
+    from decoupled_dmd.trainer.formats import CheckpointError, inspect_checkpoint
+
+    encoded = header.encode()
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(8))
+    with pytest.raises(CheckpointError) as error:
+        inspect_checkpoint(str(path))
+    assert says in str(error.value)
+
+
+@pytest.mark.parametrize("content, says", [("a cat\n".encode("utf-16"), "not UTF-8"),
+                                           (b"a cat\n\xff\xfe red", "not UTF-8"), (b"a\x00b\n", "NUL bytes")])
+def test_prompt_files_that_are_not_utf8_text_are_refused(tmp_path, content, says):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=says):
+        api.read_prompts(str(path))
+    path.write_bytes("\ufeffa cat\n# skip\nune crêpe\n".encode("utf-8"))
+    assert api.read_prompts(str(path)) == ["a cat", "une crêpe"]

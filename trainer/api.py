@@ -23,6 +23,18 @@ def prompt_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file (a BOM is dropped); ConfigError naming `what` for other encodings or binary files."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what}: {path!r} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what}: {path!r} holds NUL bytes; is it a text file?")
+    return text
+
+
 def read_prompts(source, what: str = "prompt_file") -> list[str]:
     """Prompts from a text file (`prompt_lines`' rule) or a list."""
     if isinstance(source, list):
@@ -31,8 +43,7 @@ def read_prompts(source, what: str = "prompt_file") -> list[str]:
         return []
     if not os.path.isfile(source):
         raise ConfigError(f"{what}: {source!r} does not exist; give a text file with one prompt per line")
-    with open(source, encoding="utf-8") as handle:
-        prompts = prompt_lines(handle.read())
+    prompts = prompt_lines(read_text(source, what))
     if not prompts:
         raise ConfigError(f"{what}: {source!r} holds no prompts; write one prompt per line")
     return prompts

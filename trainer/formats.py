@@ -59,17 +59,50 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
             header = json.loads(handle.read(length))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             if prefix[:2] in PICKLE_MAGIC:
                 raise CheckpointError(f"{path!r} holds a pickle (a .ckpt/.pt file renamed?); only safetensors are "
                                       "read, because loading a pickle can run code. Convert it to .safetensors") from None
             raise CheckpointError(f"{path!r} is not a safetensors file (or its header is damaged)") from None
     data_start = 8 + length
+    problem = header_problem(header)
+    if problem:
+        raise CheckpointError(f"{path!r} has a damaged safetensors header ({problem}); download or copy it again")
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if data_start + end > size:
         raise CheckpointError(f"{path!r} is truncated: the header describes {data_start + end} bytes but the file "
                               f"has {size}; download or copy it again")
     return header, data_start
+
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def header_problem(header: dict) -> str | None:
+    """What is wrong with a parsed safetensors header (entries, dtypes, shapes, offsets, metadata), or None."""
+    metadata = header.get("__metadata__")
+    if metadata is not None and (not isinstance(metadata, dict)
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        return "__metadata__ is not a table of strings"
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+            return f"{name}: no known dtype"
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            return f"{name}: shape {shape!r}"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            return f"{name}: data_offsets {offsets!r}"
+        count = 1
+        for d in shape:
+            count *= d
+        if offsets[1] - offsets[0] != count * DTYPE_BYTES[entry["dtype"]]:
+            return f"{name}: {offsets[1] - offsets[0]} bytes for a {entry['dtype']} tensor of shape {shape}"
+    return None
 
 
 def refuse_pickle(path: str) -> None:
@@ -172,7 +205,8 @@ def open_clip_to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
         inverse.setdefault(oc_key, []).append(hf_key)
     for oc_key, hf_keys in inverse.items():
         if oc_key not in state:
-            raise CheckpointError(f"OpenCLIP text encoder tensor {layout.SDXL_CLIP_G_PREFIX}{oc_key} is missing")
+            raise CheckpointError(f"OpenCLIP text encoder tensor {layout.SDXL_CLIP_G_PREFIX}{oc_key} is missing; "
+                                  "the file is damaged or incomplete")
         value = state[oc_key]
         if oc_key.endswith(("in_proj_weight", "in_proj_bias")):
             for index, hf_key in enumerate(sorted(hf_keys, key=_qkv_order)):

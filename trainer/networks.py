@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .config import ConfigError
+
 ROLES = ("teacher", "student", "fake")
 TRAINABLE_ROLES = ("student", "fake")
 
@@ -47,6 +49,22 @@ class Roles(ABC):
         """Modules the trainer must wrap for data parallelism; two roles may share one module."""
 
 
+def check_lora_targets(base: nn.Module, targets) -> None:
+    """Every target must name a layer (peft's rule: the module's name, or its last dotted parts); ConfigError
+    listing the ones that match nothing, with the closest layer names."""
+    import difflib
+
+    names = [name for name, _ in base.named_modules() if name]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        hints = {t: difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=2) for t in unmatched}
+        said = "; ".join(f"{t!r}" + (f" (did you mean {' or '.join(map(repr, h))}?)" if h else "")
+                         for t, h in hints.items())
+        raise ConfigError(f"lora_target_modules: {said} match no layer of this model; leave the key empty for the "
+                          "family's default targets")
+
+
 def nonfinite_tensors(module: nn.Module) -> list[str]:
     """Names of the module's floating-point weights and buffers that hold NaN or inf (a damaged checkpoint)."""
     return [name for name, tensor in [*module.named_parameters(), *module.named_buffers()]
@@ -59,6 +77,7 @@ class LoraRoles(Roles):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         base.requires_grad_(False)
+        check_lora_targets(base, target_modules)
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=True)
         try:
             with warnings.catch_warnings():
@@ -66,7 +85,7 @@ class LoraRoles(Roles):
                 for role in TRAINABLE_ROLES:
                     inject_adapter_in_model(copy.deepcopy(config), base, adapter_name=role)
         except ValueError as error:
-            raise ValueError(f"lora_target_modules {list(target_modules)} match no layer of this model: {error}") from None
+            raise ConfigError(f"lora_target_modules {list(target_modules)} cannot be adapted: {error}") from None
         self.base = base
         self._layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
         self._parameters = {

@@ -48,7 +48,33 @@ def resolve_tokenizer_folder(tokenizer_path: str | None) -> str:
 
 def load_single_file(path: str, tokenizer_path: str | None = None, v_parameterization: bool | None = None,
                      uncond_mode: str = "empty_prompt", dtype=torch.float32, load_vae: bool = True):
-    """Load an SD1.5/SDXL single-file checkpoint as a `DiffusersAdapter`, with no network access."""
+    """Load an SD1.5/SDXL single-file checkpoint as a `DiffusersAdapter`, with no network access.
+
+    A file whose tensors do not build the model (one missing, misshapen or of an integer type) gets one line
+    naming the file and the tensor, never a traceback."""
+    try:
+        adapter = _load_single_file(path, tokenizer_path, v_parameterization, uncond_mode, dtype, load_vae)
+    except CheckpointError as error:
+        name = os.path.basename(path)
+        if name in str(error) or "tokenizer" in str(error):
+            raise
+        raise CheckpointError(f"{name}: {error}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, StopIteration, AttributeError) as error:
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{os.path.basename(path)}: its tensors do not build an SD1.5/SDXL model "
+                              f"({type(error).__name__}: {detail}); the file is damaged or incomplete") from None
+    modules = {"UNet": adapter.network, "VAE": adapter.vae,
+               **{f"text encoder {i + 1}": e for i, e in enumerate(adapter.text_encoders)}}
+    for part, module in modules.items():
+        for name, parameter in (module.named_parameters() if module is not None else []):
+            if not parameter.is_floating_point():
+                raise CheckpointError(f"{os.path.basename(path)}: {part} weight {name} is stored as "
+                                      f"{parameter.dtype}, not a float; the file is damaged")
+    return adapter
+
+
+def _load_single_file(path: str, tokenizer_path: str | None, v_parameterization: bool | None, uncond_mode: str,
+                      dtype, load_vae: bool):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from safetensors import safe_open
