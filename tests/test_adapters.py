@@ -100,7 +100,9 @@ def test_prompt_cache_encodes_each_prompt_once(tiny_model_dir):
 
 
 def test_a_folder_that_is_not_a_model_says_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing unet/, text_encoder/, tokenizer/, scheduler/"):
+    from decoupled_dmd.trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="missing unet/, text_encoder/, tokenizer/, scheduler/"):
         DiffusersAdapter.from_pretrained(str(tmp_path))
 
 

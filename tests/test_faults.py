@@ -486,3 +486,14 @@ def test_prompt_files_that_are_not_utf8_text_are_refused(tmp_path, content, says
         api.read_prompts(str(path))
     path.write_bytes("\ufeffa cat\n# skip\nune crêpe\n".encode("utf-8"))
     assert api.read_prompts(str(path)) == ["a cat", "une crêpe"]
+
+
+def test_a_missing_relative_model_or_an_unreachable_hub_id_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("models/not_here", "some-org/some-model"):
+        with pytest.raises(ConfigError, match="no local file or folder here"):
+            api.load_teacher(name)
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(ConfigError, match="not a diffusers model folder"):
+        api.load_teacher("empty_folder")

@@ -65,7 +65,17 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
     if os.path.isfile(path) or path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
         return load_single_file(path, tokenizer_path=tokenizer_path or None, v_parameterization=v_parameterization,
                                 uncond_mode=uncond_mode, dtype=dtype)
-    return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
+    problem = teacher_source_problem(path)
+    if problem:
+        raise ConfigError(problem)
+    if os.path.exists(path):
+        return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
+    try:  # a Hugging Face id
+        return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
+    except (OSError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"{name_or_path!r} is no local file or folder here, and loading it as a Hugging Face id "
+                          f"failed ({first}); check the path, or the id and your connection") from None
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

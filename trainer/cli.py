@@ -52,6 +52,9 @@ def distill_main(argv: list[str] | None = None) -> int:
     except TrainingFailed as error:
         log.error("%s", error)
         return 1
+    except KeyboardInterrupt:  # the second Ctrl-C: stop at once
+        log.warning("stopped at once; the last saved state and student are kept, nothing else was written")
+        return 130
     except OSError as error:
         if not is_disk_full(error):
             raise

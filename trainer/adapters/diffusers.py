@@ -9,6 +9,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..denoiser import Conditioning, ModelAdapter
 from ..ldm_layout import unet_key_map
 from ..schedules import DiscreteVPSchedule, FlowSchedule, NoiseSchedule, append_dims, prediction_to_x0
@@ -85,7 +86,7 @@ class DiffusersAdapter(ModelAdapter):
         if local:
             missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler") if not os.path.isdir(os.path.join(path, s))]
             if missing:
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"{path!r} is not a diffusers model folder: missing {', '.join(m + '/' for m in missing)} "
                     "(single-file .safetensors checkpoints need the checkpoint loader)")
         common = {"local_files_only": local}
