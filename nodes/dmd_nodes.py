@@ -63,7 +63,31 @@ TRAIN_WIDGETS = {
     "save_every": ("save_every_n_steps", None),
     "resume": ("resume", lambda v: "latest" if v else ""),
     "optimizer": ("optimizer_type", None),
+    "network_weights": ("network_weights", lambda v: _lora_file(v)),
 }
+
+NO_LORA = "[None]"
+
+
+def _lora_names() -> list[str]:
+    """The LoRAs in ComfyUI's models/loras (none when the schema is read without ComfyUI, as in CI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(".safetensors")]
+
+
+def _lora_file(name: str) -> str:
+    """The full path of a LoRA in models/loras; '' for none."""
+    if not name or name == NO_LORA:
+        return ""
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if not path:
+        raise ValueError(f"network_weights {name!r} is not in models/loras; pick a LoRA from the list or {NO_LORA}")
+    return path
 
 
 def train_config_values(widgets: dict) -> dict:
@@ -249,6 +273,11 @@ class Train:
                     "default": "adamw",
                     "tooltip": "adamw (DMD2's choice) or adafactor: a fraction of AdamW's optimiser memory "
                                "(full-size SDXL UNet, LoRA rank 64: about 3 GB less), for cards that run short."}),
+                "network_weights": ([NO_LORA, *_lora_names()], {
+                    "default": NO_LORA,
+                    "tooltip": "Start the student from this LoRA in models/loras, e.g. a 4-step speed LoRA for this "
+                               "family (DMD2, Lightning, Hyper-SD, LCM): training then adapts it to your checkpoint. "
+                               "Its rank replaces network_dim; the teacher stays the model without it."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -277,7 +306,7 @@ class Train:
     def train(self, teacher, prompts, prompt_file, output_name, steps, timesteps, renoise_schedule, regularizer,
               network_dim, network_alpha, learning_rate, fake_learning_rate, fake_updates_per_step, max_train_steps,
               resolution, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every, save_every, resume,
-              preview_prompts="", optimizer="adamw", unique_id=None):
+              preview_prompts="", optimizer="adamw", network_weights=NO_LORA, unique_id=None):
         widgets = dict(locals())
         import comfy.model_management as mm
         import comfy.utils

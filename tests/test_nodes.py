@@ -205,6 +205,7 @@ def test_every_train_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_c
     assert config.student_timesteps == trailing_timesteps(widgets["steps"])
     assert config.train_batch_size == widgets["batch_size"] and config.optimizer_type == widgets["optimizer"]
     assert config.resume == ("latest" if widgets["resume"] else "")
+    assert widgets["network_weights"] == "[None]" and config.network_weights == ""
     assert train_config_values(dict(widgets, output_name="x", timesteps="999,499", fake_learning_rate=0.0,
                                     resolution=0))["student_timesteps"] == [999, 499]
     assert train_config_values(dict(widgets, output_name="x", fake_learning_rate=0.0))["fake_learning_rate"] is None

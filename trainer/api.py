@@ -119,7 +119,10 @@ def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
                                         config.min_timestep)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
-    check_resumable(config, find_state(config))
+    if config.network_weights and not os.path.isfile(config.network_weights):
+        raise ConfigError(f"network_weights: {config.network_weights!r} does not exist; give a .safetensors LoRA file")
+    check_resumable(config, find_state(config),
+                    not_yet=("network_dim", "lora_target_modules") if config.network_weights else ())
 
 
 def plan_memory(config: TrainConfig, device: str | None = None):

@@ -69,6 +69,10 @@ class TrainConfig:
     resume_changed_settings: bool = _key(
         False, "Resume even though method settings (guidance, schedule, timesteps, batch, resolution...) differ "
         "from the state's; the run continues with the new ones.", section="model")
+    network_weights: str = _key(
+        "", "A LoRA file to start the student from (kohya, diffusers/peft or ComfyUI layout), e.g. a speed LoRA "
+        "for this family: its rank becomes network_dim, its modules join the targets, its scales are kept exactly; "
+        "the teacher stays the model without it.", section="model")
     save_merged_checkpoint: bool = _key(
         False, "Also write <output_name>_checkpoint.safetensors: the input single-file checkpoint with the student "
         "merged into its UNet (same layout and dtype; loads in CheckpointLoaderSimple).", section="model")
@@ -274,6 +278,10 @@ def validate(config: TrainConfig) -> None:
     problem = portable_name_problem(config.output_name, reserve=len("_checkpoint_00001_.safetensors"))
     if problem:
         _fail("output_name", problem)
+    if config.network_weights and config.training_mode != "lora":
+        _fail("network_weights", "starts a LoRA student; set training_mode = 'lora' (or leave network_weights empty)")
+    if config.network_weights and not config.network_weights.lower().endswith(".safetensors"):
+        _fail("network_weights", f"{config.network_weights!r}: give a .safetensors LoRA file")
     if not isinstance(config.sample_prompts, (str, list)):
         _fail("sample_prompts", "must be a file path or a list of prompts")
 

@@ -94,6 +94,15 @@ class ModelAdapter(ABC):
     def default_lora_target_modules(self) -> list[str]:
         """Module names LoRA wraps by default for this backbone."""
 
+    def lora_aliases(self) -> dict[str, str]:
+        """{name a LoRA file may use for a backbone module: that module's own name} (kohya, ComfyUI, diffusers)."""
+        from .formats import lora_aliases, lora_module_names
+
+        aliases: dict[str, str] = {}
+        for module, ldm in lora_module_names(self.unet_ldm_keys or {}).items():
+            aliases.update(lora_aliases(module, None, ldm))
+        return aliases
+
     def fake_loss_weight(self, level: Tensor, target: str) -> Tensor | None:
         """Per-sample weight that turns the fake model's x0 error into its training objective: the model's own
         (eps / v / flow, DMD2's choice) for target 'native', none (plain x0, Algorithm 1) for 'x0'."""

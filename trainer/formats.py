@@ -499,6 +499,9 @@ def student_metadata(config, step: int, adapter, guidance_scale: float, kind: st
     }
     for name, value in (base or {}).items():
         metadata[f"decoupled_dmd.base_{name}"] = value
+    if config.network_weights:  # the warm start: which LoRA the student began as
+        metadata["decoupled_dmd.network_weights"] = os.path.basename(config.network_weights)
+        metadata["decoupled_dmd.network_weights_sha256"] = file_sha256(config.network_weights)
     if kind == "lora":  # read by kohya tools and A1111/Forge's LoRA info panel
         metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(config.network_dim),
                          "ss_network_alpha": str(config.network_alpha),
@@ -508,7 +511,7 @@ def student_metadata(config, step: int, adapter, guidance_scale: float, kind: st
 
 
 PATH_KEYS = ("pretrained_model_name_or_path", "tokenizer_path", "output_dir", "logging_dir", "prompt_file", "resume",
-             "sample_prompts")
+             "sample_prompts", "network_weights")
 
 
 def shareable_config(config):
@@ -561,3 +564,107 @@ def student_timesteps(metadata: dict[str, str]) -> list[int]:
         raise ConfigError(f"the file's metadata has no {key}; give the timesteps yourself") from None
     except (TypeError, ValueError) as error:
         raise ConfigError(f"the file's {key} is unusable ({error}); give the timesteps yourself") from None
+
+
+# --- LoRA files a creator has (the student's warm start) -------------------------------------------------------
+LORA_PARTS = {  # key suffix -> (A or B): every plain-LoRA layout in use
+    "lora_down.weight": "A", "lora_up.weight": "B", "lora_A.weight": "A", "lora_B.weight": "B",
+    "lora.down.weight": "A", "lora.up.weight": "B", "lora_A.default.weight": "A", "lora_B.default.weight": "B",
+}
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_", "lora_te1", "lora_te2", "clip_")
+
+
+def lora_aliases(network_module: str, diffusers_module: str | None, ldm_module: str | None) -> dict[str, str]:
+    """Every name a LoRA file may give one UNet module, -> the network's own module name: kohya (`lora_unet_`
+    with LDM or diffusers paths), ComfyUI (`diffusion_model.` + LDM path), diffusers / peft (`unet.` + path, old
+    attention-processor names)."""
+    names = {network_module}
+    if ldm_module:
+        names |= {"lora_unet_" + ldm_module.replace(".", "_"), "diffusion_model." + ldm_module, ldm_module}
+    if diffusers_module:
+        old = diffusers_module.replace(".to_", ".processor.to_").removesuffix(".0") \
+            if ".to_" in diffusers_module else diffusers_module
+        names |= {"lora_unet_" + diffusers_module.replace(".", "_"), "unet." + diffusers_module, diffusers_module,
+                  "unet." + old, old, "base_model.model." + diffusers_module}
+    return {name: network_module for name in names}
+
+
+@dataclass
+class InitLora:
+    """A LoRA file as the student's starting point: {network module: (A, B)} at one rank, with every module's
+    own scale folded into B so that (network_alpha / rank) * B @ A is the file's delta exactly."""
+
+    name: str
+    sha256: str
+    rank: int
+    weights: dict[str, tuple[Tensor, Tensor]]
+
+
+def read_init_lora(path: str, aliases: dict[str, str], network_alpha: float, family: str | None = None) -> InitLora:
+    """Read a kohya, diffusers/peft or ComfyUI LoRA for the student. Modules of different ranks are padded with
+    zeros to the largest (B @ A is unchanged); keys that name no layer are an error that lists them."""
+    from safetensors import safe_open
+
+    header, _ = read_safetensors_header(path)
+    name = os.path.basename(path)
+    metadata = header.get("__metadata__") or {}
+    other = _other_family(metadata, family)
+    if other:
+        raise CheckpointError(f"network_weights: {name} is a LoRA for {other}, the teacher is {family}; give a "
+                              f"LoRA made for {family}")
+    groups: dict[str, dict[str, str]] = {}
+    unknown, text_encoder = [], []
+    for key in (k for k in header if k != "__metadata__"):
+        part = next((p for p in LORA_PARTS if key.endswith("." + p)), None)
+        prefix = key[: -len(part) - 1] if part else key.rsplit(".", 1)[0]
+        kind = LORA_PARTS.get(part) if part else ("alpha" if key.endswith(".alpha") else None)
+        if kind is None:
+            if key.endswith((".dora_scale", ".hada_w1_a", ".lokr_w1", ".diff", ".diff_b", ".bias", ".w_norm")):
+                raise CheckpointError(f"network_weights: {name} holds {key!r}: only plain LoRA (down/up, A/B) "
+                                      "files can start the student; LyCORIS, DoRA and full-weight diffs cannot")
+            unknown.append(key)
+            continue
+        if prefix.startswith(TEXT_ENCODER_PREFIXES):
+            text_encoder.append(key)
+            continue
+        if prefix not in aliases:
+            unknown.append(key)
+            continue
+        groups.setdefault(aliases[prefix], {})[kind] = key
+    if text_encoder:
+        raise CheckpointError(f"network_weights: {name} also adapts the text encoders ({text_encoder[0]!r}, "
+                              f"{len(text_encoder)} keys); the student trains the UNet only: apply this LoRA to the "
+                              "teacher instead (a LoraLoader before Load Teacher), or use a UNet-only LoRA")
+    if unknown:
+        raise CheckpointError(f"network_weights: {len(unknown)} keys of {name} name no layer of this model, e.g. "
+                              f"{', '.join(map(repr, unknown[:4]))}; is it a LoRA for another model?")
+    incomplete = [module for module, parts in groups.items() if set(parts) & {"A", "B"} != {"A", "B"}]
+    if incomplete or not groups:
+        raise CheckpointError(f"network_weights: {name} has no complete down/up pair for {incomplete[:3] or 'any layer'}")
+    loaded: dict[str, tuple[Tensor, Tensor, float]] = {}
+    with safe_open(path, framework="pt") as handle:
+        for module, parts in groups.items():
+            down, up = handle.get_tensor(parts["A"]).float(), handle.get_tensor(parts["B"]).float()
+            rank = down.shape[0]
+            if up.shape[1] != rank:
+                raise CheckpointError(f"network_weights: {name}: {module} has down rank {rank}, up rank {up.shape[1]}")
+            alpha = float(handle.get_tensor(parts["alpha"]).float().item()) if "alpha" in parts else float(rank)
+            loaded[module] = (down, up, alpha)
+    rank = max(down.shape[0] for down, _, _ in loaded.values())
+    weights = {}
+    for module, (down, up, alpha) in loaded.items():
+        scale = (alpha / down.shape[0]) / (network_alpha / rank)
+        pad = rank - down.shape[0]
+        down = torch.cat([down, down.new_zeros(pad, *down.shape[1:])]) if pad else down
+        up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], dim=1) if pad else up
+        weights[module] = (down.contiguous(), (up * scale).contiguous())
+    return InitLora(name, file_sha256(path), rank, weights)
+
+
+def _other_family(metadata: dict[str, str], family: str | None) -> str | None:
+    """The family a LoRA's own metadata names, where it contradicts `family`."""
+    text = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture",
+                                                  "decoupled_dmd.family")).lower()
+    said = "sdxl" if ("sdxl" in text or "stable-diffusion-xl" in text) else \
+        "sd15" if ("sd_v1" in text or "stable-diffusion-v1" in text or "sd15" in text) else None
+    return said if said and family and said != family else None

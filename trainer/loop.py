@@ -26,7 +26,7 @@ from .accounting import CostMeter
 from .config import ConfigError, TrainConfig
 from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache, batched_x0
 from .export import base_identity, save_merged_checkpoint, student_tensors
-from .formats import atomic_save_safetensors, student_metadata
+from .formats import atomic_save_safetensors, read_init_lora, student_metadata
 from .graphs import GraphedCalls, uses_cuda_graphs
 from .losses import (
     cfg_augmentation,
@@ -63,6 +63,16 @@ logger = logging.getLogger(__name__)
 PROMPT_CACHE_LIMIT = 4096  # above this many distinct prompts, encode each batch as it is drawn (still cached), and
 # keep the text encoders on the device instead of encoding everything up front
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def with_init_lora(config: TrainConfig, init, adapter: ModelAdapter) -> TrainConfig:
+    """The run's config with a warm-start LoRA's rank, and its layers among the targets (by full name)."""
+    targets = list(config.lora_target_modules or adapter.default_lora_target_modules())
+    extra = sorted(m for m in init.weights if not any(m == t or m.endswith("." + t) for t in targets))
+    if config.network_dim != init.rank:
+        logger.info("network_dim %d -> %d: the rank of %s", config.network_dim, init.rank, init.name)
+    return config.replace(network_dim=init.rank, lora_target_modules=targets + extra if extra else
+                          list(config.lora_target_modules))
 
 
 class TrainingFailed(RuntimeError):
@@ -163,10 +173,19 @@ class DecoupledDMDTrainer:
         if damaged:
             raise ConfigError(f"the teacher's weights hold NaN or inf in {len(damaged)} tensors (e.g. {damaged[0]}): "
                               "the checkpoint is damaged; load an intact copy")
+        self.init_lora = None
+        if config.network_weights:
+            self.init_lora = read_init_lora(config.network_weights, adapter.lora_aliases(), config.network_alpha,
+                                            adapter.family)
+            self.config = config = with_init_lora(config, self.init_lora, adapter)
         set_seed(config.seed)  # same adapter initialisation on every process
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         adapter.place(accelerator.device, self.weight_dtype)
         self.roles = self._build_roles()
+        if self.init_lora is not None:
+            self.roles.load_role_lora("student", self.init_lora.weights)
+            logger.info("student starts from %s (rank %d, %d layers)", self.init_lora.name, self.init_lora.rank,
+                        len(self.init_lora.weights))
         self.random = _RandomState()
         self.nonfinite_skips = 0
         self.successful_updates = 0  # generator updates with every gradient finite (resumed from the state)

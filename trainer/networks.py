@@ -172,6 +172,21 @@ class LoraRoles(Roles):
             merged[name] = (value.float() + deltas[name]()).to(value.dtype) if name in deltas else value
         return merged
 
+    def load_role_lora(self, role: str, weights: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Set `role`'s A and B of the given modules ({module: (A, B)}, the rank of this adapter); the others keep
+        their initialisation (B = 0: no change to the base)."""
+        params = self._parameters[role]
+        for module, (down, up) in weights.items():
+            for part, value in (("lora_A", down), ("lora_B", up)):
+                name = f"{module}.{part}.{role}.weight"
+                if name not in params:
+                    raise ConfigError(f"network_weights: layer {module} is not adapted (no {name})")
+                if params[name].shape != value.shape:
+                    raise ConfigError(f"network_weights: {module} {part} is {list(value.shape)} in the file, "
+                                      f"{list(params[name].shape)} in this model; is it a LoRA for another model?")
+                with torch.no_grad():
+                    params[name].copy_(value.to(params[name].dtype))
+
     def peft_state_dict(self, role: str) -> dict[str, Tensor]:
         """The adapter in peft's naming (`...lora_A.weight`), as diffusers' LoRA loaders expect."""
         marker = f".{role}."

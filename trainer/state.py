@@ -110,9 +110,10 @@ def read_state_record(state_dir: str) -> dict:
     return record
 
 
-def check_resumable(config, state_dir: str | None) -> dict | None:
+def check_resumable(config, state_dir: str | None, not_yet: tuple[str, ...] = ()) -> dict | None:
     """Refuse, before any weight loads, a resume that would silently do the wrong thing, and a fresh run that
-    would replace another run's states. Returns the state's record (None for a fresh run)."""
+    would replace another run's states. Returns the state's record (None for a fresh run). `not_yet`: keys the
+    trainer derives later (a warm-start LoRA's rank and layers), checked again once it has."""
     if state_dir is None:
         others = list_states(config.output_dir)
         if others:
@@ -126,7 +127,7 @@ def check_resumable(config, state_dir: str | None) -> dict | None:
     except (ConfigError, toml.TomlDecodeError) as error:
         raise ConfigError(f"resume: the config stored in {state_dir!r} cannot be read ({error})") from None
     changed = {name: (getattr(saved, name), getattr(config, name)) for name in KEYS
-               if name not in FREE_ON_RESUME and getattr(saved, name) != getattr(config, name)}
+               if name not in FREE_ON_RESUME and name not in not_yet and getattr(saved, name) != getattr(config, name)}
     fixed = {k: v for k, v in changed.items() if k in FIXED_ON_RESUME}
     listed = "; ".join(f"{k}: state {a!r}, now {b!r}" for k, (a, b) in (fixed or changed).items())
     if fixed:

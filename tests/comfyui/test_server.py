@@ -147,6 +147,18 @@ def test_cancel_saves_a_resumable_state_and_resume_continues(comfy_server, train
     assert steps[-1] == stopped_at + 1 and steps.count(stopped_at + 1) == 1
 
 
+def test_a_student_can_start_from_a_lora_in_models_loras(comfy_server, trained):
+    """network_weights: the first run's kohya LoRA (in models/loras) starts a second run's student."""
+    name = "ci_warm_start"
+    entry = comfy_server.run(_train_graph(name, max_train_steps=1, network_weights=f"{RUN}_lora.safetensors"))
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    with safe_open(os.path.join(comfy_server.base, "models", "loras", f"{name}_lora.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["decoupled_dmd.network_weights"] == f"{RUN}_lora.safetensors"
+    assert len(metadata["decoupled_dmd.network_weights_sha256"]) == 64 and metadata["decoupled_dmd.network_dim"] == "4"
+    assert comfy_server.base not in metadata["decoupled_dmd.config"]
+
+
 @pytest.mark.parametrize("node, change, words", [
     ("3", {"resolution": 100000}, "resolution"),
     ("3", {"prompt_file": "no_such_prompts.txt"}, "prompt_file"),

@@ -199,6 +199,22 @@ class ComfyAdapter(ModelAdapter):
         return images[..., :3].movedim(-1, 1).float().clamp(0.0, 1.0).cpu()  # (B, H, W, C) -> (B, 3, H, W)
 
     # --- the rest ----------------------------------------------------------------------------------------
+    def lora_aliases(self) -> dict[str, str]:
+        """ComfyUI's UNet has LDM names; diffusers names come from ComfyUI's own map (as its LoraLoader reads)."""
+        import comfy.utils
+
+        from ..formats import lora_aliases
+
+        to_diffusers = {}
+        for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(self.base_model.model_config.unet_config).items():
+            if diffusers_key.endswith(".weight"):
+                to_diffusers[ldm_key[: -len(".weight")]] = diffusers_key[: -len(".weight")]
+        aliases: dict[str, str] = {}
+        for name, module in self.network.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                aliases.update(lora_aliases(name, to_diffusers.get(name), name))
+        return aliases
+
     def default_lora_target_modules(self) -> list[str]:
         # Suffix names as peft matches them; conv skip connections by full name (an Identity must not match).
         skips = [name for name, module in self.network.named_modules()

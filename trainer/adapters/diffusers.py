@@ -246,6 +246,16 @@ class DiffusersAdapter(ModelAdapter):
     def default_lora_target_modules(self) -> list[str]:
         return list(UNET_LORA_TARGETS)
 
+    def lora_aliases(self) -> dict[str, str]:
+        from ..formats import lora_aliases, lora_module_names
+
+        ldm = lora_module_names(self.unet_ldm_keys or {})
+        aliases: dict[str, str] = {}
+        for name, module in self.network.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                aliases.update(lora_aliases(name, name, ldm.get(name)))
+        return aliases
+
     def enable_gradient_checkpointing(self, network: nn.Module) -> None:
         network.enable_gradient_checkpointing()
 
