@@ -497,3 +497,16 @@ def test_a_missing_relative_model_or_an_unreachable_hub_id_is_one_line(tmp_path,
     (tmp_path / "empty_folder").mkdir()
     with pytest.raises(ConfigError, match="not a diffusers model folder"):
         api.load_teacher("empty_folder")
+
+
+def test_builtin_typos_and_timestep_bounds_beyond_the_schedule_fail_before_loading(tmp_path, prompt_file,
+                                                                                   tiny_model_dir, no_loading):
+    with pytest.raises(ConfigError, match="did you mean 'builtin:tiny-sd15'"):
+        config_from_dict(settings(tmp_path, pretrained_model_name_or_path="builtin:tiny-sd16"))
+    folder = tiny_model_dir("tiny-sd15")  # a diffusers folder: the range comes from its scheduler config
+    for change, says in (({"max_timestep": 5000}, "beyond this model's last timestep 999"),
+                         ({"student_timesteps": [1200, 500]}, "outside this model's range")):
+        config = config_from_dict(settings(tmp_path, pretrained_model_name_or_path=folder, prompt_file=prompt_file,
+                                           **change))
+        with pytest.raises(ConfigError, match=says):
+            api.distill(config)

@@ -94,11 +94,33 @@ def teacher_source_problem(name_or_path: str) -> str | None:
     return None
 
 
+def _schedule_before_loading(path: str):
+    """The teacher's noise schedule from what a header or a config file says (None where only loading tells)."""
+    import json
+
+    from .adapters.diffusers import schedule_from_scheduler_config
+    from .schedules import DiscreteVPSchedule
+
+    if os.path.isfile(path):
+        from .formats import inspect_checkpoint
+
+        inspect_checkpoint(path)  # SD1.5 / SDXL: the 1000-step DDPM schedule
+        return DiscreteVPSchedule.scaled_linear()
+    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(scheduler):
+        try:
+            with open(scheduler, encoding="utf-8") as handle:
+                return schedule_from_scheduler_config(json.load(handle))[0]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # loading will say what is wrong with it
+    return None
+
+
 def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
     """Every check that needs no weights, so that a bad setting fails in seconds instead of after loading:
     precision against the device, the teacher's path, its timestep range (from a single file's header), and a
     resume against its state."""
-    from .schedules import DiscreteVPSchedule, check_student_timesteps
+    from .schedules import check_student_timesteps, timestep_level_bounds
     from .state import check_resumable, find_state
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -110,13 +132,11 @@ def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
         problem = teacher_source_problem(config.pretrained_model_name_or_path)
         if problem:
             raise ConfigError(problem)
-        if os.path.isfile(config.pretrained_model_name_or_path):
-            from .formats import inspect_checkpoint
-
-            inspect_checkpoint(config.pretrained_model_name_or_path)  # SD1.5 / SDXL: the 1000-step DDPM grid
+        schedule = _schedule_before_loading(config.pretrained_model_name_or_path)
+        if schedule is not None:
             try:
-                check_student_timesteps(DiscreteVPSchedule.scaled_linear(), config.student_timesteps,
-                                        config.min_timestep)
+                check_student_timesteps(schedule, config.student_timesteps, config.min_timestep)
+                timestep_level_bounds(schedule, config.min_timestep, config.max_timestep)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
     if config.network_weights and not os.path.isfile(config.network_weights):

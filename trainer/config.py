@@ -278,6 +278,12 @@ def validate(config: TrainConfig) -> None:
     problem = portable_name_problem(config.output_name, reserve=len("_checkpoint_00001_.safetensors"))
     if problem:
         _fail("output_name", problem)
+    model = config.pretrained_model_name_or_path
+    if model.startswith("builtin:") and model[len("builtin:"):] not in ("demo", *TINY_MODELS):
+        close = difflib.get_close_matches(model[len("builtin:"):], ["demo", *TINY_MODELS], n=1)
+        _fail("pretrained_model_name_or_path", f"{model!r} is no built-in model"
+              + (f"; did you mean 'builtin:{close[0]}'?" if close else "")
+              + f" Built in: builtin:demo, builtin:{', builtin:'.join(TINY_MODELS)}")
     if config.network_weights and config.training_mode != "lora":
         _fail("network_weights", "starts a LoRA student; set training_mode = 'lora' (or leave network_weights empty)")
     if config.network_weights and not config.network_weights.lower().endswith(".safetensors"):

@@ -164,7 +164,10 @@ class DecoupledDMDTrainer:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.levels = student_levels(adapter.schedule, config.student_timesteps)
-        self.level_bounds = timestep_level_bounds(adapter.schedule, config.min_timestep, config.max_timestep)
+        try:
+            self.level_bounds = timestep_level_bounds(adapter.schedule, config.min_timestep, config.max_timestep)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         self.guidance_scale = config.guidance_scale or adapter.default_guidance_scale
         height, width = config.resolution_hw() or adapter.default_resolution
         self.latent_shape = adapter.latent_shape(height, width)

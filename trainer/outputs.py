@@ -41,7 +41,7 @@ def own_output_dir(folder: str):
                 os.remove(handle.name)  # before unlocking: a waiting run then locks a fresh file (see _acquire)
             except OSError:
                 pass
-            _unlock(handle)
+            _os_lock(handle, take=False)
             handle.close()
             if entry[2]:
                 try:
@@ -61,7 +61,7 @@ def _acquire(folder: str):
         except OSError as error:
             raise ConfigError(f"output_dir {folder!r} cannot be used ({error.strerror or error}); give a folder "
                               "this user can create and write to") from None
-        if not _try_lock(handle):
+        if not _os_lock(handle, take=True):
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
             handle.close()
@@ -77,40 +77,26 @@ def _acquire(folder: str):
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
             handle.flush()
             return handle
-        _unlock(handle)
+        _os_lock(handle, take=False)
         handle.close()
     raise ConfigError(f"output_dir {folder!r}: could not take its lock file {LOCK_NAME}; is something removing it?")
 
 
-def _try_lock(handle) -> bool:
+def _os_lock(handle, take: bool) -> bool:
+    """Take (without waiting) or drop the OS lock on an open lock file; False if another process holds it."""
     try:
         if os.name == "nt":
             import msvcrt
 
             handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK if take else msvcrt.LK_UNLCK, 1)
         else:
             import fcntl
 
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), (fcntl.LOCK_EX | fcntl.LOCK_NB) if take else fcntl.LOCK_UN)
         return True
     except OSError:
         return False
-
-
-def _unlock(handle) -> None:
-    try:
-        if os.name == "nt":
-            import msvcrt
-
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    except OSError:
-        pass
 
 
 def free_path(path: str) -> str:

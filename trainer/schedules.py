@@ -171,6 +171,9 @@ def timestep_level_bounds(schedule: NoiseSchedule, min_timestep: int, max_timest
     """Level interval (lo, hi] whose samples land on timesteps min_timestep..max_timestep (DMD2: 20..980)."""
     if not 0 <= min_timestep < max_timestep:
         raise ValueError(f"need 0 <= min_timestep < max_timestep, got {min_timestep} and {max_timestep}")
+    if max_timestep > schedule.valid_timestep_range()[1]:
+        raise ValueError(f"max_timestep {max_timestep} is beyond this model's last timestep "
+                         f"{schedule.valid_timestep_range()[1]:g} (DMD2 uses 980 on the 1000-step SD schedule)")
     total = schedule.num_train_timesteps
     low, high = 1.0 - max_timestep / total, 1.0 - min_timestep / total
     if isinstance(schedule, DiscreteVPSchedule):
