@@ -309,11 +309,9 @@ class Train:
               preview_prompts="", optimizer="adamw", network_weights=NO_LORA, unique_id=None):
         widgets = dict(locals())
         import comfy.model_management as mm
-        import comfy.utils
         import folder_paths
 
         from ..trainer.config import config_from_dict
-        from ..trainer.curves import draw_curves, read_metrics
 
         problem = check_resolution(resolution)
         if problem:
@@ -326,21 +324,14 @@ class Train:
         result = runtime.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
                                  should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview)
         if result.interrupted:
-            logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again with resume on)",
-                        result.steps_done, result.state_dir)
+            if result.student_path is None:
+                logger.info("Decoupled DMD stopped before its first update: nothing was trained or written")
+            else:
+                logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again with resume on)",
+                            result.steps_done, result.state_dir)
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException()
-        student = runtime.Student(teacher, result.student_path, result.metadata, result.timesteps,
-                                  result.state_dir, result.steps_done)
-        model = runtime.student_model(teacher.model, result.student_path)
-        lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
-        previews = result.previews
-        if previews is None:
-            import torch
-
-            previews = torch.zeros(1, 3, 64, 64)
-        curves = draw_curves(read_metrics(result.metrics_file))[None]
-        return (model, lora, student, previews.movedim(1, -1), curves.movedim(1, -1))
+        return runtime.train_outputs(teacher, result)
 
 
 class SaveDistilled:

@@ -85,6 +85,21 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
                        metadata, previews.get("last"), metrics, stopped["flag"], seconds)
 
 
+def train_outputs(teacher: Teacher, result: TrainResult) -> tuple:
+    """The Train node's outputs: student MODEL, LORA, DMD_STUDENT, preview IMAGE and curves IMAGE (BHWC)."""
+    import comfy.utils
+
+    from ..trainer.curves import draw_curves, read_metrics
+
+    student = Student(teacher, result.student_path, result.metadata, result.timesteps, result.state_dir,
+                      result.steps_done)
+    model = student_model(teacher.model, result.student_path)
+    lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
+    previews = result.previews if result.previews is not None else torch.zeros(1, 3, 64, 64)
+    curves = draw_curves(read_metrics(result.metrics_file))[None]
+    return model, lora, student, previews.movedim(1, -1), curves.movedim(1, -1)
+
+
 def student_model(model, lora_path: str, strength: float = 1.0):
     """The teacher MODEL with the student LoRA applied, as LoraLoader would (a new clone; input untouched)."""
     import comfy.sd

@@ -130,17 +130,21 @@ def test_a_diffusers_lora_of_fewer_layers_leaves_the_others_at_zero(tiny_model_d
     assert untouched and all(not trainer.roles.trainable_state_dict("student")[k].any() for k in untouched)
 
 
-def test_the_students_files_record_the_init_lora_and_resume_keeps_it(sdxl_from_file, tmp_path):
-    adapter = sdxl_from_file()
+def test_the_students_files_record_the_init_lora_and_resume_keeps_it(tiny_model_dir, tmp_path):
+    def teacher():
+        return DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+
+    adapter = teacher()
     write(tmp_path / "speed.safetensors", random_lora(adapter, pick_modules(adapter), [2] * 5, [1.0] * 5),
           "kohya", adapter)
-    path = DecoupledDMDTrainer(settings(tmp_path, tmp_path / "speed.safetensors"), adapter, PROMPTS).train()
+    path = DecoupledDMDTrainer(settings(tmp_path, tmp_path / "speed.safetensors", resolution=64), adapter,
+                               PROMPTS).train()
     metadata = read_student_metadata(path)
     assert metadata["decoupled_dmd.network_weights"] == "speed.safetensors"
     assert metadata["decoupled_dmd.network_weights_sha256"] == file_sha256(str(tmp_path / "speed.safetensors"))
     assert metadata["decoupled_dmd.network_dim"] == "2" and str(tmp_path) not in metadata["decoupled_dmd.config"]
     resumed = DecoupledDMDTrainer(settings(tmp_path, tmp_path / "speed.safetensors", resume="latest",
-                                           max_train_steps=2), sdxl_from_file(), PROMPTS)
+                                           max_train_steps=2, resolution=64), teacher(), PROMPTS)
     resumed.train()
     assert resumed.step == 2
 
