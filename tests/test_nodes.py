@@ -117,7 +117,7 @@ def test_checkpoint_metadata_restates_the_lora_header():
 
 
 def _workflow_names():
-    return sorted(f[: -len(".api.json")] for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
+    return sorted(f[: -len(".api.json")] for f in os.listdir(os.path.join(WORKFLOWS, "api")) if f.endswith(".api.json"))
 
 
 def test_every_workflow_has_both_formats():
@@ -129,7 +129,7 @@ def test_every_workflow_has_both_formats():
 
 @pytest.mark.parametrize("name", _workflow_names())
 def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
-    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+    with open(os.path.join(WORKFLOWS, "api", f"{name}.api.json"), encoding="utf-8") as handle:
         graph = json.load(handle)
     for node_id, node in graph.items():
         inputs, _ = _schema(node["class_type"])
@@ -163,7 +163,7 @@ def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
 def test_ui_workflow_matches_its_api_twin(name):
     with open(os.path.join(WORKFLOWS, f"{name}.json"), encoding="utf-8") as handle:
         ui = json.load(handle)
-    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+    with open(os.path.join(WORKFLOWS, "api", f"{name}.api.json"), encoding="utf-8") as handle:
         api = json.load(handle)
     nodes = {str(n["id"]): n for n in ui["nodes"]}
     assert set(nodes) == set(api)

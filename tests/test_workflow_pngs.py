@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
-NAMES = sorted(f[: -len(".api.json")] for f in os.listdir(WORKFLOWS) if f.endswith(".api.json"))
+NAMES = sorted(f[: -len(".api.json")] for f in os.listdir(os.path.join(WORKFLOWS, "api")) if f.endswith(".api.json"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -23,7 +23,26 @@ def test_workflow_has_a_png_that_restores_its_graph(name):
         assert image.size[0] >= 64 and image.size[1] >= 64
     with open(os.path.join(WORKFLOWS, f"{name}.json"), encoding="utf-8") as handle:
         assert json.loads(chunks["workflow"]) == json.load(handle)
-    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+    with open(os.path.join(WORKFLOWS, "api", f"{name}.api.json"), encoding="utf-8") as handle:
         shipped = json.load(handle)
     ran = json.loads(chunks["prompt"])
     assert {k: v["class_type"] for k, v in ran.items()} == {k: v["class_type"] for k, v in shipped.items()}
+
+
+def test_the_template_folder_holds_ui_workflows_each_with_its_thumbnail():
+    """ComfyUI serves the first of example_workflows/, example/, examples/, workflow/, workflows/ that exists as
+    the pack's templates, and lists its *.json; its Templates browser shows <name>.jpg beside each."""
+    import sys
+
+    repo = os.path.dirname(WORKFLOWS)
+    assert not [d for d in ("example_workflows", "example", "examples", "workflow") if os.path.isdir(os.path.join(repo, d))]
+    listed = sorted(f[: -len(".json")] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
+    assert listed == NAMES  # UI files only: the API twins live in workflows/api/
+    sys.path.insert(0, os.path.join(repo, "scripts"))
+    try:
+        from make_template_thumbnails import thumbnail
+    finally:
+        sys.path.pop(0)
+    for name in listed:
+        with Image.open(os.path.join(WORKFLOWS, f"{name}.jpg")) as image:
+            assert image.format == "JPEG" and image.size == thumbnail(name).size, name

@@ -67,7 +67,7 @@ class Client:
 
 
 def _load(name: str) -> tuple[dict, dict]:
-    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+    with open(os.path.join(WORKFLOWS, "api", f"{name}.api.json"), encoding="utf-8") as handle:
         graph = json.load(handle)
     with open(os.path.join(WORKFLOWS, f"{name}.json"), encoding="utf-8") as handle:
         workflow = json.load(handle)

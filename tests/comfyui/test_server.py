@@ -12,7 +12,7 @@ WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path
 
 
 def load_workflow(name: str) -> dict:
-    with open(os.path.join(WORKFLOWS, f"{name}.api.json"), encoding="utf-8") as handle:
+    with open(os.path.join(WORKFLOWS, "api", f"{name}.api.json"), encoding="utf-8") as handle:
         return json.load(handle)
 
 RUN = "ci_student"
@@ -74,6 +74,25 @@ def test_nodes_are_registered_with_namespaced_ids_and_categories(comfy_server):
                          "DecoupledDMD_FewStepSampler"}
     assert all(spec["category"].split("/")[0] in ("training", "sampling") for spec in ours.values())
     assert "Cannot import" not in "\n".join(l for l in comfy_server.log().splitlines() if "DecoupledDMD" in l)
+
+
+def test_every_listed_template_opens_with_its_thumbnail(comfy_server):
+    """The Templates browser: GET /workflow_templates lists the pack's UI workflows (not the API twins), and
+    each one and its thumbnail can be fetched where the frontend asks for them."""
+    import urllib.request
+
+    listed = comfy_server.get("/workflow_templates")
+    ours = {module: names for module, names in listed.items() if "distill_sdxl" in names}
+    assert len(ours) == 1, listed
+    (module, names), = ours.items()
+    assert sorted(names) == sorted(f[: -len(".json")] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
+    for name in names:
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{module}/{name}.json") as response:
+            graph = json.load(response)
+        assert graph["nodes"] and any(n["type"].startswith("DecoupledDMD_") or n["type"] == "LoraLoader"
+                                      for n in graph["nodes"])
+        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{module}/{name}.jpg") as response:
+            assert response.read(3) == b"\xff\xd8\xff"  # a JPEG
 
 
 def test_training_writes_lora_checkpoint_state_and_images(comfy_server, trained):
