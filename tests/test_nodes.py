@@ -137,8 +137,9 @@ def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
         unknown = set(given) - set(inputs)
         assert not unknown, f"{name} node {node_id}: unknown inputs {unknown}"
         for input_name, (kind, options, optional, choices) in inputs.items():
-            if input_name not in given:
-                assert optional, f"{name} node {node_id} ({node['class_type']}): {input_name} missing"
+            if input_name not in given:  # a widget is always written (the UI converter emits optional ones too)
+                assert optional and kind not in WIDGET_TYPES, \
+                    f"{name} node {node_id} ({node['class_type']}): {input_name} missing"
                 continue
             value = given[input_name]
             if kind not in WIDGET_TYPES:
@@ -173,7 +174,8 @@ def test_ui_workflow_matches_its_api_twin(name):
         inputs, outputs = _schema(node["type"])
         expected = []
         for input_name, (kind, options, _, _) in inputs.items():
-            if kind in WIDGET_TYPES and input_name in api[node_id]["inputs"]:
+            if kind in WIDGET_TYPES:  # every widget, required or optional: a new input cannot go stale unseen
+                assert input_name in api[node_id]["inputs"], f"{name} node {node_id}: widget {input_name} missing"
                 expected.append(api[node_id]["inputs"][input_name])
                 if input_name in ("seed", "noise_seed"):
                     expected.append("fixed")  # the frontend's control_after_generate widget
@@ -210,3 +212,24 @@ def test_every_train_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_c
                                     resolution=0))["student_timesteps"] == [999, 499]
     assert train_config_values(dict(widgets, output_name="x", fake_learning_rate=0.0))["fake_learning_rate"] is None
 
+
+
+@pytest.mark.parametrize("name", _workflow_names())
+def test_ui_workflow_nodes_do_not_overlap_and_images_have_room_to_grow(name):
+    """Boxes include the title bar LiteGraph draws above `pos`; preview and save nodes grow downward after a run,
+    so nothing may sit below them in their column (scripts/layout_workflows.py lays them out so)."""
+    with open(os.path.join(WORKFLOWS, f"{name}.json"), encoding="utf-8") as handle:
+        nodes = json.load(handle)["nodes"]
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes}
+    for a, box_a in boxes.items():
+        for b, box_b in boxes.items():
+            if a < b:
+                overlap = box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]
+                assert not overlap, f"{name}: nodes {a} and {b} overlap"
+    train = [n for n in nodes if n["type"] == "DecoupledDMD_Train"]
+    assert all(n["size"][1] >= 900 for n in train)  # its widgets need that much (newer frontends: ~916 px)
+    for image in (n for n in nodes if n["type"] in ("PreviewImage", "SaveImage")):
+        left, _, right, bottom = boxes[image["id"]]
+        below = [i for i, box in boxes.items() if box[0] < right and left < box[2] and box[1] >= bottom]
+        assert not below, f"{name}: node(s) {below} below image node {image['id']}"
