@@ -76,6 +76,22 @@ def test_nodes_are_registered_with_namespaced_ids_and_categories(comfy_server):
     assert "Cannot import" not in "\n".join(l for l in comfy_server.log().splitlines() if "DecoupledDMD" in l)
 
 
+def test_pyproject_passes_comfyuis_own_registry_parser(comfy_server):
+    """comfy_config is the parser ComfyUI shares with comfy-cli's registry publishing."""
+    import sys
+
+    sys.path.insert(0, os.environ["COMFYUI_ROOT"])
+    try:
+        from comfy_config.config_parser import extract_node_configuration
+    finally:
+        sys.path.pop(0)
+    config = extract_node_configuration(os.path.dirname(WORKFLOWS))
+    assert config.project.name == "decoupled-dmd" and "comfyui" not in config.project.name.lower()
+    assert config.project.urls.repository.startswith("https://") and config.project.version.count(".") == 2
+    assert config.tool_comfy.publisher_id and config.tool_comfy.display_name
+    assert config.project.supported_comfyui_version == ">=0.3.64" and config.project.supported_os
+
+
 def test_every_listed_template_opens_with_its_thumbnail(comfy_server):
     """The Templates browser: GET /workflow_templates lists the pack's UI workflows (not the API twins), and
     each one and its thumbnail can be fetched where the frontend asks for them."""
