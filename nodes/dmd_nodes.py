@@ -58,7 +58,7 @@ TRAIN_WIDGETS = {
     "batch_size": ("train_batch_size", None),
     "seed": ("seed", None),
     "gradient_checkpointing": ("gradient_checkpointing", None),
-    "mixed_precision": ("mixed_precision", None),
+    "mixed_precision": ("mixed_precision", lambda v: runtime.device_precision() if v == "auto" else v),
     "preview_every": ("sample_every_n_steps", None),
     "save_every": ("save_every_n_steps", None),
     "resume": ("resume", lambda v: "latest" if v else ""),
@@ -252,9 +252,10 @@ class Train:
                 "gradient_checkpointing": ("BOOLEAN", {"default": True,
                                                        "tooltip": "Recompute UNet blocks in backward: much less "
                                                                   "memory, about 30% slower."}),
-                "mixed_precision": (list(MIXED_PRECISIONS), {
-                    "default": "no",
-                    "tooltip": "Autocast precision: no (fp32 compute), bf16 (recent GPUs), fp16 (GPU only)."}),
+                "mixed_precision": (["auto", *MIXED_PRECISIONS], {
+                    "default": "auto",
+                    "tooltip": "Autocast precision. auto: bf16 where the GPU supports it (RTX 30xx and newer), else "
+                               "no (fp32 compute); fp16 only on GPUs without bf16."}),
                 "preview_every": ("INT", {"default": 100, "min": 0, "max": 100000,
                                           "tooltip": "Sample the preview prompts every N steps (shown on the "
                                                      "progress bar); 0 = only at the end."}),

@@ -215,6 +215,11 @@ def parse_timesteps(text: str) -> list[int]:
     return values
 
 
+def device_precision() -> str:
+    """The Train node's `auto` precision: bf16 where the GPU has it, else full fp32 compute."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def trailing_timesteps(steps: int) -> list[int]:
     """The evenly spaced grid from 999 ('trailing' spacing, ComfyUI's `simple`): 4 -> [999, 749, 499, 249]."""
     if not 1 <= steps <= 1000:

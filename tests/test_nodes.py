@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from decoupled_dmd import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from decoupled_dmd.nodes.dmd_nodes import Train, check_resolution, read_prompt_lines
@@ -208,6 +209,8 @@ def test_every_train_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_c
     assert config.train_batch_size == widgets["batch_size"] and config.optimizer_type == widgets["optimizer"]
     assert config.resume == ("latest" if widgets["resume"] else "")
     assert widgets["network_weights"] == "[None]" and config.network_weights == ""
+    assert widgets["mixed_precision"] == "auto"  # what the device supports: bf16 on GPUs that have it
+    assert config.mixed_precision == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     assert train_config_values(dict(widgets, output_name="x", timesteps="999,499", fake_learning_rate=0.0,
                                     resolution=0))["student_timesteps"] == [999, 499]
     assert train_config_values(dict(widgets, output_name="x", fake_learning_rate=0.0))["fake_learning_rate"] is None

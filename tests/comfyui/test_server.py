@@ -32,7 +32,7 @@ def _train_graph(name: str, **train) -> dict:
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
     graph["3"]["inputs"].update(TINY_TRAIN, output_name=name, **train)
-    graph["4"]["inputs"].update(lora_name=f"{name}_lora", checkpoint_name=name)
+    graph["4"]["inputs"].update(lora_name=f"{name}_lora", checkpoint_name=name, save_checkpoint=True)
     graph["11"]["inputs"].update(width=64, height=64)
     for node in graph.values():
         if node["class_type"] == "SaveImage":
