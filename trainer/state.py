@@ -119,6 +119,7 @@ def check_resumable(config, state_dir: str | None, not_yet: tuple[str, ...] = ()
         if others:
             raise ConfigError(f"output_dir {config.output_dir!r} holds another run's states ({os.path.basename(others[-1])}"
                               "); continue it with resume = 'latest', or give this run its own output_dir "
+                              "(in ComfyUI: another output_name) "
                               "(a fresh run never replaces another run's states)")
         return None
     record = read_state_record(state_dir)
@@ -133,17 +134,17 @@ def check_resumable(config, state_dir: str | None, not_yet: tuple[str, ...] = ()
     if fixed:
         raise ConfigError(f"resume: {state_dir!r} was trained with other weights or optimiser settings ({listed}); "
                           "these cannot change within a run: set them back, or start a fresh run in another "
-                          "output_dir")
+                          "output_dir (in ComfyUI: another output_name)")
     if changed and not config.resume_changed_settings:
         raise ConfigError(f"resume: the settings differ from the state's ({listed}); set them back, set "
-                          "resume_changed_settings = true to continue with the new ones, or start a fresh run in "
-                          "another output_dir")
+                          "resume_changed_settings = true to continue with the new ones (CLI / TOML), or start a fresh "
+                          "run in another output_dir (in ComfyUI: another output_name)")
     if changed:
         logger.warning("resume: continuing with changed settings: %s", listed)
     if record["step"] >= config.max_train_steps:
         raise ConfigError(f"resume: this run already finished ({record['step']} of max_train_steps = "
                           f"{config.max_train_steps}); raise max_train_steps to train further, or start a fresh run "
-                          "in another output_dir")
+                          "in another output_dir (in ComfyUI: another output_name)")
     return record
 
 
@@ -169,7 +170,7 @@ def resume(trainer, state_dir: str, record: dict) -> None:
         if now and now != saved_hash:
             raise ConfigError(f"resume: the state was trained on {record['base'].get('model')!r} "
                               f"(sha256 {saved_hash[:12]}...), the teacher now is {now[:12]}...; give the same "
-                              "teacher, or start a fresh run in another output_dir")
+                              "teacher, or start a fresh run in another output_dir (in ComfyUI: another output_name)")
     accelerator.load_state(state_dir)
     random_file = os.path.join(state_dir, f"trainer_random_{accelerator.process_index}.safetensors")
     trainer.random.generator.set_state(load_file(random_file)["generator"])

@@ -182,6 +182,18 @@ def test_cancel_saves_a_resumable_state_and_resume_continues(comfy_server, train
     assert steps[-1] == stopped_at + 1 and steps.count(stopped_at + 1) == 1
 
 
+def test_queueing_a_finished_run_again_is_refused_with_what_to_do(comfy_server, trained):
+    entry = comfy_server.run(_save_only_graph_with(RUN, resume=True))
+    assert entry["status"]["status_str"] == "error"
+    message = " ".join(str(e.get("exception_message", "")) for e in _errors(entry))
+    assert "already finished" in message and "max_train_steps" in message and "output_name" in message
+
+
+def _save_only_graph_with(name: str, **train) -> dict:
+    graph = _train_graph(name, **train)
+    return {node_id: graph[node_id] for node_id in ("1", "2", "3", "4")}
+
+
 def test_a_student_can_start_from_a_lora_in_models_loras(comfy_server, trained):
     """network_weights: the first run's kohya LoRA (in models/loras) starts a second run's student."""
     name = "ci_warm_start"
