@@ -510,3 +510,13 @@ def test_builtin_typos_and_timestep_bounds_beyond_the_schedule_fail_before_loadi
                                            **change))
         with pytest.raises(ConfigError, match=says):
             api.distill(config)
+
+
+def test_a_damaged_diffusers_folder_is_one_line(tiny_model_dir, tmp_path):
+    folder = tmp_path / "damaged_model"
+    shutil.copytree(tiny_model_dir("tiny-sd15"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="cannot be loaded") as error:
+        api.load_teacher(str(folder))
+    assert "\n" not in str(error.value) and "damaged_model" in str(error.value)

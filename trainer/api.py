@@ -69,7 +69,14 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
     if problem:
         raise ConfigError(problem)
     if os.path.exists(path):
-        return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
+        try:
+            return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
+        except (ConfigError, MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as error:  # noqa: BLE001 - a damaged folder: diffusers, transformers, safetensors errors
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise ConfigError(f"{name_or_path!r}: the diffusers model folder cannot be loaded ({type(error).__name__}: "
+                              f"{first}); a file in it is damaged or missing: copy or download it again") from None
     try:  # a Hugging Face id
         return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
     except (OSError, ValueError) as error:
