@@ -114,14 +114,36 @@ def _training_prompts(prompts: str, prompt_file: str) -> list[str]:
     return training_prompts
 
 
+def step_text(step: int, total: int, logs: dict) -> str:
+    """The Train node's text while it trains: step, loss, speed and the time left."""
+    seconds = float(logs.get("seconds_per_step", 0.0) or 0.0)
+    left = max(0, total - step) * seconds
+    eta = f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    return (f"step {step}/{total} · loss {float(logs.get('loss_generator', float('nan'))):.4f} · "
+            f"{seconds:.2f} s/step · about {eta} left")
+
+
 def _progress_callbacks(total: int, node_id):
-    """(on_step, on_preview) for the trainer: ComfyUI's progress bar with the latest preview; Cancel becomes a
-    stop request (the trainer saves and the node reports the interruption)."""
+    """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the latest preview, and a line
+    of text on the node (what it is setting up; then step, loss and time left). Cancel becomes a stop request
+    (the trainer saves and the node reports the interruption)."""
     import comfy.model_management as mm
     import comfy.utils
 
     progress = comfy.utils.ProgressBar(total, node_id=node_id)
     last_preview = {}
+
+    def show(text: str) -> None:
+        try:
+            from server import PromptServer
+
+            PromptServer.instance.send_progress_text(text, node_id)
+        except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log line stays
+            pass
+
+    def on_phase(text: str) -> None:
+        logger.info("Decoupled DMD: %s", text)
+        show(text)
 
     def on_preview(step, images):
         last_preview["image"] = _pil(images)
@@ -132,8 +154,12 @@ def _progress_callbacks(total: int, node_id):
             progress.update_absolute(step, total, ("JPEG", preview, 512) if preview else None)
         except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
+        text = step_text(step, total, logs)
+        show(text)
+        if step == total or step % max(1, total // 20) == 0:  # the console gets about 20 lines a run
+            logger.info("Decoupled DMD: %s", text)
 
-    return on_step, on_preview
+    return on_step, on_preview, on_phase
 
 
 def read_prompt_lines(text: str) -> list[str]:
@@ -321,9 +347,10 @@ class Train:
         output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
         config = config_from_dict(dict(train_config_values(widgets), output_dir=output_dir,
                                        guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
-        on_step, on_preview = _progress_callbacks(max_train_steps, unique_id)
+        on_step, on_preview, on_phase = _progress_callbacks(max_train_steps, unique_id)
         result = runtime.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
-                                 should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview)
+                                 should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview,
+                                 on_phase=on_phase)
         if result.interrupted:
             if result.student_path is None:
                 logger.info("Decoupled DMD stopped before its first update: nothing was trained or written")

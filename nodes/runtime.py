@@ -36,8 +36,8 @@ class TrainResult:
 
 
 def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[str] | None = None,
-            should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None
-            ) -> TrainResult:
+            should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None,
+            on_phase=lambda text: None) -> TrainResult:
     """Run the Decoupled DMD trainer on a ComfyUI teacher in this process; adapters are removed afterwards."""
     import json
     import os
@@ -59,9 +59,10 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
         stopped["flag"] = stopped["flag"] or bool(should_stop())
         return stopped["flag"]
 
-    callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview)
+    callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview, on_phase=on_phase)
     with own_output_dir(config.output_dir):
         preflight(config, with_teacher=False)  # a resume that cannot continue fails before the UNet is prepared
+        on_phase("loading the teacher's UNet for training")
         with torch.inference_mode(False), trainable_unet(teacher) as adapter:
             accelerator = build_accelerator(config, cpu=mm.get_torch_device().type == "cpu", trackers=False)
             trainer = DecoupledDMDTrainer(config, adapter, prompts, sample_prompts, accelerator=accelerator,

@@ -520,3 +520,14 @@ def test_a_damaged_diffusers_folder_is_one_line(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="cannot be loaded") as error:
         api.load_teacher(str(folder))
     assert "\n" not in str(error.value) and "damaged_model" in str(error.value)
+
+
+def test_the_run_says_what_it_is_doing_and_whether_it_continues(tiny_model_dir, tmp_path):
+    said = []
+    callbacks = TrainerCallbacks(on_phase=said.append)
+    trainer_for(tiny_model_dir, tmp_path, callbacks=callbacks).train()
+    assert any(t.startswith("encoding ") for t in said) and any("adding the student" in t for t in said)
+    assert said[-1].startswith("starting a fresh run")
+    said.clear()
+    trainer_for(tiny_model_dir, tmp_path, callbacks=callbacks, resume="latest", max_train_steps=3).train()
+    assert said[-1].startswith("continuing the run") and said[-1].endswith("at step 2 of 3")

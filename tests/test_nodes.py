@@ -236,3 +236,12 @@ def test_ui_workflow_nodes_do_not_overlap_and_images_have_room_to_grow(name):
         left, _, right, bottom = boxes[image["id"]]
         below = [i for i, box in boxes.items() if box[0] < right and left < box[2] and box[1] >= bottom]
         assert not below, f"{name}: node(s) {below} below image node {image['id']}"
+
+
+def test_the_train_node_text_says_step_loss_and_time_left():
+    from decoupled_dmd.nodes.dmd_nodes import step_text
+
+    assert step_text(2, 10, {"loss_generator": 0.5, "seconds_per_step": 30.0}) == \
+        "step 2/10 · loss 0.5000 · 30.00 s/step · about 4 min left"
+    assert step_text(10, 2000, {"loss_generator": 0.01, "seconds_per_step": 8.3}).endswith("about 4.6 h left")
+    assert step_text(1, 3, {"loss_generator": 0.1, "seconds_per_step": 2.0}).endswith("about 4 s left")

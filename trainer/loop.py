@@ -87,6 +87,7 @@ class TrainerCallbacks:
     should_stop: Callable[[], bool] = lambda: False
     on_step: Callable[[int, dict], None] = lambda step, logs: None
     on_preview: Callable[[int, Tensor], None] = lambda step, images: None
+    on_phase: Callable[[str], None] = lambda text: None  # what the run is doing before and between steps
 
 
 @dataclass
@@ -184,6 +185,7 @@ class DecoupledDMDTrainer:
         set_seed(config.seed)  # same adapter initialisation on every process
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         adapter.place(accelerator.device, self.weight_dtype)
+        self.callbacks.on_phase("adding the student and fake adapters")
         self.roles = self._build_roles()
         if self.init_lora is not None:
             self.roles.load_role_lora("student", self.init_lora.weights)
@@ -269,6 +271,7 @@ class DecoupledDMDTrainer:
         self.prompt_cache = PromptCache(self.adapter)
         everything = self.prompts + self.sample_prompts + [""]
         if len(set(everything)) <= PROMPT_CACHE_LIMIT:
+            self.callbacks.on_phase(f"encoding {len(set(everything))} prompts")
             with self.accelerator.autocast():
                 self.prompt_cache.add(everything)
             self.adapter.offload_text_encoders()
@@ -555,6 +558,10 @@ class DecoupledDMDTrainer:
             record = check_resumable(config, state_dir)
             if record is not None:
                 resume(self, state_dir, record)
+                self.callbacks.on_phase(f"continuing the run in {config.output_dir} at step {self.step} "
+                                        f"of {config.max_train_steps}")
+            else:
+                self.callbacks.on_phase(f"starting a fresh run in {config.output_dir}")
             return self._train()
 
     def _train(self) -> str | None:

@@ -126,6 +126,10 @@ def test_training_writes_lora_checkpoint_state_and_images(comfy_server, trained)
         assert any(k.startswith("first_stage_model.") for k in handle.keys())
     run_dir = os.path.join(base, "output", "decoupled_dmd", RUN)
     assert os.path.isfile(os.path.join(run_dir, "state-000002", "trainer_state.json"))
+    log = comfy_server.log()  # the node's progress text, also in the console
+    for said in ("Decoupled DMD: loading the teacher's UNet", "Decoupled DMD: starting a fresh run",
+                 "Decoupled DMD: step 2/2 · loss"):
+        assert said in log, said
     images = _images(trained)
     assert any(name.startswith(f"{RUN}_few_step") for name in images)
     assert any(name.startswith(f"{RUN}_ksampler") for name in images)
