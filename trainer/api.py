@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, checked_timestep_bounds, error_summary
 from .denoiser import ModelAdapter
 from .formats import read_student_metadata, student_format, student_timesteps
 from .loop import DecoupledDMDTrainer, TrainerCallbacks
@@ -62,7 +62,7 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
         raise ConfigError("pretrained_model_name_or_path: empty; give a .safetensors checkpoint, a diffusers model "
                           "folder or builtin:tiny-sd15")
     path = resolve_builtin(name_or_path)
-    if os.path.isfile(path) or path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+    if os.path.isfile(path) or path.lower().endswith(SINGLE_FILE_SUFFIXES):
         return load_single_file(path, tokenizer_path=tokenizer_path or None, v_parameterization=v_parameterization,
                                 uncond_mode=uncond_mode, dtype=dtype)
     problem = teacher_source_problem(path)
@@ -74,17 +74,16 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
         except (ConfigError, MemoryError, torch.cuda.OutOfMemoryError):
             raise
         except Exception as error:  # noqa: BLE001 - a damaged folder: diffusers, transformers, safetensors errors
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise ConfigError(f"{name_or_path!r}: the diffusers model folder cannot be loaded ({type(error).__name__}: "
-                              f"{first}); a file in it is damaged or missing: copy or download it again") from None
+                              f"{error_summary(error)}); a file in it is damaged or missing: copy or download it again") from None
     try:  # a Hugging Face id
         return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
     except (OSError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError(f"{name_or_path!r} is no local file or folder here, and loading it as a Hugging Face id "
-                          f"failed ({first}); check the path, or the id and your connection") from None
+                          f"failed ({error_summary(error, 200)}); check the path, or the id and your connection") from None
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # read (or refused) as one file
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -93,7 +92,7 @@ def teacher_source_problem(name_or_path: str) -> str | None:
     if not name_or_path or name_or_path.startswith("builtin:") or os.path.exists(name_or_path):
         return None
     looks_like_path = (os.path.isabs(name_or_path) or name_or_path.startswith(("~", ".")) or "\\" in name_or_path
-                       or name_or_path.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
+                       or name_or_path.lower().endswith(SINGLE_FILE_SUFFIXES)
                        or not HUB_ID.match(name_or_path))
     if looks_like_path:
         return (f"pretrained_model_name_or_path: {name_or_path!r} does not exist; give an existing .safetensors "
@@ -103,9 +102,7 @@ def teacher_source_problem(name_or_path: str) -> str | None:
 
 def _schedule_before_loading(path: str):
     """The teacher's noise schedule from what a header or a config file says (None where only loading tells)."""
-    import json
-
-    from .adapters.diffusers import schedule_from_scheduler_config
+    from .adapters.diffusers import read_scheduler_config, schedule_from_scheduler_config
     from .schedules import DiscreteVPSchedule
 
     if os.path.isfile(path):
@@ -113,11 +110,9 @@ def _schedule_before_loading(path: str):
 
         inspect_checkpoint(path)  # SD1.5 / SDXL: the 1000-step DDPM schedule
         return DiscreteVPSchedule.scaled_linear()
-    scheduler = os.path.join(path, "scheduler", "scheduler_config.json")
-    if os.path.isfile(scheduler):
+    if os.path.isfile(os.path.join(path, "scheduler", "scheduler_config.json")):
         try:
-            with open(scheduler, encoding="utf-8") as handle:
-                return schedule_from_scheduler_config(json.load(handle))[0]
+            return schedule_from_scheduler_config(read_scheduler_config(path, local=True))[0]
         except (OSError, ValueError, KeyError, TypeError):
             return None  # loading will say what is wrong with it
     return None
@@ -127,7 +122,6 @@ def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
     """Every check that needs no weights, so that a bad setting fails in seconds instead of after loading:
     precision against the device, the teacher's path, its timestep range (from a single file's header), and a
     resume against its state."""
-    from .schedules import check_student_timesteps, timestep_level_bounds
     from .state import check_resumable, find_state
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -141,11 +135,7 @@ def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
             raise ConfigError(problem)
         schedule = _schedule_before_loading(config.pretrained_model_name_or_path)
         if schedule is not None:
-            try:
-                check_student_timesteps(schedule, config.student_timesteps, config.min_timestep)
-                timestep_level_bounds(schedule, config.min_timestep, config.max_timestep)
-            except ValueError as error:
-                raise ConfigError(str(error)) from None
+            checked_timestep_bounds(config, schedule)
     if config.network_weights and not os.path.isfile(config.network_weights):
         raise ConfigError(f"network_weights: {config.network_weights!r} does not exist; give a .safetensors LoRA file")
     check_resumable(config, find_state(config),

@@ -124,7 +124,7 @@ def _check_sample_args(args) -> tuple[list[str], tuple[int, int] | None, list[in
     import os
 
     from .api import read_prompts, teacher_source_problem
-    from .config import _parse_resolution, portable_name_problem
+    from .config import _parse_resolution, portable_name_problem, resolution_problem
     from .formats import read_student_metadata, student_timesteps
     from .schedules import parse_student_timesteps
 
@@ -134,8 +134,9 @@ def _check_sample_args(args) -> tuple[list[str], tuple[int, int] | None, list[in
     resolution = None
     if args.resolution:
         width, height = _parse_resolution(args.resolution)
-        if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
-            raise ConfigError(f"--resolution {width}x{height}: use multiples of 8 between 8 and 8192")
+        problem = resolution_problem(width, height)
+        if problem:
+            raise ConfigError(f"--resolution: {problem}")
         resolution = (height, width)
     if args.teacher_steps is not None and not 1 <= args.teacher_steps <= 1000:
         raise ConfigError(f"--teacher_steps {args.teacher_steps}: use 1 .. 1000 (50 is typical)")

@@ -272,24 +272,49 @@ def validate(config: TrainConfig) -> None:
     if config.regularizer == "dm" and config.fake_updates_per_step < 1:
         _fail("fake_updates_per_step", "must be >= 1 with regularizer = 'dm': the fake model has to follow the student")
     if config.resolution not in ("", None):
-        width, height = _parse_resolution(config.resolution)
-        if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
-            _fail("resolution", f"{width}x{height} must be multiples of 8 between 8 and 8192")
+        problem = resolution_problem(*_parse_resolution(config.resolution))
+        if problem:
+            _fail("resolution", problem)
     problem = portable_name_problem(config.output_name, reserve=len("_checkpoint_00001_.safetensors"))
     if problem:
         _fail("output_name", problem)
     model = config.pretrained_model_name_or_path
-    if model.startswith("builtin:") and model[len("builtin:"):] not in ("demo", *TINY_MODELS):
-        close = difflib.get_close_matches(model[len("builtin:"):], ["demo", *TINY_MODELS], n=1)
+    if model.startswith("builtin:") and model[len("builtin:"):] not in BUILTIN_MODELS:
+        close = difflib.get_close_matches(model[len("builtin:"):], BUILTIN_MODELS, n=1)
         _fail("pretrained_model_name_or_path", f"{model!r} is no built-in model"
               + (f"; did you mean 'builtin:{close[0]}'?" if close else "")
-              + f" Built in: builtin:demo, builtin:{', builtin:'.join(TINY_MODELS)}")
+              + f" Built in: {', '.join(f'builtin:{m}' for m in BUILTIN_MODELS)}")
     if config.network_weights and config.training_mode != "lora":
         _fail("network_weights", "starts a LoRA student; set training_mode = 'lora' (or leave network_weights empty)")
     if config.network_weights and not config.network_weights.lower().endswith(".safetensors"):
         _fail("network_weights", f"{config.network_weights!r}: give a .safetensors LoRA file")
     if not isinstance(config.sample_prompts, (str, list)):
         _fail("sample_prompts", "must be a file path or a list of prompts")
+
+
+def resolution_problem(width: int, height: int) -> str | None:
+    """Why a training or sampling size cannot be used (the VAE's factor 8, sane bounds), or None."""
+    if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
+        return f"{width}x{height} must be multiples of 8 between 8 and 8192"
+    return None
+
+
+def checked_timestep_bounds(config: TrainConfig, schedule) -> tuple[float, float]:
+    """The student timesteps and min/max_timestep checked against a teacher's schedule (ConfigError naming what
+    is out of range); returns the re-noising level bounds."""
+    from .schedules import check_student_timesteps, timestep_level_bounds
+
+    try:
+        check_student_timesteps(schedule, config.student_timesteps, config.min_timestep)
+        return timestep_level_bounds(schedule, config.min_timestep, config.max_timestep)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error from another library, for a one-line message."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
 
 
 WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}

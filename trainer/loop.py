@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .accounting import CostMeter
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, checked_timestep_bounds
 from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache, batched_x0
 from .export import base_identity, save_merged_checkpoint, student_tensors
 from .formats import atomic_save_safetensors, read_init_lora, student_metadata
@@ -42,10 +42,8 @@ from .networks import FullRoles, LoraRoles, Roles, nonfinite_tensors
 from .outputs import free_path, own_output_dir, remove_stale_staging, save_image_grid
 from .sampling import few_step_sample, student_levels
 from .schedules import (
-    check_student_timesteps,
     renoise_levels_shared,
     sample_renoise_levels,
-    timestep_level_bounds,
     uniform_levels,
 )
 from .state import (
@@ -160,15 +158,8 @@ class DecoupledDMDTrainer:
         self._base: dict[str, str] | None = None
         if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise ConfigError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
-        try:
-            check_student_timesteps(adapter.schedule, config.student_timesteps, config.min_timestep)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        self.level_bounds = checked_timestep_bounds(config, adapter.schedule)
         self.levels = student_levels(adapter.schedule, config.student_timesteps)
-        try:
-            self.level_bounds = timestep_level_bounds(adapter.schedule, config.min_timestep, config.max_timestep)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
         self.guidance_scale = config.guidance_scale or adapter.default_guidance_scale
         height, width = config.resolution_hw() or adapter.default_resolution
         self.latent_shape = adapter.latent_shape(height, width)

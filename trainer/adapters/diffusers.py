@@ -91,7 +91,7 @@ class DiffusersAdapter(ModelAdapter):
                     "(single-file .safetensors checkpoints need the checkpoint loader)")
         common = {"local_files_only": local}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common)
-        scheduler_config = _read_scheduler_config(path, local)
+        scheduler_config = read_scheduler_config(path, local)
         schedule, prediction_type = schedule_from_scheduler_config(scheduler_config)
         encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype, **common)]
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)]
@@ -134,7 +134,7 @@ class DiffusersAdapter(ModelAdapter):
                 unet_config["addition_time_embed_dim"] = (unet_config["projection_class_embeddings_input_dim"] - pooled) // 6
         else:
             unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
-            schedule, prediction_type = schedule_from_scheduler_config(_read_scheduler_config(path, True))
+            schedule, prediction_type = schedule_from_scheduler_config(read_scheduler_config(path, True))
             sizes, downscale = {"text_encoders": 0, "vae": 0}, 8
             for folder in ("text_encoder", "text_encoder_2"):
                 if os.path.isdir(os.path.join(path, folder)):
@@ -303,7 +303,8 @@ def _meta_parameter_count(path: str, folder: str) -> int:
         return sum(p.numel() for p in cls(config).parameters())
 
 
-def _read_scheduler_config(path: str, local: bool) -> dict:
+def read_scheduler_config(path: str, local: bool) -> dict:
+    """A diffusers model's scheduler/scheduler_config.json (a folder, or a Hugging Face id)."""
     import json
 
     if local:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import ldm_layout as layout
+from ..config import error_summary
 from ..formats import CheckpointError, clip_l_state, inspect_checkpoint, open_clip_to_hf
 
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -60,9 +61,8 @@ def load_single_file(path: str, tokenizer_path: str | None = None, v_parameteriz
             raise
         raise CheckpointError(f"{name}: {error}") from None
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, StopIteration, AttributeError) as error:
-        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{os.path.basename(path)}: its tensors do not build an SD1.5/SDXL model "
-                              f"({type(error).__name__}: {detail}); the file is damaged or incomplete") from None
+                              f"({type(error).__name__}: {error_summary(error)}); the file is damaged or incomplete") from None
     modules = {"UNet": adapter.network, "VAE": adapter.vae,
                **{f"text encoder {i + 1}": e for i, e in enumerate(adapter.text_encoders)}}
     for part, module in modules.items():
