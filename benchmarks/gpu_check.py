@@ -164,7 +164,8 @@ def run_training(family: str, resolution: int, steps: int, warmup: int, small: b
     out["phase_seconds"] = {k[8:]: sum(l.get(k, 0.0) for l in timed) / len(timed) for k in timed[0]
                             if k.startswith("seconds_")}
     out["expected_forward_equivalents"] = expected_forward_equivalents(
-        len(config.student_timesteps), config.fake_updates_per_step, gradient_checkpointing=True)
+        len(config.student_timesteps), config.fake_updates_per_step, gradient_checkpointing=True,
+        dm_cfg_reference=config.update_normalization == "per_term_cfg")
 
     # one teacher forward at the training shape: the unit of the compute floor
     roles = trainer.roles

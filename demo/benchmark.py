@@ -59,8 +59,9 @@ MODES = {
                  two_step_variants=("coupled-shared", "decoupled-hybrid")),
 }
 TABLE_METRICS = (("adherence", "adherence", "{:.3f}"), ("top1", "top-1", "{:.3f}"),
-                 ("frechet", "Frechet", "{:.1f}"), ("saturation", "saturation", "{:.3f}"),
-                 ("image_var", "var", "{:.3f}"))
+                 ("frechet", "Frechet to teacher CFG", "{:.1f}"), ("frechet_real", "Frechet to real", "{:.1f}"),
+                 ("accuracy_texture", "texture acc.", "{:.3f}"), ("hf_energy_ratio", "fine energy / real", "{:.2f}"),
+                 ("saturation", "saturation", "{:.3f}"), ("image_var", "var", "{:.3f}"))
 
 
 def grid_for(steps: int, grid: str) -> list[int]:
@@ -75,7 +76,12 @@ def grid_for(steps: int, grid: str) -> list[int]:
     raise ValueError(f"unknown grid {grid!r}; choose sdxl, shift3 or uniform")
 
 
-def plan_jobs(mode: dict, output_dir: str, grid: str) -> list[dict]:
+def plan_jobs(mode: dict, output_dir: str, grid: str, world: str = "mnist") -> list[dict]:
+    """The training runs of `mode`; the student grids are the world's own (SDXL's for the texture world's SD
+    teacher; `grid` for the MNIST flow teacher)."""
+    from .worlds import get_world
+
+    timesteps = (lambda steps: grid_for(steps, grid)) if world == "mnist" else get_world(world).student_timesteps
     jobs = []
     for steps in mode["student_steps"]:
         for name in mode["variants"]:
@@ -87,8 +93,8 @@ def plan_jobs(mode: dict, output_dir: str, grid: str) -> list[dict]:
             for seed in range(mode["seeds"]):
                 folder = os.path.join(output_dir, "runs", f"{steps}step", name.replace(" ", "_").replace("+", "plus"),
                                       f"seed{seed}")
-                jobs.append({"name": name, "steps": steps, "seed": seed, "folder": folder,
-                             "settings": dict(settings, seed=seed, student_timesteps=grid_for(steps, grid),
+                jobs.append({"name": name, "steps": steps, "seed": seed, "folder": folder, "world": world,
+                             "settings": dict(settings, seed=seed, student_timesteps=timesteps(steps),
                                               max_train_steps=mode["max_train_steps"],
                                               **({"train_batch_size": mode["train_batch_size"]}
                                                  if mode.get("train_batch_size") else {})),
@@ -114,7 +120,7 @@ def run_job(job: dict) -> dict:
     training_dir = os.path.join(job["folder"], "training")
     shutil.rmtree(training_dir, ignore_errors=True)
     result = run_distillation(job["name"], job["settings"], training_dir, eval_every=job["eval_every"],
-                              eval_per_prompt=job["eval_per_prompt"])
+                              eval_per_prompt=job["eval_per_prompt"], world=job.get("world", "mnist"))
     data = {**result.to_dict(), "steps": job["steps"], "seed": job["seed"]}
     for name in os.listdir(training_dir):  # keep the logs and the student; drop the resumable states
         if name.startswith("state-"):
@@ -203,13 +209,23 @@ def gates(rows: dict, floor: float | None) -> list[dict]:
     return out
 
 
-def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float | None, teacher: dict) -> str:
-    lines = [f"# dmd-benchmark ({mode_name})", "",
-             f"Teacher: the built-in MNIST flow teacher; student grids ({grid}): "
-             + ", ".join(f"{s}-step {grid_for(s, grid)}" for s in mode["student_steps"])
+WORLD_TEACHERS = {"mnist": "the built-in MNIST flow teacher",
+                  "texture": "the texture world's SD-style epsilon teacher (SDXL's noise schedule)"}
+
+
+def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float | None, teacher: dict,
+             world: str = "mnist") -> str:
+    from .worlds import get_world
+
+    grids = [get_world(world).student_timesteps(s) if world != "mnist" else grid_for(s, grid)
+             for s in mode["student_steps"]]
+    samples = mode["eval_per_prompt"] * len(get_world(world).grid_prompts())
+    lines = [f"# dmd-benchmark ({mode_name}, {world} world)", "",
+             f"Teacher: {WORLD_TEACHERS[world]}; student grids: "
+             + ", ".join(f"{s}-step {g}" for s, g in zip(mode["student_steps"], grids))
              + f"; {mode['max_train_steps']} generator updates, {mode['seeds']} seeds, "
-               f"{mode['eval_per_prompt'] * 10} evaluation samples per run. Values: mean ± std over seeds "
-               f"(min..max for Frechet).", ""]
+               f"{samples} evaluation samples per run. Values: mean ± std over seeds "
+               f"(min..max for Frechet to the teacher).", ""]
     if floor is not None:
         lines.append(f"Noise floor (Frechet of a second teacher seed, same sample count): {floor:.2f}. "
                      f"Teacher 50 steps CFG: adherence {teacher.get('adherence', float('nan')):.3f}; "
@@ -309,6 +325,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_batch_size", type=int, help="override the prompts per generator update")
     parser.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--student_steps", help="comma-separated step counts, e.g. 1,4")
+    parser.add_argument("--world", default="mnist", choices=("texture", "mnist"),
+                        help="the teacher and data of the quality runs (texture: SD-style, guidance acting at clean "
+                             "levels; mnist: flow teacher)")
+    parser.add_argument("--skip_ca_share", action="store_true", help="skip the CA-share measurement")
+    parser.add_argument("--ca_samples", type=int, default=96, help="teacher samples of the CA-share measurement")
+    parser.add_argument("--ca_levels", type=int, default=40, help="re-noise levels of the CA-share measurement")
     parser.add_argument("--skip_quality", action="store_true")
     parser.add_argument("--skip_cost", action="store_true")
     parser.add_argument("--cost_sizes", default="tiny,sdxl-quarter,sdxl",
@@ -354,24 +376,48 @@ def _write_json(path: str, value) -> None:
 
 def _quality_section(args: argparse.Namespace, mode: dict, mode_name: str) -> tuple[list[str], bool]:
     """Train every planned run, evaluate, write quality.json and the plots; (report lines, a gate failed)."""
-    from .metrics import Evaluator, evaluation_prompts
-    from .models import teacher_info
+    from .metrics import Evaluator
+    from .worlds import get_world
 
-    jobs = plan_jobs(mode, args.output_dir, args.grid)
+    world = get_world(args.world)
+    jobs = plan_jobs(mode, args.output_dir, args.grid, world.name)
     logger.info("%d training runs, %d at a time", len(jobs), args.jobs)
     results = run_jobs(jobs, args.jobs)
-    floor = Evaluator().noise_floor(len(evaluation_prompts(mode["eval_per_prompt"])))
-    reference = teacher_info().get("reference", {})
-    guidance = teacher_info().get("guidance_scale", 3.0)
+    floor = Evaluator(world=world).noise_floor(len(world.evaluation_prompts(mode["eval_per_prompt"])))
+    reference = world.teacher_info().get("reference", {})
+    guidance = world.teacher_info().get("guidance_scale", 3.0)
     teacher = {"adherence": reference.get(f"cfg_{guidance:g}", {}).get("adherence", math.nan),
                "unguided_adherence": reference.get("cfg_1", {}).get("adherence", math.nan)}
     summary = summarize(results, floor)
     _write_json(os.path.join(args.output_dir, "quality.json"),
-                {"mode": mode, "grid": args.grid, "summary": summary, "noise_floor": floor})
+                {"mode": mode, "grid": args.grid, "world": world.name, "summary": summary, "noise_floor": floor})
     plots = plot(results, args.output_dir, floor)
-    report = [markdown(summary, mode_name, mode, args.grid, floor, teacher),
+    report = [markdown(summary, mode_name, mode, args.grid, floor, teacher, world.name),
               "Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]
     return report, not all(g["passed"] for g in summary["gates"])
+
+
+def _ca_share_section(args: argparse.Namespace) -> str:
+    """Before any training: where each world's CFG effect lives, relative to the student's input levels."""
+    from ..trainer.adapters.diffusers import DiffusersAdapter
+    from .ca_share import ca_share, ca_share_markdown, plot_ca_profiles
+    from .worlds import get_world
+
+    results = {}
+    for name in dict.fromkeys([args.world, "texture", "mnist"]):
+        world = get_world(name)
+        if not os.path.isdir(world.teacher_dir):
+            continue
+        adapter = DiffusersAdapter.from_pretrained(world.teacher_dir)
+        guidance = world.teacher_info().get("guidance_scale", 3.0)
+        logger.info("CA share of the %s teacher (%d samples, %d levels)", name, args.ca_samples, args.ca_levels)
+        prompts = world.evaluation_prompts(max(1, args.ca_samples // len(world.grid_prompts())))
+        results[name] = ca_share(adapter, prompts, guidance, world.student_timesteps(4), levels=args.ca_levels)
+    _write_json(os.path.join(args.output_dir, "ca_share.json"), results)
+    plot_ca_profiles(results, os.path.join(args.output_dir, "ca_share.png"))
+    text = ca_share_markdown(results) + "\nPlot: ca_share.png\n"
+    print(text, flush=True)  # before the long part: it is the first thing worth reading
+    return text
 
 
 def _cost_section(args: argparse.Namespace) -> str:
@@ -408,8 +454,11 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     started = time.time()
     report, failed = [f"# dmd-benchmark ({mode_name})", ""], False
+    ca_text = "" if args.skip_ca_share else _ca_share_section(args)
     if not args.skip_quality:
         report, failed = _quality_section(args, mode, mode_name)
+    if ca_text:
+        report.insert(2, ca_text)
     if not args.skip_cost:
         report.append(_cost_section(args))
     if not args.skip_speed:

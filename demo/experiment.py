@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..trainer.config import config_from_dict
 from ..trainer.loop import DecoupledDMDTrainer, TrainerCallbacks
-from .data import demo_prompts
-from .metrics import Evaluator, evaluation_prompts, image_statistics
-from .models import TEACHER_DIR, teacher_info
+from .metrics import Evaluator, image_statistics
+from .models import teacher_info
+from .worlds import get_world
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,10 @@ def evaluate_student(trainer, evaluator: Evaluator, prompts: list[str], seed: in
     return metrics
 
 
-def make_config(output_dir: str, prompt_file: str, settings: dict, teacher_dir: str = TEACHER_DIR):
-    values = dict(BASE_SETTINGS)
+def make_config(output_dir: str, prompt_file: str, settings: dict, teacher_dir: str | None = None, world="mnist"):
+    world = get_world(world)
+    teacher_dir = teacher_dir or world.teacher_dir
+    values = dict(BASE_SETTINGS, **world.settings)
     values["guidance_scale"] = teacher_info(teacher_dir).get("guidance_scale", 3.0)
     values.update(settings)
     values.update(pretrained_model_name_or_path=teacher_dir, output_dir=output_dir, prompt_file=prompt_file)
@@ -132,23 +134,26 @@ def make_config(output_dir: str, prompt_file: str, settings: dict, teacher_dir: 
 
 
 def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int = 0, eval_per_prompt: int = 20,
-                     evaluator: Evaluator | None = None, teacher_dir: str = TEACHER_DIR,
-                     keep_trainer: bool = False, should_stop=None):
-    """Distil the demo teacher with `settings` (TrainConfig keys over BASE_SETTINGS); evaluate as it trains.
+                     evaluator: Evaluator | None = None, teacher_dir: str | None = None,
+                     keep_trainer: bool = False, should_stop=None, world="mnist"):
+    """Distil a world's teacher with `settings` (TrainConfig keys over BASE_SETTINGS and the world's own);
+    evaluate as it trains.
 
     Returns a `RunResult` (and the trainer when `keep_trainer`).
     """
     from ..trainer.adapters.diffusers import DiffusersAdapter
 
+    world = get_world(world)
+    teacher_dir = teacher_dir or world.teacher_dir
     os.makedirs(output_dir, exist_ok=True)
     prompt_file = os.path.join(output_dir, "prompts.txt")
     with open(prompt_file, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(demo_prompts()) + "\n")
-    config = make_config(output_dir, prompt_file, settings, teacher_dir)
-    evaluator = evaluator or Evaluator()
-    prompts = evaluation_prompts(eval_per_prompt)
-    result = RunResult(name, {k: v for k, v in config.to_dict().items() if k in BASE_SETTINGS or k in settings},
-                       output_dir=output_dir)
+        handle.write("\n".join(world.prompts()) + "\n")
+    config = make_config(output_dir, prompt_file, settings, teacher_dir, world)
+    evaluator = evaluator or Evaluator(world=world)
+    prompts = world.evaluation_prompts(eval_per_prompt)
+    result = RunResult(name, {k: v for k, v in config.to_dict().items()
+                              if k in BASE_SETTINGS or k in settings or k in world.settings}, output_dir=output_dir)
     holder: dict = {}
 
     def on_step(step: int, logs: dict) -> None:
@@ -156,7 +161,7 @@ def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int
             result.history.append({"step": step, **evaluate_student(holder["trainer"], evaluator, prompts)})
 
     adapter = DiffusersAdapter.from_pretrained(teacher_dir)
-    trainer = DecoupledDMDTrainer(config, adapter, demo_prompts(), demo_prompts(),
+    trainer = DecoupledDMDTrainer(config, adapter, world.prompts(), world.grid_prompts(),
                                   callbacks=TrainerCallbacks(on_step=on_step,
                                                              should_stop=should_stop or (lambda: False)))
     holder["trainer"] = trainer

@@ -1,8 +1,11 @@
-"""Sample quality of the demo's teacher and students, measured with the shipped MNIST classifier.
+"""Sample quality of the demo's teachers and students, measured with each world's shipped classifier.
 
-- prompt adherence: mean probability the classifier gives the digit the prompt asks for, and top-1 accuracy;
+- prompt adherence: mean probability the classifier gives the class the prompt asks for, per attribute (the
+  digit; or colour, texture, shape, background), and top-1 accuracy (every attribute right);
 - Frechet distance of classifier features to the teacher's own 50-step CFG samples (the distillation target),
-  with its noise floor: the same distance between two teacher sample sets that differ only in the seed;
+  with its noise floor: the same distance between two teacher sample sets that differ only in the seed; and
+  to real images of the same prompts, with its own floor;
+- texture fidelity: the texture head's accuracy, and the fine-structure energy against real data;
 - per-image mean, variance and saturation (fraction of pixels pushed beyond the data range, |x| > 1.1, before
   any clipping): the paper's collapse signal. (MNIST's black background sits exactly at -1, so "at the
   range's edge" would count most of every real digit.)
@@ -17,9 +20,6 @@ import os
 import numpy as np
 import torch
 from torch import Tensor
-
-from .data import demo_prompts, prompt_label
-from .models import REFERENCE_FILE, TEACHER_DIR, load_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -53,32 +53,81 @@ def image_statistics(images: Tensor) -> dict[str, float]:
             "saturation": (flat.abs() > SATURATION_LEVEL).float().mean().item()}
 
 
-class Evaluator:
-    """Scores unclipped samples (B, 1, 28, 28) in model range against their prompts and the teacher reference
-    (the classifier sees them clipped to [-1, 1], as a picture would show them)."""
+REAL_SEEDS = (0, 1)  # the real-data set the samples are compared with, and the one of its noise floor
 
-    def __init__(self, reference_file: str = REFERENCE_FILE, classifier=None):
-        self.classifier = classifier or load_classifier()
+
+def high_frequency_energy(images: Tensor) -> Tensor:
+    """Per-image mean square of what a 3x3 box blur removes (the fine structure: texture marks, edges)."""
+    x = images.float().clamp(-1.0, 1.0)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    blurred = torch.nn.functional.avg_pool2d(padded, 3, stride=1)
+    return (x - blurred).pow(2).flatten(1).mean(dim=1)
+
+
+class Evaluator:
+    """Scores unclipped samples (B, C, H, W) in model range against their prompts, the teacher reference and the
+    world's real data (the classifier sees them clipped to [-1, 1], as a picture would show them).
+
+    Metrics: `adherence` (mean over attributes of the probability the classifier gives the asked class) and
+    `adherence_<attribute>`, `accuracy_<attribute>`, `top1` (every attribute right); `frechet` to the
+    teacher's CFG samples (the distillation target) and `frechet_real` to real images of the same prompts;
+    `hf_energy_ratio` (fine-structure energy over that of the real images: below 1 is washed out, above 1
+    over-sharpened); per-image mean, variance and saturation.
+    """
+
+    def __init__(self, reference_file: str | None = None, classifier=None, world="mnist"):
+        from .worlds import get_world
+
+        self.world = get_world(world)
+        reference_file = self.world.reference_file if reference_file is None else reference_file
+        self.classifier = classifier or self.world.load_classifier()
         self.reference = None
+        self._real: dict = {}
         if reference_file and os.path.isfile(reference_file):
             from safetensors.torch import load_file
 
             self.reference = {k: v.double().numpy() for k, v in load_file(reference_file).items()}
 
     @torch.no_grad()
-    def classify(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(probabilities (B, 10), features (B, 64))."""
+    def classify(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({attribute: probabilities (B, classes)}, features (B, 64))."""
         features = torch.cat([self.classifier.features(chunk) for chunk in images.float().split(500)])
-        return torch.softmax(self.classifier.head(features), dim=1), features
+        return {k: torch.softmax(v, dim=1) for k, v in self.classifier.heads(features).items()}, features
+
+    def real_statistics(self, prompts: list[str], seed: int = REAL_SEEDS[0]) -> dict:
+        """Feature statistics and fine-structure energy of real images for `prompts` (cached)."""
+        key = (tuple(prompts), seed)
+        if key not in self._real:
+            images = self.world.real_images(prompts, seed)
+            _, features = self.classify(images)
+            mu, sigma = feature_statistics(features)
+            self._real[key] = {"mu": mu, "sigma": sigma, "hf": high_frequency_energy(images).mean().item()}
+        return self._real[key]
+
+    def real_noise_floor(self, prompts: list[str]) -> float:
+        """Frechet distance between two real sets for `prompts` that differ only in the seed."""
+        first, second = (self.real_statistics(prompts, seed) for seed in REAL_SEEDS)
+        return frechet_distance(first["mu"], first["sigma"], second["mu"], second["sigma"])
 
     def __call__(self, images: Tensor, prompts: list[str]) -> dict[str, float]:
-        labels = torch.tensor([prompt_label(p) for p in prompts])
+        labels = self.world.labels(prompts)
         probabilities, features = self.classify(images)
-        metrics = {"adherence": probabilities[torch.arange(len(labels)), labels].mean().item(),
-                   "top1": (probabilities.argmax(1) == labels).float().mean().item()}
+        rows = torch.arange(len(prompts))
+        metrics: dict[str, float] = {}
+        correct = torch.ones(len(prompts), dtype=torch.bool)
+        for name, asked in labels.items():
+            metrics[f"adherence_{name}"] = probabilities[name][rows, asked].mean().item()
+            hits = probabilities[name].argmax(1) == asked
+            metrics[f"accuracy_{name}"] = hits.float().mean().item()
+            correct &= hits
+        metrics["adherence"] = float(np.mean([metrics[f"adherence_{name}"] for name in labels]))
+        metrics["top1"] = correct.float().mean().item()
+        mu, sigma = feature_statistics(features)
         if self.reference is not None:
-            mu, sigma = feature_statistics(features)
             metrics["frechet"] = frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"])
+        real = self.real_statistics(prompts)
+        metrics["frechet_real"] = frechet_distance(mu, sigma, real["mu"], real["sigma"])
+        metrics["hf_energy_ratio"] = high_frequency_energy(images).mean().item() / max(real["hf"], 1e-12)
         metrics.update(image_statistics(images))
         return metrics
 
@@ -90,9 +139,11 @@ class Evaluator:
         return float(self.reference["floor_values"][int(np.abs(sizes - count).argmin())])
 
 
-def evaluation_prompts(per_prompt: int) -> list[str]:
-    """Each of the ten digit prompts `per_prompt` times, grouped by prompt."""
-    return [prompt for prompt in demo_prompts() for _ in range(per_prompt)]
+def evaluation_prompts(per_prompt: int, world="mnist") -> list[str]:
+    """Each of the world's grid prompts `per_prompt` times, grouped by prompt."""
+    from .worlds import get_world
+
+    return get_world(world).evaluation_prompts(per_prompt)
 
 
 @torch.no_grad()
@@ -116,37 +167,43 @@ def teacher_samples(adapter, prompts: list[str], seed: int, guidance_scale: floa
     return torch.cat(out)
 
 
-def build_reference(teacher_dir: str = TEACHER_DIR, guidance_scale: float = 3.0,
-                    output: str = REFERENCE_FILE, per_prompt: int = REFERENCE_PER_PROMPT) -> dict:
+def build_reference(teacher_dir: str | None = None, guidance_scale: float = 3.0, output: str | None = None,
+                    per_prompt: int = REFERENCE_PER_PROMPT, world="mnist") -> dict:
     """Classifier-feature statistics of the teacher's CFG samples (seed A) and the noise floor (seed B).
 
-    Also logs the guidance study: adherence of the unguided teacher against several CFG scales.
+    Also logs the guidance study: the unguided teacher against several CFG scales.
     """
     from safetensors.torch import save_file
 
     from ..trainer.adapters.diffusers import DiffusersAdapter
+    from .worlds import get_world
 
+    world = get_world(world)
+    teacher_dir = teacher_dir or world.teacher_dir
+    output = output or world.reference_file
     adapter = DiffusersAdapter.from_pretrained(teacher_dir)
-    evaluator = Evaluator(reference_file="")
-    prompts = evaluation_prompts(per_prompt)
+    evaluator = Evaluator(reference_file="", world=world)
+    prompts = world.evaluation_prompts(per_prompt)
+    groups = len(world.grid_prompts())
     samples = {seed: teacher_samples(adapter, prompts, seed, guidance_scale) for seed in REFERENCE_SEEDS}
     mu, sigma = feature_statistics(evaluator.classify(samples[REFERENCE_SEEDS[0]])[1])
     _, other_features = evaluator.classify(samples[REFERENCE_SEEDS[1]])
     sizes = sorted({100, 200, len(prompts)})
     floors = []
     for size in sizes:
-        # a prompt-balanced subset: `size // 10` samples of each prompt
-        per = max(1, size // 10)
-        index = torch.tensor([p * per_prompt + i for p in range(10) for i in range(per)])
+        # a prompt-balanced subset: `size // groups` samples of each prompt
+        per = max(1, size // groups)
+        index = torch.tensor([p * per_prompt + i for p in range(groups) for i in range(per)])
         floors.append(frechet_distance(*feature_statistics(other_features[index]), mu, sigma))
     save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
                "floor_sizes": torch.tensor(sizes, dtype=torch.float64), "floor_values": torch.tensor(floors)},
               output, metadata={"guidance_scale": str(guidance_scale), "teacher_steps": str(TEACHER_STEPS),
-                                "per_prompt": str(per_prompt), "seeds": str(list(REFERENCE_SEEDS))})
+                                "per_prompt": str(per_prompt), "seeds": str(list(REFERENCE_SEEDS)),
+                                "world": world.name})
     summary = {"noise_floor": dict(zip(map(str, sizes), floors))}
-    full = Evaluator(reference_file=output)
+    full = Evaluator(reference_file=output, world=world)
+    few = world.evaluation_prompts(max(1, 100 // groups))
     for scale in sorted({1.0, 2.0, guidance_scale, 5.0}):
-        few = evaluation_prompts(10)
         scores = full(teacher_samples(adapter, few, 7, scale), few)
         summary[f"cfg_{scale:g}"] = scores
         logger.info("teacher cfg %.1f: %s", scale, {k: round(v, 4) for k, v in scores.items()})

@@ -17,8 +17,11 @@ from .data import DIGIT_WORDS
 
 DEMO_DIR = os.path.dirname(os.path.abspath(__file__))
 TEACHER_DIR = os.path.join(DEMO_DIR, "teacher")
+TEXTURE_TEACHER_DIR = os.path.join(DEMO_DIR, "texture_teacher")
 CLASSIFIER_FILE = os.path.join(DEMO_DIR, "classifier.safetensors")
 REFERENCE_FILE = os.path.join(DEMO_DIR, "reference.safetensors")
+TEXTURE_CLASSIFIER_FILE = os.path.join(DEMO_DIR, "texture_classifier.safetensors")
+TEXTURE_REFERENCE_FILE = os.path.join(DEMO_DIR, "texture_reference.safetensors")
 IMAGE_SIZE = 28
 TOKEN_LENGTH = 8
 TEXT_WIDTH = 32
@@ -32,6 +35,15 @@ def write_clip_tokenizer(folder: str, words=_WORDS, max_length: int = TOKEN_LENG
     return write_tiny_clip_tokenizer(folder, max_length=max_length, words=words)
 
 
+def _text_encoder(tokenizer, token_length: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH * 2, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=token_length, projection_dim=TEXT_WIDTH,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
 def build_teacher_modules(folder: str, seed: int = 0, width: int = 16):
     """Write the tokenizer and scheduler into `folder` and return an untrained (text_encoder, unet, tokenizer).
 
@@ -39,14 +51,11 @@ def build_teacher_modules(folder: str, seed: int = 0, width: int = 16):
     training step costs milliseconds per image on a CPU; flow matching (diffusers FlowMatchEulerDiscrete).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=TEXT_WIDTH * 2, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=TOKEN_LENGTH, projection_dim=TEXT_WIDTH,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    text_encoder = _text_encoder(tokenizer, TOKEN_LENGTH)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=(width, 2 * width, 2 * width),
@@ -54,6 +63,37 @@ def build_teacher_modules(folder: str, seed: int = 0, width: int = 16):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(folder, "scheduler"))
+    return text_encoder, unet, tokenizer
+
+
+def build_texture_teacher_modules(folder: str, seed: int = 0, width: int = 32):
+    """The texture world's teacher, untrained: SD's noise process at 32x32x3 pixels.
+
+    Epsilon prediction on SDXL's scheduler (EulerDiscrete, scaled_linear betas 0.00085..0.012, 1000 steps,
+    the same config keys), so every SD code path of the trainer runs on it exactly as for SDXL. UNet channels
+    (w, 2w, 2w) at 32/16/8 px, cross-attention at 8 px and in the middle block (attention at 16 px doubled
+    the training time on a CPU).
+    """
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from .texture import IMAGE_SIZE as TEXTURE_SIZE
+    from .texture import TOKEN_LENGTH as TEXTURE_TOKENS
+    from .texture import WORDS
+
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        write_clip_tokenizer(os.path.join(folder, "tokenizer"), words=WORDS, max_length=TEXTURE_TOKENS))
+    text_encoder = _text_encoder(tokenizer, TEXTURE_TOKENS)
+    unet = UNet2DConditionModel(
+        sample_size=TEXTURE_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
+    EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                           prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+                           ).save_pretrained(os.path.join(folder, "scheduler"))
     return text_encoder, unet, tokenizer
 
 
@@ -93,12 +133,47 @@ class DigitClassifier(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))
 
+    def heads(self, features: Tensor) -> dict[str, Tensor]:
+        """Logits of each attribute head (one: the digit)."""
+        return {"digit": self.head(features)}
 
-def load_classifier(path: str = CLASSIFIER_FILE) -> DigitClassifier:
+
+class TextureClassifier(nn.Module):
+    """The texture world's attribute classifier: a CNN on 32x32 RGB in [-1, 1], 64-d features (Frechet
+    distance), one head per attribute (colour, texture, shape, background)."""
+
+    feature_dim = 64
+
+    def __init__(self):
+        from .texture import ATTRIBUTES
+
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(),             # 32: the texture marks
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),   # 16
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),   # 8
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),   # 4
+            nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim), nn.SiLU())
+        self.attribute_heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(values))
+                                              for name, values in ATTRIBUTES.items()})
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.body(images.float().clamp(-1.0, 1.0))
+
+    def heads(self, features: Tensor) -> dict[str, Tensor]:
+        return {name: head(features) for name, head in self.attribute_heads.items()}
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.heads(self.features(images))
+
+
+def load_classifier(path: str = CLASSIFIER_FILE, kind: type = DigitClassifier) -> nn.Module:
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no classifier weights at {path!r}; run scripts/train_demo_classifier.py")
-    model = DigitClassifier()
+        script = "train_texture_classifier" if kind is TextureClassifier else "train_demo_classifier"
+        raise FileNotFoundError(f"no classifier weights at {path!r}; run scripts/{script}.py")
+    model = kind()
     model.load_state_dict(load_file(path))
     return model.eval().requires_grad_(False)

@@ -57,6 +57,47 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 1500, 
     return model.eval().requires_grad_(False)
 
 
+def train_texture_classifier(steps: int = 1200, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
+                             noise_level: float = 0.08, log_every: int = 200):
+    """Train `TextureClassifier` on fresh texture-world images (AdamW, cosine), one cross-entropy per head.
+
+    Each image gets Gaussian pixel noise of a random std in [0, `noise_level`], so slightly noisy samples
+    are still read by their attributes."""
+    from .models import TextureClassifier
+    from .texture import render, sample_attributes
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TextureClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, 100))
+    model.train()
+    for step in range(steps):
+        attributes = sample_attributes(batch_size, generator)
+        images = render(attributes, generator)
+        std = noise_level * torch.rand(batch_size, 1, 1, 1, generator=generator)
+        images = images + std * torch.randn(images.shape, generator=generator)
+        logits = model(images)
+        loss = sum(nn.functional.cross_entropy(logits[name], attributes[name]) for name in logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if log_every and (step + 1) % log_every == 0:
+            logger.info("classifier step %d/%d loss %.4f", step + 1, steps, loss.item())
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def texture_classifier_accuracy(model, count: int = 2000, seed: int = 12345) -> dict[str, float]:
+    """Per-attribute accuracy on `count` fresh world images of a seed the training never drew."""
+    from .texture import sample_world
+
+    images, _, attributes = sample_world(count, seed)
+    logits = model(images)
+    return {name: float((logits[name].argmax(1) == attributes[name]).float().mean()) for name in logits}
+
+
 @torch.no_grad()
 def classifier_accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> float:
     x = torch.from_numpy(to_model_range(images))
@@ -67,37 +108,95 @@ def classifier_accuracy(model: DigitClassifier, images: np.ndarray, labels: np.n
 def train_teacher(folder: str, images: np.ndarray, labels: np.ndarray, steps: int = 1500, batch_size: int = 64,
                   learning_rate: float = 2e-3, uncond_probability: float = 0.2, ema_decay: float = 0.999,
                   seed: int = 0, width: int = 16, extra_info: dict | None = None, log_every: int = 20) -> str:
-    """Train the demo teacher (UNet and text encoder together) and write it as a diffusers folder.
+    """Train the MNIST teacher (flow matching) on (N, 784) images and write it as a diffusers folder."""
+    x_all = torch.from_numpy(to_model_range(images))
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
-    The saved weights are the exponential moving average of the trained ones (decay `ema_decay`, with
+    def sample_batch(generator: torch.Generator, count: int):
+        index = torch.randint(len(x_all), (count,), generator=generator)
+        template = torch.randint(len(TRAIN_TEMPLATES), (count,), generator=generator)
+        return x_all[index], 1 + y_all[index] * len(TRAIN_TEMPLATES) + template
+
+    prompts = [digit_prompt(d, t) for d in range(10) for t in TRAIN_TEMPLATES]
+    text_encoder, unet, tokenizer = build_teacher_modules(folder, seed=seed, width=width)
+    return train_diffusion(folder, (text_encoder, unet, tokenizer), prompts, sample_batch, "flow", steps=steps,
+                           batch_size=batch_size, learning_rate=learning_rate, uncond_probability=uncond_probability,
+                           ema_decay=ema_decay, seed=seed, extra_info={"width": width, **(extra_info or {})},
+                           log_every=log_every)
+
+
+def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, learning_rate: float = 2e-3,
+                          uncond_probability: float = 0.15, ema_decay: float = 0.999, seed: int = 0, width: int = 32,
+                          extra_info: dict | None = None, log_every: int = 50) -> str:
+    """Train the texture world's epsilon teacher on fresh images every step (the world is unlimited)."""
+    from .models import build_texture_teacher_modules
+    from .texture import all_prompts, make_prompt, render, sample_attributes
+
+    prompts = all_prompts()
+    lookup = {prompt: index for index, prompt in enumerate(prompts)}
+
+    def sample_batch(generator: torch.Generator, count: int):
+        attributes = sample_attributes(count, generator)
+        chosen = [lookup[make_prompt({k: v[i] for k, v in attributes.items()})] for i in range(count)]
+        return render(attributes, generator), 1 + torch.tensor(chosen)
+
+    modules = build_texture_teacher_modules(folder, seed=seed, width=width)
+    return train_diffusion(folder, modules, prompts, sample_batch, "epsilon", steps=steps, batch_size=batch_size,
+                           learning_rate=learning_rate, uncond_probability=uncond_probability, ema_decay=ema_decay,
+                           seed=seed, extra_info={"width": width, **(extra_info or {})}, log_every=log_every)
+
+
+def _noised(objective: str, x0: torch.Tensor, generator: torch.Generator, alphas_cumprod: torch.Tensor | None):
+    """(x_t, timestep, target) of one denoising-loss batch.
+
+    flow: x_t = t x0 + (1 - t) noise at level t ~ U(0, 1), timestep (1 - t) * 1000, target velocity noise - x0
+    (diffusers' FlowMatchEuler convention); epsilon: DDPM x_t = sqrt(a) x0 + sqrt(1 - a) noise at a uniform
+    integer timestep, target the noise.
+    """
+    count = len(x0)
+    noise = torch.randn(x0.shape, generator=generator)
+    if objective == "flow":
+        level = torch.rand(count, generator=generator)
+        t = level.view(-1, 1, 1, 1)
+        return t * x0 + (1.0 - t) * noise, (1.0 - level) * 1000.0, noise - x0
+    timestep = torch.randint(len(alphas_cumprod), (count,), generator=generator)
+    alpha_bar = alphas_cumprod[timestep].view(-1, 1, 1, 1).float()
+    return alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise, timestep, noise
+
+
+def train_diffusion(folder: str, modules: tuple, prompts: list[str], sample_batch, objective: str, steps: int,
+                    batch_size: int, learning_rate: float, uncond_probability: float, ema_decay: float, seed: int,
+                    extra_info: dict | None = None, log_every: int = 20) -> str:
+    """Train a demo teacher (UNet and text encoder together) and write it as a diffusers folder.
+
+    `modules`: (text_encoder, unet, tokenizer); `sample_batch(generator, n)` gives (x0, prompt index), index 0
+    the empty prompt and i the prompt `prompts[i - 1]`. The prompt is dropped to the empty string for a
+    fraction `uncond_probability` of samples, so the teacher also models the unconditional distribution CFG
+    needs. The saved weights are the exponential moving average of the trained ones (decay `ema_decay`, with
     the usual (1 + n) / (10 + n) warm-up).
     """
+    text_encoder, unet, tokenizer = modules
     generator = torch.Generator().manual_seed(seed)
-    text_encoder, unet, tokenizer = build_teacher_modules(folder, seed=seed, width=width)
-    x_all = torch.from_numpy(to_model_range(images))
-    y_all = np.asarray(labels, dtype=np.int64)
-    prompts = [""] + [digit_prompt(d, t) for d in range(10) for t in TRAIN_TEMPLATES]
-    token_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids
+    alphas_cumprod = None
+    if objective == "epsilon":
+        from diffusers import DDPMScheduler
+
+        alphas_cumprod = DDPMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod
+    token_ids = tokenizer([""] + list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
     modules = nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).train()
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, 100))
     started, running = time.time(), None
     for step in range(steps):
-        index = torch.randint(len(x_all), (batch_size,), generator=generator)
-        x0 = x_all[index]
-        template = torch.randint(len(TRAIN_TEMPLATES), (batch_size,), generator=generator)
-        prompt_index = 1 + torch.from_numpy(y_all[index.numpy()]) * len(TRAIN_TEMPLATES) + template
+        x0, prompt_index = sample_batch(generator, batch_size)
         dropped = torch.rand(batch_size, generator=generator) < uncond_probability
         prompt_index = torch.where(dropped, torch.zeros_like(prompt_index), prompt_index)
-        level = torch.rand(batch_size, generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = level.view(-1, 1, 1, 1)
-        x_t = t * x0 + (1.0 - t) * noise
+        x_t, timestep, target = _noised(objective, x0, generator, alphas_cumprod)
         hidden = modules["text_encoder"](token_ids[prompt_index]).last_hidden_state
-        velocity = modules["unet"](x_t, (1.0 - level) * 1000.0, encoder_hidden_states=hidden).sample
-        loss = nn.functional.mse_loss(velocity, noise - x0)
+        prediction = modules["unet"](x_t, timestep, encoder_hidden_states=hidden).sample
+        loss = nn.functional.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -110,7 +209,7 @@ def train_teacher(folder: str, images: np.ndarray, labels: np.ndarray, steps: in
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if log_every and (step + 1) % log_every == 0:
             logger.info("teacher step %d/%d loss %.4f (%.1f s)", step + 1, steps, running, time.time() - started)
-    info = {"train_steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-            "uncond_probability": uncond_probability, "ema_decay": ema_decay, "seed": seed, "width": width,
+    info = {"train_steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "objective": objective,
+            "uncond_probability": uncond_probability, "ema_decay": ema_decay, "seed": seed,
             "final_loss": running, "train_seconds": round(time.time() - started, 1), **(extra_info or {})}
     return save_teacher(folder, ema["text_encoder"], ema["unet"], info)

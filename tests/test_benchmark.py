@@ -27,7 +27,7 @@ def test_plans_cover_the_papers_ablations():
 def test_tiny_benchmark_writes_table_gates_and_plots(tmp_path):
     out = tmp_path / "bench"
     tiny = ["--student_steps", "4", "--seeds", "1", "--max_train_steps", "2", "--eval_every", "1",
-            "--eval_per_prompt", "1", "--train_batch_size", "2", "--jobs", "1", "--skip_cost"]
+            "--eval_per_prompt", "1", "--train_batch_size", "2", "--jobs", "1", "--skip_cost", "--skip_ca_share"]
     code = benchmark_main(["--output_dir", str(out), "--variants", "decoupled-hybrid,DM only", *tiny])
     assert code == 0
     report = (out / "benchmark.md").read_text()
@@ -47,6 +47,24 @@ def test_tiny_benchmark_writes_table_gates_and_plots(tmp_path):
     stored = (out / "runs" / "4step" / "decoupled-hybrid" / "seed0" / "result.json").stat().st_mtime
     assert benchmark_main(["--output_dir", str(out), "--variants", "decoupled-hybrid", *tiny]) == 0
     assert (out / "runs" / "4step" / "decoupled-hybrid" / "seed0" / "result.json").stat().st_mtime == stored
+
+
+def test_ca_share_section_comes_first_and_covers_both_worlds(tmp_path):
+    out = tmp_path / "bench"
+    code = benchmark_main(["--output_dir", str(out), "--skip_quality", "--skip_cost", "--skip_speed",
+                           "--ca_samples", "16", "--ca_levels", "5"])
+    assert code == 0
+    report = (out / "benchmark.md").read_text()
+    assert report.index("CA share above each student input level") < report.index("Total time")
+    shares = json.loads((out / "ca_share.json").read_text())
+    assert set(shares) == {"mnist", "texture"}
+    for world, result in shares.items():
+        rows = result["student_steps"]
+        assert [row["step"] for row in rows] == [1, 2, 3, 4] and rows[0]["raw_share"] == 1.0, world
+        assert 0 < rows[3]["raw_share"] < rows[2]["raw_share"] < rows[1]["raw_share"] < 1, world
+        assert f"**{world}**" in report
+    assert shares["texture"]["student_steps"][3]["timestep"] == 249
+    assert (out / "ca_share.png").stat().st_size > 0
 
 
 def test_cost_measurement_of_lora_mode_on_the_demo_teacher(tmp_path):

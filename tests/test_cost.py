@@ -12,6 +12,7 @@ from decoupled_dmd.trainer.accounting import CostMeter, expected_forward_equival
 from decoupled_dmd.trainer.api import distill, plan_memory
 from decoupled_dmd.trainer.config import config_from_dict
 from decoupled_dmd.trainer.loop import list_states
+from decoupled_dmd.trainer.losses import normalize_update
 from decoupled_dmd.trainer.memory_plan import (
     GIB,
     MemoryPlanError,
@@ -30,6 +31,8 @@ def test_expected_forward_equivalents_by_hand():
     assert checkpointed == {"student": 18.0, "teacher": 3.0, "fake": 21.0, "total": 42.0}
     # original DMD: the CA cond prediction is the DM real prediction
     assert expected_forward_equivalents(4, 5, shared_levels=True)["teacher"] == 2.0
+    assert expected_forward_equivalents(4, 5, dm_cfg_reference=True)["teacher"] == 4.0
+    assert expected_forward_equivalents(4, 5, shared_levels=True, dm_cfg_reference=True)["teacher"] == 2.0
     # DMD2's sharing: the first fake update needs no simulation and no student forward
     assert expected_forward_equivalents(4, 5, share_generator_sample=True)["student"] == 1.5 + 3 + 4 * 2.5
     assert expected_forward_equivalents(1, 2, distribution_matching=False) == {
@@ -73,6 +76,46 @@ def test_one_batched_teacher_call_gives_the_two_call_update(tiny_model_dir, tmp_
     for name in ("delta_ca", "delta_dm", "x0_cfg", "x0_real_dm"):
         # float tolerance: a batch of 6 rows may take other kernels than batches of 4 and 2
         torch.testing.assert_close(getattr(results[0], name), getattr(results[1], name), rtol=1e-5, atol=1e-5)
+
+
+def test_per_term_cfg_normalises_dm_by_dmd2s_scale_at_its_own_level(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, update_normalization="per_term_cfg", guidance_scale=4.0)
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer._conditioning(PROMPTS[:2])
+    tau_ca = torch.tensor([0.4, 0.7], dtype=torch.float64)
+    tau_dm = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    trainer.random.generator.manual_seed(7)
+    trainer.meter.reset()
+    with torch.no_grad():
+        terms = trainer._update_terms(x, cond, tau_ca, tau_dm, shared=False)
+    assert trainer.meter.logs()["fe_teacher_forward"] == 4.0  # one unconditional call more, at tau_DM
+    # by hand: the same re-noised x_dm (the second draw after the seed), the teacher's two predictions there
+    trainer.random.generator.manual_seed(7)
+    for _ in range(2):
+        x_dm = trainer.adapter.schedule.renoise(x, trainer._randn(2), tau_dm)
+    with torch.no_grad():
+        cond_dm = trainer._x0("teacher", x_dm, tau_dm, cond)
+        uncond_dm = trainer._x0("teacher", x_dm, tau_dm, trainer._uncond(2))
+    torch.testing.assert_close(terms.x0_dm_reference, uncond_dm + 4.0 * (cond_dm - uncond_dm), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(terms.x0_dm_reference, terms.x0_real_dm)  # per_term's reference is cond alone
+
+
+def test_per_term_cfg_with_coupled_levels_is_dmd2s_shared_normaliser_bit_for_bit(tiny_model_dir, tmp_path):
+    tau = torch.tensor([0.4, 0.7], dtype=torch.float64)
+    updates = {}
+    for mode in ("per_term_cfg", "shared"):
+        trainer = make_trainer(tiny_model_dir, tmp_path / mode, renoise_schedule="coupled-shared",
+                               update_normalization=mode)
+        x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
+        cond = trainer._conditioning(PROMPTS[:2])
+        trainer.random.generator.manual_seed(7)
+        trainer.meter.reset()
+        with torch.no_grad():
+            terms = trainer._update_terms(x, cond, tau, tau, shared=True)
+        assert trainer.meter.logs()["fe_teacher_forward"] == 2.0  # the shared sample needs no extra call
+        updates[mode] = normalize_update(terms.delta_ca, terms.delta_dm, x, terms.x0_cfg, terms.x0_dm_reference, mode)
+    for got, want in zip(updates["per_term_cfg"], updates["shared"]):
+        assert torch.equal(got, want)
 
 
 def test_fast_role_switch_is_the_public_peft_switch(tiny_model_dir, tmp_path):

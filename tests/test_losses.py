@@ -21,7 +21,7 @@ from decoupled_dmd.trainer.losses import (
 
 
 def test_constants():
-    assert UPDATE_NORMALIZATIONS == ("per_term", "shared", "none")
+    assert UPDATE_NORMALIZATIONS == ("per_term", "per_term_cfg", "shared", "none")
     assert set(REGULARIZERS) == {"dm", "mean_variance", "none"}
 
 

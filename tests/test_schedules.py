@@ -532,3 +532,56 @@ def test_parse_student_timesteps_is_the_one_reader_of_a_written_grid():
         with pytest.raises(ValueError, match=words):
             parse_student_timesteps(bad, "timesteps")
     assert parse_student_timesteps([5, -3], minimum=None) == [5, -3]
+
+
+# --- timestep shift (flow teachers: SD3, Flux, Lumina, Z-Image) -------------------------------------------------
+def test_shift_level_by_hand():
+    from decoupled_dmd.trainer.schedules import shift_level, unshift_level
+
+    level = torch.tensor([0.0, 0.5, 0.75, 1.0], dtype=torch.float64)
+    # sigma = 1 - level; shift 3: 3 s / (1 + 2 s): 1 -> 1, 0.5 -> 0.75, 0.25 -> 0.5, 0 -> 0
+    assert torch.allclose(shift_level(level, 3.0), torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64))
+    assert torch.allclose(unshift_level(shift_level(level, 3.0), 3.0), level)
+    assert shift_level(level, 1.0) is level and unshift_level(level, 1.0) is level
+
+
+def test_shifted_renoise_levels_are_uniform_before_the_shift_by_hand():
+    from decoupled_dmd.trainer.schedules import sample_renoise_levels
+
+    t = torch.tensor([0.5, 0.25], dtype=torch.float64)  # shifted student levels (pre-shift 0.75 and 0.5)
+    lo, hi = 0.02, 0.98
+    tau_ca, tau_dm = sample_renoise_levels("decoupled-hybrid", t, (lo, hi), torch.Generator().manual_seed(4), 3.0)
+    unit = torch.Generator().manual_seed(4)
+    u_ca = torch.rand(2, generator=unit, dtype=torch.float64)
+    u_dm = torch.rand(2, generator=unit, dtype=torch.float64)
+
+    def pre(level):  # s = s' / (3 - 2 s') on s' = 1 - level
+        return 1.0 - (1.0 - level) / (3.0 - 2.0 * (1.0 - level))
+
+    def post(level):
+        return 1.0 - 3.0 * (1.0 - level) / (1.0 + 2.0 * (1.0 - level))
+
+    low_ca = torch.tensor([0.75, 0.5], dtype=torch.float64)  # max(t_pre, lo_pre)
+    assert torch.allclose(pre(t), low_ca)
+    want_ca = post(pre(hi) - (pre(hi) - low_ca) * u_ca)
+    want_dm = post(pre(hi) - (pre(hi) - pre(torch.tensor(lo, dtype=torch.float64))) * u_dm)
+    assert torch.allclose(tau_ca, want_ca) and torch.allclose(tau_dm, want_dm)
+    assert (tau_ca > t).all() and (tau_dm > lo).all() and (tau_dm <= hi).all()
+    # the shift spends more of the draws at noisy levels than uniform sampling does
+    many = torch.full((20000,), 0.0, dtype=torch.float64)
+    shifted = sample_renoise_levels("decoupled-hybrid", many, (lo, hi), torch.Generator().manual_seed(1), 3.0)[1]
+    plain = sample_renoise_levels("decoupled-hybrid", many, (lo, hi), torch.Generator().manual_seed(1))[1]
+    assert shifted.mean() < plain.mean() - 0.1
+
+
+def test_timestep_shift_is_refused_for_sd_teachers():
+    from decoupled_dmd.trainer.config import ConfigError, checked_timestep_bounds, config_from_dict
+    from decoupled_dmd.trainer.schedules import DiscreteVPSchedule, FlowSchedule
+
+    config = config_from_dict({"pretrained_model_name_or_path": "x", "timestep_shift": 3.0,
+                               "student_timesteps": [999, 900, 750, 500]})
+    assert checked_timestep_bounds(config, FlowSchedule()) == pytest.approx((0.02, 0.98))
+    with pytest.raises(ConfigError, match="timestep_shift: 3 is for flow-matching teachers"):
+        checked_timestep_bounds(config, DiscreteVPSchedule.scaled_linear())
+    with pytest.raises(ConfigError, match="timestep_shift"):
+        config_from_dict({"pretrained_model_name_or_path": "x", "timestep_shift": 0.0})

@@ -1,6 +1,7 @@
 """The accelerate trainer on tiny real models: what moves, what must not, resume, every method variant."""
 
 import json
+import math
 import os
 
 import pytest
@@ -219,3 +220,11 @@ def test_every_adapter_answers_whether_it_can_write_a_merged_checkpoint(tiny_mod
         make_trainer(tiny_model_dir, tmp_path, kind="tiny-flow", save_merged_checkpoint=True)
     identity = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15")).identity()
     assert len(identity["sha256"]) == 64 and os.sep not in identity["model"]
+
+
+def test_a_flow_teacher_trains_with_a_timestep_shift(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, kind="tiny-flow", timestep_shift=3.0,
+                           student_timesteps=[999, 900, 750, 500], max_train_steps=1)
+    logs = trainer.train_step()
+    assert all(math.isfinite(logs[k]) for k in ("loss_generator", "tau_ca", "tau_dm"))
+    assert 0.0 < logs["tau_dm"] <= 0.98 + 1e-9

@@ -22,14 +22,15 @@ BACKWARD_FE = 2.0  # a backward pass costs about two forwards (gradients w.r.t. 
 
 def expected_forward_equivalents(student_steps: int, fake_updates: int, cfg_augmentation: bool = True,
                                  distribution_matching: bool = True, shared_levels: bool = False,
-                                 gradient_checkpointing: bool = False, share_generator_sample: bool = False
-                                 ) -> dict[str, float]:
+                                 gradient_checkpointing: bool = False, share_generator_sample: bool = False,
+                                 dm_cfg_reference: bool = False) -> dict[str, float]:
     """Expected FEs of one generator update (Algorithm 1), by role, with the student step drawn uniformly.
 
     Backward simulation to step k costs k student forwards; k is uniform over 0..N-1, so (N - 1) / 2 on
     average, for the generator turn and for each fake update. A trained forward costs 1 + 2 (backward)
     (+ 1 recompute with gradient checkpointing). The teacher runs CA cond and uncond (2) and DM cond (1;
-    0 when the levels are shared and the CA cond prediction is reused, as original DMD). The fake runs
+    0 when the levels are shared and the CA cond prediction is reused, as original DMD; +1 uncond at tau_DM
+    for `dm_cfg_reference`, the per_term_cfg normaliser, unless the levels are shared). The fake runs
     once (no grad) in the generator turn and trains once per fake update. `share_generator_sample`
     trains the first fake update on the generator turn's own detached sample (DMD2): no simulation and no
     student forward for it.
@@ -42,7 +43,8 @@ def expected_forward_equivalents(student_steps: int, fake_updates: int, cfg_augm
         teacher += 2.0
     fake = 0.0
     if distribution_matching:
-        teacher += 0.0 if (shared_levels and cfg_augmentation) else 1.0
+        if not (shared_levels and cfg_augmentation):
+            teacher += 2.0 if dm_cfg_reference else 1.0
         fake += 1.0 + fake_updates * trained
         sampled = fake_updates - (1 if share_generator_sample and fake_updates else 0)
         student += sampled * (simulation + 1.0)

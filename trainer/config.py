@@ -102,8 +102,15 @@ class TrainConfig:
     mean_variance_target_var: float = _key(0.81, "Eq. 7 target per-image variance (SDXL latents: 0.81).",
                                            section="method")
     mean_variance_weight: float = _key(1.0, "Weight of the Eq. 7 loss.", section="method")
+    timestep_shift: float = _key(
+        1.0, "Flow teachers with a timestep shift (SD3, Flux, Lumina, Z-Image: e.g. 3): sample tau_CA ~ U(t_pre, 1], "
+        "tau_DM and the fake model's levels ~ U(0, 1] in pre-shift level, then shift each (shift * s / (1 + (shift - "
+        "1) * s) on s = 1 - level), as the Z-Image authors do; student_timesteps stay the model's own (shifted) "
+        "timesteps. 1 = no shift.", section="method")
     update_normalization: str = _key(
-        "per_term", "Normalise each term by mean|x - x0_real| (per_term, DMD2), both by one scale (shared), or none.",
+        "per_term", "Divide each term by the teacher's error at its own level: CA by mean|x - x0_cfg(tau_CA)| (DMD2's "
+        "scale), DM by mean|x - x0_cond(tau_DM)| (per_term) or by DMD2's mean|x - x0_cfg(tau_DM)| (per_term_cfg, one "
+        "more teacher call); both by the CA scale (shared, DMD2 with coupled levels); or none.",
         UPDATE_NORMALIZATIONS, section="method")
     dmd_loss_weight: float = _key(1.0, "lambda of the proxy loss ||x - sg(x + lambda * Delta)||^2.", section="method")
     fake_updates_per_step: int = _key(5, "Fake-model updates per generator update (TTUR; DMD2: 5).", section="method")
@@ -234,7 +241,7 @@ def validate(config: TrainConfig) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             _fail(f.name, f"{value!r} is not a finite number")
     for key in ("network_dim", "network_alpha", "max_train_steps", "train_batch_size", "learning_rate",
-                "mean_variance_target_var", "keep_last_n_states", "max_nonfinite_updates"):
+                "mean_variance_target_var", "keep_last_n_states", "max_nonfinite_updates", "timestep_shift"):
         positive(key)
     for key, upper, why in (("learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
                             ("fake_learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
@@ -243,6 +250,7 @@ def validate(config: TrainConfig) -> None:
                             ("dmd_loss_weight", 1e4, "the default is 1"),
                             ("mean_variance_weight", 1e4, "the default is 1"),
                             ("network_dim", 1024, "LoRA ranks are 4 .. 256"),
+                            ("timestep_shift", 100.0, "flow models use 1 .. 6"),
                             ("train_batch_size", 4096, "")):
         value = getattr(config, key)
         if value is not None and value > upper:
@@ -301,9 +309,13 @@ def resolution_problem(width: int, height: int) -> str | None:
 
 def checked_timestep_bounds(config: TrainConfig, schedule) -> tuple[float, float]:
     """The student timesteps and min/max_timestep checked against a teacher's schedule (ConfigError naming what
-    is out of range); returns the re-noising level bounds."""
-    from .schedules import check_student_timesteps, timestep_level_bounds
+    is out of range, or a timestep shift on a teacher that is not a flow model); returns the re-noising level
+    bounds."""
+    from .schedules import FlowSchedule, check_student_timesteps, timestep_level_bounds
 
+    if config.timestep_shift != 1.0 and not isinstance(schedule, FlowSchedule):
+        raise ConfigError(f"timestep_shift: {config.timestep_shift:g} is for flow-matching teachers (SD3, Flux, Lumina, "
+                          "Z-Image); this teacher is an SD (DDPM) model, whose timesteps need no shift: set it to 1")
     try:
         check_student_timesteps(schedule, config.student_timesteps, config.min_timestep)
         return timestep_level_bounds(schedule, config.min_timestep, config.max_timestep)

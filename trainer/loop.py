@@ -32,6 +32,7 @@ from .losses import (
     cfg_augmentation,
     classifier_free_guidance,
     distribution_matching,
+    dm_reference_is_cfg,
     mean_variance_kl,
     normalize_update,
     per_image_statistics,
@@ -44,7 +45,7 @@ from .sampling import few_step_sample, student_levels
 from .schedules import (
     renoise_levels_shared,
     sample_renoise_levels,
-    uniform_levels,
+    uniform_shifted_levels,
 )
 from .state import (
     check_resumable,
@@ -96,6 +97,7 @@ class _UpdateTerms:
     delta_dm: Tensor | None = None
     x0_cfg: Tensor | None = None
     x0_real_dm: Tensor | None = None
+    x0_dm_reference: Tensor | None = None  # what the DM term is normalised against (x0_real_dm or x0_cfg at tau_DM)
 
 
 @dataclass
@@ -395,7 +397,8 @@ class DecoupledDMDTrainer:
         with self.meter.phase("fake_update"):
             batch = x_gen.shape[0]
             low = torch.full((batch,), self.level_bounds[0], dtype=torch.float64)
-            tau = uniform_levels(low, self.level_bounds[1], self.random.generator).to(self.accelerator.device)
+            tau = uniform_shifted_levels(low, self.level_bounds[1], self.random.generator,
+                                         self.config.timestep_shift).to(self.accelerator.device)
             x_tau = self.adapter.schedule.renoise(x_gen, self._randn(batch), tau)
             x0_fake = self._x0("fake", x_tau, tau, cond, train=True)
             loss = weighted_denoising_loss(x0_fake, x_gen, self.adapter.fake_loss_weight(tau, self.config.fake_loss_target))
@@ -415,7 +418,7 @@ class DecoupledDMDTrainer:
         with torch.no_grad(), self.meter.phase("generator_teacher_fake"):
             terms = self._update_terms(x_gen.detach(), cond, tau_ca, tau_dm, shared)  # lines 13-26
         delta_ca, delta_dm = normalize_update(terms.delta_ca, terms.delta_dm, x_gen.detach(), terms.x0_cfg,
-                                              terms.x0_real_dm, config.update_normalization)
+                                              terms.x0_dm_reference, config.update_normalization)
         deltas = [d for d in (delta_ca, delta_dm) if d is not None]
         delta_total = sum(deltas) if deltas else None                            # line 27
         with self.meter.phase("generator_update"):
@@ -434,7 +437,7 @@ class DecoupledDMDTrainer:
     def _renoise_levels(self, t: Tensor) -> tuple[Tensor, Tensor, bool]:
         """(tau_CA, tau_DM, shared) for the student level t, from the configured schedule (Table 1)."""
         tau_ca, tau_dm = sample_renoise_levels(self.config.renoise_schedule, t.cpu(), self.level_bounds,
-                                               self.random.generator)
+                                               self.random.generator, self.config.timestep_shift)
         device = self.accelerator.device
         return tau_ca.to(device), tau_dm.to(device), renoise_levels_shared(self.config.renoise_schedule)
 
@@ -447,15 +450,19 @@ class DecoupledDMDTrainer:
         """
         config, schedule, batch = self.config, self.adapter.schedule, x_gen.shape[0]
         use_ca, use_dm = config.cfg_augmentation, config.regularizer == "dm"
+        reuse_ca = shared and use_ca  # original DMD: one re-noised sample serves both terms
+        dm_cfg = use_dm and dm_reference_is_cfg(config.update_normalization) and not reuse_ca
         rows: list[tuple[Tensor, Tensor, Conditioning]] = []
         if use_ca:
             x_ca = schedule.renoise(x_gen, self._randn(batch), tau_ca)
             rows += [(x_ca, tau_ca, cond), (x_ca, tau_ca, self._uncond(batch))]
         x_dm = None
         if use_dm:
-            x_dm = x_ca if (shared and use_ca) else schedule.renoise(x_gen, self._randn(batch), tau_dm)
-            if not (shared and use_ca):
+            x_dm = x_ca if reuse_ca else schedule.renoise(x_gen, self._randn(batch), tau_dm)
+            if not reuse_ca:
                 rows.append((x_dm, tau_dm, cond))
+            if dm_cfg:  # the unconditional half of DMD2's normaliser at tau_DM
+                rows.append((x_dm, tau_dm, self._uncond(batch)))
         predictions = []
         groups = [rows] if self.batch_teacher_rows else [rows[:2], rows[2:]]  # unbatched: CA pair, then DM
         for group in (g for g in groups if g):
@@ -466,7 +473,14 @@ class DecoupledDMDTrainer:
             terms.delta_ca = cfg_augmentation(x0_cond, x0_uncond, self.guidance_scale)
             terms.x0_cfg = classifier_free_guidance(x0_cond, x0_uncond, self.guidance_scale)
         if use_dm:
-            terms.x0_real_dm = predictions[0] if (shared and use_ca) else predictions[-1]
+            dm_index = 0 if reuse_ca else (2 if use_ca else 0)
+            terms.x0_real_dm = predictions[dm_index]
+            terms.x0_dm_reference = terms.x0_real_dm
+            if dm_cfg:
+                terms.x0_dm_reference = classifier_free_guidance(terms.x0_real_dm, predictions[dm_index + 1],
+                                                                 self.guidance_scale)
+            elif reuse_ca and dm_reference_is_cfg(config.update_normalization):
+                terms.x0_dm_reference = terms.x0_cfg
             terms.delta_dm = distribution_matching(terms.x0_real_dm, self._x0("fake", x_dm, tau_dm, cond))
         return terms
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .schedules import append_dims
 
-UPDATE_NORMALIZATIONS = ("per_term", "shared", "none")
+UPDATE_NORMALIZATIONS = ("per_term", "per_term_cfg", "shared", "none")
 REGULARIZERS = ("dm", "mean_variance", "none")
 
 
@@ -52,15 +52,22 @@ def normalize_update(
 ) -> tuple[Tensor | None, Tensor | None]:
     """Normalise the CA and DM terms of the generator update.
 
-    per_term: CA / mean|x - x0_cfg(tau_CA)| and DM / mean|x - x0_real(tau_DM)|, each term scaled by the
-        teacher's own error at its level (with coupled levels the CA scale is exactly DMD2's);
+    DMD2 divides its one update by mean|x - x0_cfg(tau)|, the CFG teacher's error at the (single) re-noise
+    level. With decoupled levels each term has its own level, hence the per-term modes; they differ only in
+    the DM reference the caller passes:
+
+    per_term: CA / mean|x - x0_cfg(tau_CA)| and DM / mean|x - x0_real_cond(tau_DM)|: the DM scale is the
+        conditional teacher's error, not DMD2's (it saves the unconditional call at tau_DM);
+    per_term_cfg: CA / mean|x - x0_cfg(tau_CA)| and DM / mean|x - x0_cfg(tau_DM)|, DMD2's normaliser at each
+        term's own level (one extra unconditional teacher call at tau_DM); with coupled levels both scales are
+        DMD2's one shared scale, bit for bit;
     shared: both terms / mean|x - x0_cfg(tau_CA)| (DMD2 in the coupled-shared setting), or the DM reference
         when there is no CA term;
     none: unchanged.
     """
     if mode == "none":
         return ca_term, dm_term
-    if mode == "per_term":
+    if mode in ("per_term", "per_term_cfg"):
         if ca_term is not None:
             ca_term = ca_term / append_dims(dmd_update_scale(x, x0_ca_reference), x.ndim)
         if dm_term is not None:
@@ -74,6 +81,11 @@ def normalize_update(
             None if dm_term is None else dm_term / scale,
         )
     raise ValueError(f"unknown update_normalization {mode!r}; expected one of {UPDATE_NORMALIZATIONS}")
+
+
+def dm_reference_is_cfg(mode: str) -> bool:
+    """Whether the DM term's normaliser needs the CFG prediction at tau_DM (one unconditional call there)."""
+    return mode == "per_term_cfg"
 
 
 def proxy_loss(x: Tensor, update: Tensor, weight: float = 1.0) -> Tensor:

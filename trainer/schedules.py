@@ -192,6 +192,34 @@ def uniform_levels(low: Tensor, high: float, generator: torch.Generator | None =
     return high - (high - low) * unit  # unit in [0, 1) puts tau in (low, high]
 
 
+def shift_level(level: Tensor, shift: float) -> Tensor:
+    """A pre-shift level to the shifted one: SD3 / Z-Image's timestep shift s' = shift * s / (1 + (shift - 1) s)
+    on the noise fraction s = 1 - level (a flow model's sigma). Identity (the same tensor) for shift 1."""
+    if shift == 1.0:
+        return level
+    sigma = 1.0 - level
+    return 1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
+def unshift_level(level: Tensor, shift: float) -> Tensor:
+    """Inverse of `shift_level`: s = s' / (shift - (shift - 1) s')."""
+    if shift == 1.0:
+        return level
+    sigma = 1.0 - level
+    return 1.0 - sigma / (shift - (shift - 1.0) * sigma)
+
+
+def uniform_shifted_levels(low: Tensor, high: float, generator: torch.Generator | None = None,
+                           shift: float = 1.0) -> Tensor:
+    """tau uniform in pre-shift level between the pre-shift images of (low, high], then shifted: with shift 1
+    exactly `uniform_levels`."""
+    if shift == 1.0:
+        return uniform_levels(low, high, generator)
+    low = torch.as_tensor(low, dtype=torch.float64)
+    high_pre = float(unshift_level(torch.tensor(float(high), dtype=torch.float64), shift))
+    return shift_level(uniform_levels(unshift_level(low, shift), high_pre, generator), shift)
+
+
 def renoise_levels_shared(schedule_name: str) -> bool:
     """Whether `schedule_name` re-noises CA and DM at one shared level (original DMD: one sample, one tau)."""
     if schedule_name not in RENOISE_SCHEDULES:
@@ -204,6 +232,7 @@ def sample_renoise_levels(
     student_level: Tensor,
     level_bounds: tuple[float, float],
     generator: torch.Generator | None = None,
+    shift: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Re-noise levels (tau_CA, tau_DM) for one generator update (Table 1 of the paper).
 
@@ -212,20 +241,27 @@ def sample_renoise_levels(
     decoupled-full: independent tau_CA, tau_DM ~ U(lo, hi];
     decoupled-constrained: both ~ U(max(t, lo), hi];
     decoupled-hybrid: tau_CA ~ U(max(t, lo), hi] (only what the student has not resolved yet), tau_DM ~ U(lo, hi].
+    With a timestep `shift` the uniform draws are in pre-shift level (t, lo and hi mapped back by
+    `unshift_level`) and each tau is shifted after (the Z-Image authors' recipe); the shift is monotone, so
+    tau_CA > t still holds.
     """
     lo, hi = level_bounds
     student_level = torch.as_tensor(student_level, dtype=torch.float64)
     full_low = torch.full_like(student_level, lo)
     constrained_low = student_level.clamp(min=lo)
+
+    def draw(low: Tensor) -> Tensor:
+        return uniform_shifted_levels(low, hi, generator, shift)
+
     if schedule_name == "coupled-shared":
-        tau = uniform_levels(full_low, hi, generator)
+        tau = draw(full_low)
         return tau, tau.clone()
     if schedule_name == "decoupled-full":
-        return uniform_levels(full_low, hi, generator), uniform_levels(full_low, hi, generator)
+        return draw(full_low), draw(full_low)
     if schedule_name == "decoupled-constrained":
-        return uniform_levels(constrained_low, hi, generator), uniform_levels(constrained_low, hi, generator)
+        return draw(constrained_low), draw(constrained_low)
     if schedule_name == "decoupled-hybrid":
-        return uniform_levels(constrained_low, hi, generator), uniform_levels(full_low, hi, generator)
+        return draw(constrained_low), draw(full_low)
     raise ValueError(f"unknown renoise_schedule {schedule_name!r}; expected one of {RENOISE_SCHEDULES}")
 
 

@@ -1,0 +1,147 @@
+"""The texture world: procedural, text-conditioned 32x32 RGB images made in code (no download, seeded, unlimited).
+
+Each image is one shape (circle, square, triangle) in a colour, filled with a fine texture (solid, diagonal
+stripes of period 4, dots every 2 px, 2-px checks), on a plain background; its prompt names all four
+attributes: "a red striped circle on a gray background". The textures are aligned to the pixel grid, so the
+prompt fixes them exactly, and they have the shape colour's mean brightness, so nothing but the fine
+structure tells them apart (every period divides 4, the stride of the UNet's two down-samplings, so a
+convolutional teacher can place the marks on the grid): layout and colour resolve at noisy levels, the texture only at clean ones
+(`dmd-benchmark --world texture` measures how much of the CFG effect lies there, the paper's case for
+SDXL). The teacher is an SD-style epsilon model on SDXL's scaled_linear 1000-step schedule.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor
+
+IMAGE_SIZE = 32
+ATTRIBUTES = {
+    "colour": ("red", "green", "blue", "yellow"),
+    "texture": ("solid", "striped", "dotted", "checkered"),
+    "shape": ("circle", "square", "triangle"),
+    "background": ("black", "gray", "white"),
+}
+PROMPT_TEMPLATE = "a {colour} {texture} {shape} on a {background} background"
+WORDS = ("a", "on", "background", *itertools.chain.from_iterable(ATTRIBUTES.values()))
+TOKEN_LENGTH = 12  # 8 words and the two specials fit
+# Shape colours stay below 0.76 per channel, so the brightest texture mark (x 1.25) plus jitter never clips
+# and every fill keeps its colour's mean exactly.
+COLOURS = {"red": (0.76, 0.12, 0.12), "green": (0.12, 0.62, 0.16), "blue": (0.16, 0.24, 0.76),
+           "yellow": (0.76, 0.68, 0.12)}
+BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.50, 0.50, 0.50), "white": (0.95, 0.95, 0.95)}
+TEXTURE_CONTRAST = 0.5  # relative brightness swing of a texture's marks around the shape colour
+COLOUR_JITTER = 0.02
+
+
+def texture_pattern(name: str, size: int = IMAGE_SIZE) -> Tensor:
+    """The texture's marks (size, size) in {0, 1}, fixed to the pixel grid."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    if name == "solid":
+        return torch.zeros(size, size)
+    if name == "striped":  # diagonal stripes, 2 px on / 2 px off along each row
+        return (((x + y) % 4) < 2).float()
+    if name == "dotted":  # one dot per 2x2 cell
+        return ((x % 2 == 0) & (y % 2 == 0)).float()
+    if name == "checkered":  # 2x2-pixel checks
+        return (((x // 2) + (y // 2)) % 2).float()
+    raise ValueError(f"unknown texture {name!r}; one of {ATTRIBUTES['texture']}")
+
+
+def shape_mask(name: str, cx: Tensor, cy: Tensor, radius: Tensor, size: int = IMAGE_SIZE) -> Tensor:
+    """Masks (B, size, size) in {0, 1} of shapes centred at (cx, cy) with the given radius (pixel units)."""
+    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    y, x = grid.view(1, -1, 1), grid.view(1, 1, -1)
+    cx, cy, radius = cx.view(-1, 1, 1), cy.view(-1, 1, 1), radius.view(-1, 1, 1)
+    if name == "circle":
+        return ((x - cx) ** 2 + (y - cy) ** 2 <= radius**2).float()
+    if name == "square":
+        half = radius * 0.85
+        return (((x - cx).abs() <= half) & ((y - cy).abs() <= half)).float()
+    if name == "triangle":  # apex up, base below the centre
+        top, bottom = cy - radius, cy + 0.75 * radius
+        return ((y >= top) & (y <= bottom) & ((x - cx).abs() <= 0.65 * (y - top))).float()
+    raise ValueError(f"unknown shape {name!r}; one of {ATTRIBUTES['shape']}")
+
+
+def make_prompt(attributes: dict[str, int]) -> str:
+    """The prompt of an attribute assignment {'colour': index, ...}."""
+    return PROMPT_TEMPLATE.format(**{k: ATTRIBUTES[k][int(v)] for k, v in attributes.items()})
+
+
+def parse_prompt(prompt: str) -> dict[str, int]:
+    """Attribute indices a prompt asks for, or a ValueError naming the words each attribute accepts."""
+    words = prompt.lower().split()
+    found: dict[str, int] = {}
+    for name, values in ATTRIBUTES.items():
+        hits = [values.index(w) for w in words if w in values]
+        if name == "background":  # "... on a <colour> background": the word before "background"
+            hits = [values.index(words[i - 1]) for i, w in enumerate(words) if w == "background" and i
+                    and words[i - 1] in values]
+        if len(hits) != 1:
+            raise ValueError(f"prompt {prompt!r} must name one {name}: one of {', '.join(values)}")
+        found[name] = hits[0]
+    return found
+
+
+def all_prompts() -> list[str]:
+    """Every attribute combination once (4 x 4 x 3 x 3 = 144 prompts), in a fixed order."""
+    names = list(ATTRIBUTES)
+    return [make_prompt(dict(zip(names, combo)))
+            for combo in itertools.product(*(range(len(ATTRIBUTES[n])) for n in names))]
+
+
+def evaluation_prompts() -> list[str]:
+    """The 16 evaluation prompts: every colour with every texture, shapes and backgrounds in rotation."""
+    out = []
+    for index, (colour, texture) in enumerate(itertools.product(range(4), range(4))):
+        out.append(make_prompt({"colour": colour, "texture": texture, "shape": index % 3,
+                                "background": (index // 3 + index) % 3}))
+    return out
+
+
+def render(attributes: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+    """Images (B, 3, 32, 32) in [-1, 1] for per-sample attribute indices; position, size and colour jitter drawn
+    from `generator`."""
+    count = len(attributes["colour"])
+    cx = 11.0 + 10.0 * torch.rand(count, generator=generator)
+    cy = 11.0 + 10.0 * torch.rand(count, generator=generator)
+    radius = 7.0 + 3.5 * torch.rand(count, generator=generator)
+    jitter = (COLOUR_JITTER * torch.randn(count, 3, 1, 1, generator=generator)).clamp(-0.04, 0.04)
+    colours = torch.tensor([COLOURS[c] for c in ATTRIBUTES["colour"]])[attributes["colour"]].view(-1, 3, 1, 1)
+    backgrounds = torch.tensor([BACKGROUNDS[b] for b in ATTRIBUTES["background"]])[attributes["background"]]
+    patterns = torch.stack([texture_pattern(t) for t in ATTRIBUTES["texture"]])[attributes["texture"]]
+    # zero-mean marks: a texture keeps the shape colour's mean brightness, so only fine structure tells it
+    modulation = 1.0 - TEXTURE_CONTRAST * (patterns - patterns.mean(dim=(1, 2), keepdim=True))
+    mask = torch.zeros(count, IMAGE_SIZE, IMAGE_SIZE)
+    for index, name in enumerate(ATTRIBUTES["shape"]):
+        rows = attributes["shape"] == index
+        if rows.any():
+            mask[rows] = shape_mask(name, cx[rows], cy[rows], radius[rows])
+    fill = ((colours + jitter) * modulation[:, None]).clamp(0.0, 1.0)
+    background = (backgrounds.view(-1, 3, 1, 1) + jitter * 0.5).clamp(0.0, 1.0)
+    images = mask[:, None] * fill + (1.0 - mask[:, None]) * background
+    return images * 2.0 - 1.0
+
+
+def sample_attributes(count: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Uniform independent attribute indices for `count` images."""
+    return {name: torch.randint(len(values), (count,), generator=generator) for name, values in ATTRIBUTES.items()}
+
+
+def sample_world(count: int, seed: int = 0) -> tuple[Tensor, list[str], dict[str, Tensor]]:
+    """`count` images of the world with their prompts and attribute indices, reproducible from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    attributes = sample_attributes(count, generator)
+    images = render(attributes, generator)
+    prompts = [make_prompt({k: v[i] for k, v in attributes.items()}) for i in range(count)]
+    return images, prompts, attributes
+
+
+def render_prompts(prompts: list[str], seed: int = 0) -> Tensor:
+    """Real images for given prompts (one per prompt, seeded): the world's own answer to each prompt."""
+    parsed = [parse_prompt(p) for p in prompts]
+    attributes = {name: torch.tensor([p[name] for p in parsed]) for name in ATTRIBUTES}
+    return render(attributes, torch.Generator().manual_seed(seed))

@@ -1,0 +1,187 @@
+"""The demo's two worlds, behind one interface the demo, the benchmark and the metrics use.
+
+- `texture` (default): the procedural texture world (texture.py) with an SD-style epsilon teacher on SDXL's
+  noise process and student grid; its CFG effect reaches clean levels, where the paper's claim lives.
+- `mnist`: handwritten digits with a flow-matching teacher; its guidance acts almost only at noisy levels.
+
+A world names its shipped teacher, classifier and reference, its prompts (for training and evaluation), the
+attributes a prompt asks for (one classifier head each), real images for a list of prompts, and the student
+grid with SDXL's signal-to-noise ratios.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import models
+
+
+def sdxl_student_timesteps(steps: int) -> list[int]:
+    """DMD2's SDXL student grids: 999 / 999, 499 / 999, 749, 499, 249; uniform for other step counts."""
+    return [999 - round(1000 * i / steps) for i in range(steps)]
+
+
+class World:
+    name = ""
+    teacher_dir = ""
+    classifier_file = ""
+    reference_file = ""
+    classifier_kind: type = models.DigitClassifier
+    attributes: dict[str, tuple[str, ...]] = {}
+    settings: dict = {}  # TrainConfig values this world's runs use over experiment.BASE_SETTINGS
+
+    def prompts(self) -> list[str]:
+        """The prompts students are trained on."""
+        raise NotImplementedError
+
+    def grid_prompts(self) -> list[str]:
+        """One prompt per column of the demo grid (and per group of the evaluation set)."""
+        raise NotImplementedError
+
+    def column_title(self, prompt: str) -> str:
+        raise NotImplementedError
+
+    def labels(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Class index each prompt asks for, per attribute."""
+        raise NotImplementedError
+
+    def real_images(self, prompts: list[str], seed: int = 0) -> Tensor:
+        """Real images answering `prompts` (one each), (N, C, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def student_timesteps(self, steps: int) -> list[int]:
+        raise NotImplementedError
+
+    def evaluation_prompts(self, per_prompt: int) -> list[str]:
+        """Each grid prompt `per_prompt` times, grouped by prompt."""
+        return [prompt for prompt in self.grid_prompts() for _ in range(per_prompt)]
+
+    def load_classifier(self):
+        return models.load_classifier(self.classifier_file, self.classifier_kind)
+
+    def teacher_info(self) -> dict:
+        return models.teacher_info(self.teacher_dir)
+
+
+class MnistWorld(World):
+    name = "mnist"
+    teacher_dir = models.TEACHER_DIR
+    classifier_file = models.CLASSIFIER_FILE
+    reference_file = models.REFERENCE_FILE
+    classifier_kind = models.DigitClassifier
+
+    @property
+    def attributes(self):
+        from .data import DIGIT_WORDS
+
+        return {"digit": DIGIT_WORDS}
+
+    def prompts(self) -> list[str]:
+        from .data import demo_prompts
+
+        return demo_prompts()
+
+    def grid_prompts(self) -> list[str]:
+        return self.prompts()
+
+    def column_title(self, prompt: str) -> str:
+        return prompt.split()[-1]
+
+    def labels(self, prompts: list[str]) -> dict[str, Tensor]:
+        from .data import prompt_label
+
+        return {"digit": torch.tensor([prompt_label(p) for p in prompts])}
+
+    def real_images(self, prompts: list[str], seed: int = 0) -> Tensor:
+        """Shipped held-out test digits of the asked labels (cycled when a label is asked more often)."""
+        images, labels = _heldout()
+        wanted = self.labels(prompts)["digit"]
+        generator = torch.Generator().manual_seed(seed)
+        out = []
+        for label in range(10):
+            rows = (wanted == label).nonzero().flatten()
+            pool = (torch.from_numpy(labels) == label).nonzero().flatten()
+            if len(rows):
+                pool = pool[torch.randperm(len(pool), generator=generator)]
+                out.append((rows, pool[torch.arange(len(rows)) % len(pool)]))
+        result = torch.empty(len(prompts), *images.shape[1:])
+        for rows, pick in out:
+            result[rows] = torch.from_numpy(images[pick.numpy()])
+        return result
+
+    def student_timesteps(self, steps: int) -> list[int]:
+        from .experiment import flow_timesteps_matching_sdxl
+
+        return flow_timesteps_matching_sdxl(steps)
+
+
+class TextureWorld(World):
+    name = "texture"
+    teacher_dir = models.TEXTURE_TEACHER_DIR
+    classifier_file = models.TEXTURE_CLASSIFIER_FILE
+    reference_file = models.TEXTURE_REFERENCE_FILE
+    classifier_kind = models.TextureClassifier
+    # Eq. 7's targets: the real images' per-image mean and variance (4,000 images of seed 99)
+    settings = {"mean_variance_target_mean": -0.03, "mean_variance_target_var": 0.164}
+
+    @property
+    def attributes(self):
+        from .texture import ATTRIBUTES
+
+        return dict(ATTRIBUTES)
+
+    def prompts(self) -> list[str]:
+        from .texture import all_prompts
+
+        return all_prompts()
+
+    def grid_prompts(self) -> list[str]:
+        from .texture import evaluation_prompts
+
+        return evaluation_prompts()
+
+    def column_title(self, prompt: str) -> str:
+        from .texture import parse_prompt
+
+        chosen = parse_prompt(prompt)
+        return "\n".join(self.attributes[name][chosen[name]] for name in ("colour", "texture", "shape"))
+
+    def labels(self, prompts: list[str]) -> dict[str, Tensor]:
+        from .texture import parse_prompt
+
+        parsed = [parse_prompt(p) for p in prompts]
+        return {name: torch.tensor([p[name] for p in parsed]) for name in self.attributes}
+
+    def real_images(self, prompts: list[str], seed: int = 0) -> Tensor:
+        from .texture import render_prompts
+
+        return render_prompts(prompts, seed)
+
+    def student_timesteps(self, steps: int) -> list[int]:
+        return sdxl_student_timesteps(steps)
+
+
+WORLDS = {"texture": TextureWorld, "mnist": MnistWorld}
+
+
+def get_world(name: str = "texture") -> World:
+    """The world called `name` (texture or mnist), or a ValueError naming both."""
+    if isinstance(name, World):
+        return name
+    if name not in WORLDS:
+        raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLDS)}")
+    return WORLDS[name]()
+
+
+_HELDOUT: tuple | None = None
+
+
+def _heldout():
+    global _HELDOUT
+    if _HELDOUT is None:
+        from .data import load_heldout
+
+        images, labels = load_heldout()
+        _HELDOUT = (images, labels)
+    return _HELDOUT
