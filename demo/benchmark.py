@@ -4,7 +4,10 @@ Quality: 1-, 2- and 4-step students, several seeds, mean and spread of the class
 adherence, Frechet distance to the teacher's CFG samples, saturation) over training, for
 - the four re-noising schedules (Table 1: coupled-shared, decoupled-full, decoupled-constrained, decoupled-hybrid);
 - CA + DM, CA only, DM only, CA + mean-variance KL (Fig. 2 and 3);
-- the update normalisation: per_term (DMD2), none, shared.
+- the update normalisation: per_term, per_term_cfg (DMD2's at each term's level), none, shared;
+- a guidance sweep (the CA term's alpha) for decoupled-hybrid and coupled-shared.
+Before any training it measures where each teacher's CFG effect lives (the CA share above each student
+input level, ca_share.py), and after training compares each student step with the teacher on the same input.
 Runs go two at a time (one CPU thread each) in worker processes; each run's result is a JSON file, so an
 interrupted benchmark continues where it stopped. Writes benchmark.md (tables and gates) and PNG plots.
 
@@ -40,6 +43,12 @@ VARIANTS = {
     "CA + mean-variance KL": ("regularizer", {"regularizer": "mean_variance"}),
     "normalization none": ("normalization", {"update_normalization": "none"}),
     "normalization shared": ("normalization", {"update_normalization": "shared"}),
+    "normalization per_term_cfg": ("normalization", {"update_normalization": "per_term_cfg"}),
+    # the guidance sweep (alpha of the CA term; the teacher's recommended scale is the baseline's)
+    "hybrid cfg 2": ("guidance", {"guidance_scale": 2.0}),
+    "hybrid cfg 5": ("guidance", {"guidance_scale": 5.0}),
+    "coupled cfg 2": ("guidance", {"renoise_schedule": "coupled-shared", "guidance_scale": 2.0}),
+    "coupled cfg 5": ("guidance", {"renoise_schedule": "coupled-shared", "guidance_scale": 5.0}),
     # the speed options that change the random stream (not the math), on the coupled schedule
     "coupled + batch_fake_samples": ("speed options", {"renoise_schedule": "coupled-shared", "batch_fake_samples": True}),
     "coupled + batched + share_generator_sample": ("speed options", {"renoise_schedule": "coupled-shared",
@@ -155,6 +164,27 @@ def _mean_spread(values: list[float]) -> tuple[float, float, float, float]:
     return float(np.mean(array)), float(np.std(array)), float(np.min(array)), float(np.max(array))
 
 
+SAME_INPUT_ROLES = ("student", "teacher_cond", "teacher_cfg")
+
+
+def _same_input_means(runs: list[dict]) -> list[dict]:
+    """Per student step, the seeds' mean Frechet (to the teacher's CFG samples) and adherence of the student,
+    the conditional teacher and the CFG teacher on the student's own input."""
+    per_run = [r.get("same_input") or [] for r in runs]
+    if not per_run or not all(per_run):
+        return []
+    out = []
+    for index in range(min(len(p) for p in per_run)):
+        entry = {"step": index + 1}
+        for role in SAME_INPUT_ROLES:
+            for key in ("frechet", "adherence", "accuracy_texture"):
+                values = [p[index][role].get(key) for p in per_run]
+                if all(v is not None for v in values):
+                    entry[f"{role}_{key}"] = float(np.mean(values))
+        out.append(entry)
+    return out
+
+
 def summarize(results: list[dict], floor: float | None) -> dict:
     """Per (steps, variant): the final metrics' mean, std, min, max over seeds, and the pairwise gates."""
     table: dict = {}
@@ -168,6 +198,7 @@ def summarize(results: list[dict], floor: float | None) -> dict:
         finals = [r["history"][-1] for r in runs]
         for key in [k for k in finals[0] if isinstance(finals[0][k], (int, float))]:
             row[key] = _mean_spread([f.get(key, math.nan) for f in finals])
+        row["same_input"] = _same_input_means(runs)
         row["per_seed_frechet"] = {r["seed"]: r["history"][-1].get("frechet") for r in runs}
         row["per_seed_adherence"] = {r["seed"]: r["history"][-1].get("adherence") for r in runs}
         summary["rows"][f"{steps}|{name}"] = row
@@ -259,6 +290,17 @@ def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float 
                 cells = [f"{r[f'step{k}_adherence'][0]:.3f} / {r[f'step{k}_frechet'][0]:.1f}" for k in range(1, steps)]
                 cells.append(f"{r['adherence'][0]:.3f} / {r['frechet'][0]:.1f}")
                 lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        same = [r for r in rows if r.get("same_input") and "student_frechet" in r["same_input"][0]]
+        if same:
+            lines += ["", "Same input, per student step (final checkpoint): Frechet to the teacher's CFG samples of the "
+                      "student's x0 / the teacher's conditional x0 / the teacher's CFG x0, all on the student's own "
+                      "input of that step (a student worse than the teacher there took a bad step; a teacher bad "
+                      "there was handed a bad input).", "",
+                      "| variant | " + " | ".join(f"step {k}" for k in range(1, steps + 1)) + " |",
+                      "| --- | " + " | ".join("---" for _ in range(steps)) + " |"]
+            for r in same:
+                cells = [" / ".join(f"{e[f'{role}_frechet']:.1f}" for role in SAME_INPUT_ROLES) for e in r["same_input"]]
+                lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Gates", "", "| claim | holds | detail |", "| --- | --- | --- |"]
     for gate in summary["gates"]:
@@ -276,7 +318,7 @@ def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]
                ("saturation", "saturated pixel fraction"), ("image_var", "per-image variance"),
                ("image_mean", "per-image mean"), ("top1", "top-1 accuracy")]
     for steps in sorted({r["steps"] for r in results}):
-        for group in ("schedule", "regularizer", "normalization", "speed options"):
+        for group in ("schedule", "regularizer", "normalization", "guidance", "speed options"):
             reference = "coupled-shared" if group == "speed options" else BASELINE
             series: dict = {}
             for data in results:

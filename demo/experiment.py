@@ -78,6 +78,7 @@ class RunResult:
     name: str
     settings: dict
     history: list[dict] = field(default_factory=list)  # one entry per evaluation: step and metrics
+    same_input: list[dict] = field(default_factory=list)  # the final student against the teacher, step by step
     seconds: float = 0.0
     seconds_per_step: float = 0.0
     student_file: str = ""
@@ -88,7 +89,8 @@ class RunResult:
         return self.history[-1] if self.history else {}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "settings": self.settings, "history": self.history, "seconds": self.seconds,
+        return {"name": self.name, "settings": self.settings, "history": self.history, "same_input": self.same_input,
+                "seconds": self.seconds,
                 "seconds_per_step": self.seconds_per_step, "student_file": self.student_file}
 
 
@@ -108,6 +110,42 @@ def sample_student(trainer: DecoupledDMDTrainer, prompts: list[str], seed: int) 
     noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
     cond = trainer._conditioning(prompts)
     return student_trajectory(trainer.denoiser("student"), noise, trainer.levels, cond, generator)
+
+
+class _RecordingDenoiser:
+    """A denoiser that keeps every input it is called with (the student's own inputs, step by step)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.schedule, self.inputs = denoiser, denoiser.schedule, []
+
+    def __call__(self, x_t: Tensor, level: Tensor, cond) -> Tensor:
+        self.inputs.append((x_t, level))
+        return self.denoiser(x_t, level, cond)
+
+
+@torch.no_grad()
+def same_input_comparison(trainer: DecoupledDMDTrainer, evaluator: Evaluator, prompts: list[str],
+                          seed: int = EVAL_SEED) -> list[dict]:
+    """Per student step, on the student's own input of that step: metrics of the student's x0, the teacher's
+    conditional x0 and the teacher's CFG x0. A step whose student output is worse than the teacher's on the
+    same input is a bad step; one where the teacher is bad too was handed a bad input."""
+    from ..trainer.denoiser import batched_x0
+    from ..trainer.losses import classifier_free_guidance
+    from ..trainer.sampling import few_step_sample
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
+    cond, uncond = trainer._conditioning(prompts), trainer._uncond(len(prompts))
+    recorder, outputs = _RecordingDenoiser(trainer.denoiser("student")), []
+    few_step_sample(recorder, noise, trainer.levels, cond, generator=generator,
+                    callback=lambda index, x0: outputs.append(x0))
+    teacher, rows = trainer.denoiser("teacher"), []
+    for index, ((x_t, level), student_x0) in enumerate(zip(recorder.inputs, outputs)):
+        x0_cond, x0_uncond = batched_x0(teacher, [(x_t, level, cond), (x_t, level, uncond)])
+        x0_cfg = classifier_free_guidance(x0_cond, x0_uncond, trainer.guidance_scale)
+        rows.append({"step": index + 1, "level": float(level[0]), "student": evaluator(student_x0, prompts),
+                     "teacher_cond": evaluator(x0_cond, prompts), "teacher_cfg": evaluator(x0_cfg, prompts)})
+    return rows
 
 
 def evaluate_student(trainer, evaluator: Evaluator, prompts: list[str], seed: int = EVAL_SEED) -> dict:
@@ -169,6 +207,7 @@ def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int
     result.history.append({"step": 0, **evaluate_student(trainer, evaluator, prompts)})
     result.student_file = trainer.train()
     result.history.append({"step": trainer.step, **evaluate_student(trainer, evaluator, prompts)})
+    result.same_input = same_input_comparison(trainer, evaluator, prompts)
     result.seconds = time.time() - started
     log_file = os.path.join(trainer.logging_dir, "metrics.jsonl")
     if os.path.isfile(log_file):

@@ -140,12 +140,12 @@ class DigitClassifier(nn.Module):
 
 class TextureClassifier(nn.Module):
     """The texture world's attribute classifier: a CNN on 32x32 RGB in [-1, 1], 64-d features (Frechet
-    distance), one head per attribute (colour, texture, shape, background)."""
+    distance), one head per attribute (colour, texture, shape, and the unnamed background)."""
 
     feature_dim = 64
 
     def __init__(self):
-        from .texture import ATTRIBUTES
+        from .texture import SCENE_ATTRIBUTES as ATTRIBUTES
 
         super().__init__()
         self.body = nn.Sequential(

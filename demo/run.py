@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 
-from .data import demo_prompts
 from .experiment import (
     BASE_SETTINGS,
     EVAL_SEED,
@@ -28,77 +27,94 @@ from .experiment import (
     run_distillation,
     sample_student,
 )
-from .metrics import Evaluator, evaluation_prompts, teacher_samples
-from .models import REFERENCE_FILE, TEACHER_DIR, teacher_info
+from .metrics import Evaluator, teacher_samples
 from .plots import save_labelled_grid, save_training_curves
+from .worlds import get_world
 
 logger = logging.getLogger("decoupled_dmd.demo")
 
-# The demo's method settings (docs/demo.md says why): CA + DM on a student grid with SDXL's signal-to-noise
-# ratios, with the coupled (original DMD) schedule: on this teacher the benchmark's 4-step decoupled-hybrid
-# student washes its last two steps out and loses to the coupled one on every seed.
+# The demo's method settings per world (docs/demo.md says why). MNIST: CA + DM on a student grid with SDXL's
+# signal-to-noise ratios, with the coupled (original DMD) schedule: on this teacher the benchmark's 4-step
+# decoupled-hybrid student washes its last two steps out and loses to the coupled one on every seed.
 DEMO_SETTINGS = dict(BASE_SETTINGS, renoise_schedule="coupled-shared",
                      student_timesteps=flow_timesteps_matching_sdxl(4), max_train_steps=200)
+WORLD_DEMO_SETTINGS = {
+    "mnist": DEMO_SETTINGS,
+    "texture": dict(BASE_SETTINGS, renoise_schedule="coupled-shared", student_timesteps=[999, 749, 499, 249],
+                    max_train_steps=200),
+}
 GRID_SEEDS = (0, 1)
+COMPARISON_STEPS = 8  # the teacher with CFG at 8 steps (16 NFE): what the 4-step student must match
 
 
-def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_prompt: int = 50,
-             seed: int = 0, teacher_dir: str = TEACHER_DIR, teacher_steps: int = 50, settings: dict | None = None,
-             reference_file: str = REFERENCE_FILE, should_stop=None) -> dict:
+def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_prompt: int | None = None,
+             seed: int = 0, teacher_dir: str | None = None, teacher_steps: int = 50, settings: dict | None = None,
+             reference_file: str | None = None, should_stop=None, world="mnist") -> dict:
     """Train the demo student and write the results folder; returns the metrics written to metrics.json.
 
     `should_stop` (checked between updates) ends training early; the results are then those of the student
     trained so far."""
     started = time.time()
+    world = get_world(world)
+    teacher_dir = teacher_dir or world.teacher_dir
     os.makedirs(output_dir, exist_ok=True)
-    values = dict(DEMO_SETTINGS, seed=seed, **(settings or {}))
+    values = dict(WORLD_DEMO_SETTINGS[world.name], seed=seed, **(settings or {}))
     if max_train_steps is not None:
         values["max_train_steps"] = max_train_steps
-    evaluator = Evaluator(reference_file)
+    if eval_per_prompt is None:  # about 500 evaluation samples
+        eval_per_prompt = max(1, 500 // len(world.grid_prompts()))
+    evaluator = Evaluator(reference_file, world=world)
     training_dir = os.path.join(output_dir, "training")
     shutil.rmtree(training_dir, ignore_errors=True)  # a fresh run: the trainer would resume nothing anyway
-    logger.info("training: %d generator updates of a %d-step student (the bar below), then about half a minute "
+    logger.info("training: %d generator updates of a %d-step student (the bar below), then about a minute "
                 "of evaluation", values["max_train_steps"], len(values["student_timesteps"]))
     result, trainer = run_distillation("demo", values, training_dir, eval_every=0, eval_per_prompt=eval_per_prompt,
                                        evaluator=evaluator, teacher_dir=teacher_dir, keep_trainer=True,
-                                       should_stop=should_stop)
+                                       should_stop=should_stop, world=world)
     train_seconds = time.time() - started
     guidance = trainer.guidance_scale
     steps = len(trainer.levels)
     if trainer.step < values["max_train_steps"]:
         logger.info("stopped at update %d of %d: the student and a resumable state are in %s; evaluating this "
                     "student (Ctrl-C again to quit now)", trainer.step, values["max_train_steps"], training_dir)
-    logger.info("evaluating: sampling %d student and teacher images, then the grid, curves and metrics",
-                10 * eval_per_prompt)
+    prompts = world.evaluation_prompts(eval_per_prompt)
+    logger.info("evaluating: sampling %d student and teacher images, then the grid, curves and metrics", len(prompts))
 
-    # The evaluation set: the ten digit prompts, `eval_per_prompt` seeds each, one noise draw shared by all.
-    prompts = evaluation_prompts(eval_per_prompt)
+    # The evaluation set: each grid prompt `eval_per_prompt` times, one noise draw shared by all rows.
     teacher = trainer.denoiser("teacher")  # the base with the LoRA adapters off, as the trainer runs it
     student = sample_student(trainer, prompts, EVAL_SEED)[-1]
-    teacher_few = teacher_samples(trainer.adapter, prompts, EVAL_SEED, guidance, steps=steps, denoiser=teacher)
-    metrics = {"student": evaluator(student, prompts), "teacher_few_steps_cfg": evaluator(teacher_few, prompts)}
-    info = teacher_info(teacher_dir)
+    nfe_steps = max(1, steps // 2)  # CFG costs two network calls a step: the teacher at the student's NFE
+
+    def teacher_at(count: int, seed: int = EVAL_SEED, chosen: list[str] = prompts):
+        return teacher_samples(trainer.adapter, chosen, seed, guidance, steps=count, denoiser=teacher)
+
+    teacher_few = teacher_at(steps)
+    metrics = {"student": evaluator(student, prompts), "teacher_few_steps_cfg": evaluator(teacher_few, prompts),
+               f"teacher_{COMPARISON_STEPS}_steps_cfg": evaluator(teacher_at(COMPARISON_STEPS), prompts),
+               "teacher_same_nfe_cfg": evaluator(teacher_at(nfe_steps), prompts)}
+    metrics["teacher_same_nfe_cfg"]["steps"] = nfe_steps
+    info = world.teacher_info()
     if "reference" in info:
         metrics["teacher_50_steps_cfg"] = info["reference"].get(f"cfg_{guidance:g}")
         metrics["teacher_50_steps_unguided"] = info["reference"].get("cfg_1")
-        metrics["teacher_50_steps_note"] = ("from the shipped guidance study (100 samples): compare its Frechet "
-                                            "with noise_floor_frechet_100, the others with noise_floor_frechet")
+        metrics["teacher_50_steps_note"] = ("from the shipped guidance study (about 100 samples): compare its "
+                                            "Frechet with noise_floor_frechet_100, the others with noise_floor_frechet")
         metrics["noise_floor_frechet_100"] = evaluator.noise_floor(100)
     metrics["noise_floor_frechet"] = evaluator.noise_floor(len(prompts))
+    metrics["noise_floor_frechet_real"] = evaluator.real_noise_floor(prompts)
 
-    # The grid: same prompts (columns) and seeds for the three rows of each seed.
+    # The grid: same prompts (columns) and seeds for the four rows of each seed.
     grid_rows = []
+    columns = world.grid_prompts()
     for grid_seed in GRID_SEEDS:
-        teacher_long = teacher_samples(trainer.adapter, demo_prompts(), grid_seed, guidance, steps=teacher_steps,
-                                       denoiser=teacher)
-        teacher_short = teacher_samples(trainer.adapter, demo_prompts(), grid_seed, guidance, steps=steps,
-                                        denoiser=teacher)
-        student_grid = sample_student(trainer, demo_prompts(), grid_seed)[-1]
-        grid_rows += [(f"teacher {teacher_steps} steps\ncfg {guidance:g}, seed {grid_seed}", teacher_long),
-                      (f"teacher {steps} steps\ncfg {guidance:g}, seed {grid_seed}", teacher_short),
-                      (f"student {steps} steps\ncfg 1, seed {grid_seed}", student_grid)]
+        student_grid = sample_student(trainer, columns, grid_seed)[-1]
+        grid_rows += [
+            (f"teacher {teacher_steps} steps\ncfg {guidance:g}, seed {grid_seed}", teacher_at(teacher_steps, grid_seed, columns)),
+            (f"teacher {nfe_steps} steps cfg\n({2 * nfe_steps} NFE), seed {grid_seed}", teacher_at(nfe_steps, grid_seed, columns)),
+            (f"teacher {steps} steps\ncfg {guidance:g}, seed {grid_seed}", teacher_at(steps, grid_seed, columns)),
+            (f"student {steps} steps\ncfg 1, seed {grid_seed}", student_grid)]
     save_labelled_grid(grid_rows, os.path.join(output_dir, "grid.png"),
-                       column_titles=[p.split()[-1] for p in demo_prompts()])
+                       column_titles=[world.column_title(p) for p in columns])
     entries = read_training_log(trainer.logging_dir)
     save_training_curves(entries, os.path.join(output_dir, "curves.png"),
                          title=f"dmd-demo: {values['renoise_schedule']}, {steps}-step student")
@@ -107,7 +123,7 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     np.savez_compressed(os.path.join(output_dir, "samples.npz"), student=student.clamp(-1, 1).numpy(),
                         teacher_few_steps_cfg=teacher_few.clamp(-1, 1).numpy(), prompts=np.array(prompts),
                         seed=np.array(EVAL_SEED), note=np.array(
-                            "images (N, 1, 28, 28) in [-1, 1], white digit on black; prompts[i] asked for image i"))
+                            f"images {tuple(student.shape)} in [-1, 1]; prompts[i] asked for image i"))
     summary = {
         "metrics": metrics,
         "settings": {k: v for k, v in result.settings.items()},
@@ -120,6 +136,7 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
         "eval_samples": len(prompts),
         "student_file": student_file,
         "teacher": teacher_dir,
+        "world": world.name,
     }
     with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
@@ -128,12 +145,16 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
 
 def demo_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="dmd-demo", description="Distil the built-in MNIST teacher into a 4-step student with Decoupled DMD "
-                                     "and write pictures, curves and metrics (a few minutes on 2 CPU cores).")
+        prog="dmd-demo", description="Distil a built-in teacher into a 4-step student with Decoupled DMD and write "
+                                     "pictures, curves and metrics (a few minutes on 2 CPU cores).")
+    parser.add_argument("--world", default="mnist", choices=("texture", "mnist"),
+                        help="texture: shapes with fine textures, an SD-style teacher on SDXL's schedule; mnist: "
+                             "handwritten digits, a flow teacher")
     parser.add_argument("--output_dir", default="output/dmd-demo", help="results folder (default: output/dmd-demo)")
     parser.add_argument("--max_train_steps", type=int, default=None,
                         help=f"generator updates (default {DEMO_SETTINGS['max_train_steps']})")
-    parser.add_argument("--eval_per_prompt", type=int, default=50, help="evaluation samples per digit prompt")
+    parser.add_argument("--eval_per_prompt", type=int, default=None,
+                        help="evaluation samples per grid prompt (default: about 500 in all)")
     parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher row of the grid")
     parser.add_argument("--train_batch_size", type=int, default=None,
                         help=f"prompts per generator update (default {DEMO_SETTINGS['train_batch_size']})")
@@ -147,23 +168,27 @@ def demo_main(argv: list[str] | None = None) -> int:
     settings = {"train_batch_size": args.train_batch_size} if args.train_batch_size else None
     from ..trainer.cli import StopOnInterrupt
 
-    logger.info("dmd-demo: results go to %s; loading the built-in MNIST teacher and its classifier (Ctrl-C once "
-                "stops training and still writes the results, twice quits)", os.path.abspath(args.output_dir))
+    logger.info("dmd-demo: results go to %s; loading the built-in %s teacher and its classifier (Ctrl-C once "
+                "stops training and still writes the results, twice quits)", os.path.abspath(args.output_dir),
+                args.world)
     stop = StopOnInterrupt()
     try:
         summary = run_demo(args.output_dir, args.max_train_steps, args.eval_per_prompt, args.seed,
-                           teacher_steps=args.teacher_steps, settings=settings, should_stop=stop)
+                           teacher_steps=args.teacher_steps, settings=settings, should_stop=stop, world=args.world)
     except KeyboardInterrupt:
         logger.warning("dmd-demo: stopped; whatever training saved is in %s",
                        os.path.join(os.path.abspath(args.output_dir), "training"))
         return 130
     finally:
         stop.restore()
-    student, teacher = summary["metrics"]["student"], summary["metrics"].get("teacher_50_steps_cfg") or {}
+    metrics = summary["metrics"]
+    student, teacher = metrics["student"], metrics.get("teacher_50_steps_cfg") or {}
+    rival = metrics[f"teacher_{COMPARISON_STEPS}_steps_cfg"]
     logger.info("student (%d steps, cfg 1): adherence %.3f, top-1 %.3f, Frechet %.2f (noise floor %.2f); "
-                "teacher 50 steps cfg %.1f: adherence %.3f", len(summary["student_timesteps"]),
-                student["adherence"], student["top1"], student.get("frechet", float("nan")),
-                summary["metrics"]["noise_floor_frechet"] or float("nan"), summary["guidance_scale"],
+                "teacher %d steps cfg %.1f (%d NFE): Frechet %.2f; teacher 50 steps: adherence %.3f",
+                len(summary["student_timesteps"]), student["adherence"], student["top1"],
+                student.get("frechet", float("nan")), metrics["noise_floor_frechet"] or float("nan"),
+                COMPARISON_STEPS, summary["guidance_scale"], 2 * COMPARISON_STEPS, rival.get("frechet", float("nan")),
                 teacher.get("adherence", float("nan")))
     logger.info("results in %s (%.0f s)", os.path.abspath(args.output_dir), summary["total_seconds"])
     return 130 if stop.requested else 0

@@ -1,8 +1,9 @@
 """The texture world: procedural, text-conditioned 32x32 RGB images made in code (no download, seeded, unlimited).
 
 Each image is one shape (circle, square, triangle) in a colour, filled with a fine texture (solid, diagonal
-stripes of period 4, dots every 2 px, 2-px checks), on a plain background; its prompt names all four
-attributes: "a red striped circle on a gray background". The textures are aligned to the pixel grid, so the
+stripes of period 4, dots every 2 px, 2-px checks), on a plain black, gray or white background; its prompt
+names the shape's three attributes, "a red striped circle", and leaves the background free (a background named
+in the prompt made the CFG effect at noisy levels, where it is decided, several times larger). The textures are aligned to the pixel grid, so the
 prompt fixes them exactly, and they have the shape colour's mean brightness, so nothing but the fine
 structure tells them apart (every period divides 4, the stride of the UNet's two down-samplings, so a
 convolutional teacher can place the marks on the grid): layout and colour resolve at noisy levels, the texture only at clean ones
@@ -18,15 +19,15 @@ import torch
 from torch import Tensor
 
 IMAGE_SIZE = 32
-ATTRIBUTES = {
+ATTRIBUTES = {  # what a prompt names
     "colour": ("red", "green", "blue", "yellow"),
     "texture": ("solid", "striped", "dotted", "checkered"),
     "shape": ("circle", "square", "triangle"),
-    "background": ("black", "gray", "white"),
 }
-PROMPT_TEMPLATE = "a {colour} {texture} {shape} on a {background} background"
-WORDS = ("a", "on", "background", *itertools.chain.from_iterable(ATTRIBUTES.values()))
-TOKEN_LENGTH = 12  # 8 words and the two specials fit
+SCENE_ATTRIBUTES = {**ATTRIBUTES, "background": ("black", "gray", "white")}  # what an image has
+PROMPT_TEMPLATE = "a {colour} {texture} {shape}"
+WORDS = ("a", *itertools.chain.from_iterable(ATTRIBUTES.values()))
+TOKEN_LENGTH = 8  # 4 words and the two specials fit
 # Shape colours stay below 0.76 per channel, so the brightest texture mark (x 1.25) plus jitter never clips
 # and every fill keeps its colour's mean exactly.
 COLOURS = {"red": (0.76, 0.12, 0.12), "green": (0.12, 0.62, 0.16), "blue": (0.16, 0.24, 0.76),
@@ -67,8 +68,8 @@ def shape_mask(name: str, cx: Tensor, cy: Tensor, radius: Tensor, size: int = IM
 
 
 def make_prompt(attributes: dict[str, int]) -> str:
-    """The prompt of an attribute assignment {'colour': index, ...}."""
-    return PROMPT_TEMPLATE.format(**{k: ATTRIBUTES[k][int(v)] for k, v in attributes.items()})
+    """The prompt of an attribute assignment {'colour': index, ...} (the background is not named)."""
+    return PROMPT_TEMPLATE.format(**{k: ATTRIBUTES[k][int(attributes[k])] for k in ATTRIBUTES})
 
 
 def parse_prompt(prompt: str) -> dict[str, int]:
@@ -77,9 +78,6 @@ def parse_prompt(prompt: str) -> dict[str, int]:
     found: dict[str, int] = {}
     for name, values in ATTRIBUTES.items():
         hits = [values.index(w) for w in words if w in values]
-        if name == "background":  # "... on a <colour> background": the word before "background"
-            hits = [values.index(words[i - 1]) for i, w in enumerate(words) if w == "background" and i
-                    and words[i - 1] in values]
         if len(hits) != 1:
             raise ValueError(f"prompt {prompt!r} must name one {name}: one of {', '.join(values)}")
         found[name] = hits[0]
@@ -87,31 +85,28 @@ def parse_prompt(prompt: str) -> dict[str, int]:
 
 
 def all_prompts() -> list[str]:
-    """Every attribute combination once (4 x 4 x 3 x 3 = 144 prompts), in a fixed order."""
+    """Every attribute combination once (4 x 4 x 3 = 48 prompts), in a fixed order."""
     names = list(ATTRIBUTES)
     return [make_prompt(dict(zip(names, combo)))
             for combo in itertools.product(*(range(len(ATTRIBUTES[n])) for n in names))]
 
 
 def evaluation_prompts() -> list[str]:
-    """The 16 evaluation prompts: every colour with every texture, shapes and backgrounds in rotation."""
-    out = []
-    for index, (colour, texture) in enumerate(itertools.product(range(4), range(4))):
-        out.append(make_prompt({"colour": colour, "texture": texture, "shape": index % 3,
-                                "background": (index // 3 + index) % 3}))
-    return out
+    """The 16 evaluation prompts: every colour with every texture, the shapes in rotation."""
+    return [make_prompt({"colour": colour, "texture": texture, "shape": index % 3})
+            for index, (colour, texture) in enumerate(itertools.product(range(4), range(4)))]
 
 
 def render(attributes: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-    """Images (B, 3, 32, 32) in [-1, 1] for per-sample attribute indices; position, size and colour jitter drawn
-    from `generator`."""
+    """Images (B, 3, 32, 32) in [-1, 1] for per-sample attribute indices (SCENE_ATTRIBUTES: the background
+    too); position, size and colour jitter drawn from `generator`."""
     count = len(attributes["colour"])
-    cx = 11.0 + 10.0 * torch.rand(count, generator=generator)
-    cy = 11.0 + 10.0 * torch.rand(count, generator=generator)
-    radius = 7.0 + 3.5 * torch.rand(count, generator=generator)
+    cx = 12.5 + 7.0 * torch.rand(count, generator=generator)
+    cy = 12.5 + 7.0 * torch.rand(count, generator=generator)
+    radius = 9.0 + 3.0 * torch.rand(count, generator=generator)
     jitter = (COLOUR_JITTER * torch.randn(count, 3, 1, 1, generator=generator)).clamp(-0.04, 0.04)
     colours = torch.tensor([COLOURS[c] for c in ATTRIBUTES["colour"]])[attributes["colour"]].view(-1, 3, 1, 1)
-    backgrounds = torch.tensor([BACKGROUNDS[b] for b in ATTRIBUTES["background"]])[attributes["background"]]
+    backgrounds = torch.tensor([BACKGROUNDS[b] for b in SCENE_ATTRIBUTES["background"]])[attributes["background"]]
     patterns = torch.stack([texture_pattern(t) for t in ATTRIBUTES["texture"]])[attributes["texture"]]
     # zero-mean marks: a texture keeps the shape colour's mean brightness, so only fine structure tells it
     modulation = 1.0 - TEXTURE_CONTRAST * (patterns - patterns.mean(dim=(1, 2), keepdim=True))
@@ -127,8 +122,9 @@ def render(attributes: dict[str, Tensor], generator: torch.Generator) -> Tensor:
 
 
 def sample_attributes(count: int, generator: torch.Generator) -> dict[str, Tensor]:
-    """Uniform independent attribute indices for `count` images."""
-    return {name: torch.randint(len(values), (count,), generator=generator) for name, values in ATTRIBUTES.items()}
+    """Uniform independent attribute indices (the background too) for `count` images."""
+    return {name: torch.randint(len(values), (count,), generator=generator)
+            for name, values in SCENE_ATTRIBUTES.items()}
 
 
 def sample_world(count: int, seed: int = 0) -> tuple[Tensor, list[str], dict[str, Tensor]]:
@@ -141,7 +137,9 @@ def sample_world(count: int, seed: int = 0) -> tuple[Tensor, list[str], dict[str
 
 
 def render_prompts(prompts: list[str], seed: int = 0) -> Tensor:
-    """Real images for given prompts (one per prompt, seeded): the world's own answer to each prompt."""
+    """Real images for given prompts (one per prompt, seeded; backgrounds drawn): the world's answer to each."""
+    generator = torch.Generator().manual_seed(seed)
     parsed = [parse_prompt(p) for p in prompts]
     attributes = {name: torch.tensor([p[name] for p in parsed]) for name in ATTRIBUTES}
-    return render(attributes, torch.Generator().manual_seed(seed))
+    attributes["background"] = torch.randint(len(SCENE_ATTRIBUTES["background"]), (len(prompts),), generator=generator)
+    return render(attributes, generator)

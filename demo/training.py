@@ -127,8 +127,14 @@ def train_teacher(folder: str, images: np.ndarray, labels: np.ndarray, steps: in
 
 def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, learning_rate: float = 2e-3,
                           uncond_probability: float = 0.15, ema_decay: float = 0.999, seed: int = 0, width: int = 32,
-                          extra_info: dict | None = None, log_every: int = 50) -> str:
-    """Train the texture world's epsilon teacher on fresh images every step (the world is unlimited)."""
+                          noise_offset: float = 0.1, extra_info: dict | None = None, log_every: int = 50) -> str:
+    """Train the texture world's epsilon teacher on fresh images every step (the world is unlimited).
+
+    With offset noise (`noise_offset`, the common SD fine-tuning practice): SD's schedule leaves the image
+    mean readable at timestep 999 (alpha_bar 0.0047: over 32x32x3 pixels the signal's mean outweighs the
+    noise's), so a teacher trained without it takes its background from the random mean of the starting
+    noise instead of the prompt (measured: background adherence at chance, tinted grey backgrounds).
+    """
     from .models import build_texture_teacher_modules
     from .texture import all_prompts, make_prompt, render, sample_attributes
 
@@ -143,18 +149,23 @@ def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, 
     modules = build_texture_teacher_modules(folder, seed=seed, width=width)
     return train_diffusion(folder, modules, prompts, sample_batch, "epsilon", steps=steps, batch_size=batch_size,
                            learning_rate=learning_rate, uncond_probability=uncond_probability, ema_decay=ema_decay,
-                           seed=seed, extra_info={"width": width, **(extra_info or {})}, log_every=log_every)
+                           seed=seed, extra_info={"width": width, **(extra_info or {})}, log_every=log_every,
+                           noise_offset=noise_offset)
 
 
-def _noised(objective: str, x0: torch.Tensor, generator: torch.Generator, alphas_cumprod: torch.Tensor | None):
+def _noised(objective: str, x0: torch.Tensor, generator: torch.Generator, alphas_cumprod: torch.Tensor | None,
+            noise_offset: float = 0.0):
     """(x_t, timestep, target) of one denoising-loss batch.
 
     flow: x_t = t x0 + (1 - t) noise at level t ~ U(0, 1), timestep (1 - t) * 1000, target velocity noise - x0
     (diffusers' FlowMatchEuler convention); epsilon: DDPM x_t = sqrt(a) x0 + sqrt(1 - a) noise at a uniform
-    integer timestep, target the noise.
+    integer timestep, target the noise. `noise_offset` adds a per-image, per-channel constant to the noise
+    (offset noise).
     """
     count = len(x0)
     noise = torch.randn(x0.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((count, x0.shape[1], 1, 1), generator=generator)
     if objective == "flow":
         level = torch.rand(count, generator=generator)
         t = level.view(-1, 1, 1, 1)
@@ -166,7 +177,7 @@ def _noised(objective: str, x0: torch.Tensor, generator: torch.Generator, alphas
 
 def train_diffusion(folder: str, modules: tuple, prompts: list[str], sample_batch, objective: str, steps: int,
                     batch_size: int, learning_rate: float, uncond_probability: float, ema_decay: float, seed: int,
-                    extra_info: dict | None = None, log_every: int = 20) -> str:
+                    extra_info: dict | None = None, log_every: int = 20, noise_offset: float = 0.0) -> str:
     """Train a demo teacher (UNet and text encoder together) and write it as a diffusers folder.
 
     `modules`: (text_encoder, unet, tokenizer); `sample_batch(generator, n)` gives (x0, prompt index), index 0
@@ -193,7 +204,7 @@ def train_diffusion(folder: str, modules: tuple, prompts: list[str], sample_batc
         x0, prompt_index = sample_batch(generator, batch_size)
         dropped = torch.rand(batch_size, generator=generator) < uncond_probability
         prompt_index = torch.where(dropped, torch.zeros_like(prompt_index), prompt_index)
-        x_t, timestep, target = _noised(objective, x0, generator, alphas_cumprod)
+        x_t, timestep, target = _noised(objective, x0, generator, alphas_cumprod, noise_offset)
         hidden = modules["text_encoder"](token_ids[prompt_index]).last_hidden_state
         prediction = modules["unet"](x_t, timestep, encoder_hidden_states=hidden).sample
         loss = nn.functional.mse_loss(prediction, target)
@@ -210,6 +221,7 @@ def train_diffusion(folder: str, modules: tuple, prompts: list[str], sample_batc
         if log_every and (step + 1) % log_every == 0:
             logger.info("teacher step %d/%d loss %.4f (%.1f s)", step + 1, steps, running, time.time() - started)
     info = {"train_steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "objective": objective,
+            "noise_offset": noise_offset,
             "uncond_probability": uncond_probability, "ema_decay": ema_decay, "seed": seed,
             "final_loss": running, "train_seconds": round(time.time() - started, 1), **(extra_info or {})}
     return save_teacher(folder, ema["text_encoder"], ema["unet"], info)

@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the shipped run used 2)")
     parser.add_argument("--guidance_scale", type=float, default=3.0, help="the CFG scale the demo recommends")
     parser.add_argument("--skip_reference", action="store_true", help="train only; build the reference later")
+    parser.add_argument("--reference_per_prompt", type=int, default=32,
+                        help="reference samples per evaluation prompt (16 prompts; 32 gives 512 per seed)")
     parser.add_argument("--reference_only", action="store_true", help="keep the weights, rebuild the reference")
     parser.add_argument("--output", default=TEXTURE_TEACHER_DIR)
     args = parser.parse_args()
@@ -37,7 +39,8 @@ def main() -> None:
     if not args.skip_reference:
         from decoupled_dmd.demo.metrics import build_reference
 
-        build_reference(args.output, guidance_scale=args.guidance_scale, world="texture")
+        build_reference(args.output, guidance_scale=args.guidance_scale, world="texture",
+                        per_prompt=args.reference_per_prompt)
 
 
 if __name__ == "__main__":

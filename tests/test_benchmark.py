@@ -33,10 +33,12 @@ def test_tiny_benchmark_writes_table_gates_and_plots(tmp_path):
     report = (out / "benchmark.md").read_text()
     assert "| decoupled-hybrid | schedule |" in report and "| DM only | regularizer |" in report
     assert "train_batch_size" not in report and "Noise floor" in report
-    assert "## Gates" in report and "Per student step" in report
+    assert "## Gates" in report and "Per student step" in report and "Same input, per student step" in report
     quality = json.loads((out / "quality.json").read_text())
     row = quality["summary"]["rows"]["4|decoupled-hybrid"]
     assert row["seeds"] == 1 and 0 <= row["adherence"][0] <= 1 and row["frechet"][0] > 0
+    assert row["frechet_real"][0] > 0 and [e["step"] for e in row["same_input"]] == [1, 2, 3, 4]
+    assert all(e["teacher_cfg_frechet"] > 0 for e in row["same_input"])
     assert quality["summary"]["gates"] == []  # no coupled / CA-only run to compare with
     assert quality["mode"]["train_batch_size"] == 2
     for name in ("4step_regularizer.png", "4step_per_student_step.png"):

@@ -81,12 +81,14 @@ def test_dmd_demo_writes_its_results_folder(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["train_steps"] == 2 and summary["student_timesteps"] == flow_timesteps_matching_sdxl(4)
     assert summary["settings"]["renoise_schedule"] == DEMO_SETTINGS["renoise_schedule"]
-    for row in ("student", "teacher_few_steps_cfg", "teacher_50_steps_cfg"):
+    for row in ("student", "teacher_few_steps_cfg", "teacher_8_steps_cfg", "teacher_same_nfe_cfg", "teacher_50_steps_cfg"):
         metrics = summary["metrics"][row]
         for key in ("adherence", "top1", "frechet", "image_mean", "image_var", "saturation"):
             assert np.isfinite(metrics[key]), (row, key)
         assert 0 <= metrics["adherence"] <= 1
     assert summary["metrics"]["noise_floor_frechet"] > 0
+    assert summary["metrics"]["teacher_same_nfe_cfg"]["steps"] == 2 and summary["world"] == "mnist"
+    assert np.isfinite(summary["metrics"]["student"]["frechet_real"])
     with np.load(out / "samples.npz") as samples:
         assert samples["student"].shape == (10, 1, 28, 28) and len(samples["prompts"]) == 10
         assert np.abs(samples["student"]).max() <= 1.0

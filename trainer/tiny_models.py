@@ -118,10 +118,11 @@ def resolve_builtin(name_or_path: str) -> str:
     if not name_or_path.startswith("builtin:"):
         return name_or_path
     kind = name_or_path.split(":", 1)[1]
-    if kind == "demo":  # the trained MNIST flow teacher, package data of decoupled_dmd/demo (not imported here)
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "teacher")
+    trained = {"demo": "teacher", "texture": "texture_teacher"}  # package data of decoupled_dmd/demo (not imported)
+    if kind in trained:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", trained[kind])
     if kind not in TINY_MODELS:
-        raise ValueError(f"unknown built-in model {name_or_path!r}; choose builtin:demo or "
+        raise ValueError(f"unknown built-in model {name_or_path!r}; choose builtin:demo, builtin:texture or "
                          f"builtin:{', builtin:'.join(TINY_MODELS)}")
     folder = os.path.join(tempfile.gettempdir(), f"decoupled_dmd_builtin_v{TINY_MODELS_VERSION}", kind)
     if not os.path.exists(os.path.join(folder, "model_index.json")):
