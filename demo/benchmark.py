@@ -74,7 +74,7 @@ TABLE_METRICS = (("adherence", "adherence", "{:.3f}"), ("top1", "top-1", "{:.3f}
 
 
 def grid_for(steps: int, grid: str) -> list[int]:
-    from .experiment import flow_timesteps_matching_sdxl, shifted_flow_timesteps
+    from .worlds import flow_timesteps_matching_sdxl, shifted_flow_timesteps
 
     if grid == "sdxl":
         return flow_timesteps_matching_sdxl(steps)

@@ -131,7 +131,8 @@ def measure_case(case: dict) -> dict:
         return out
     from ..trainer.config import config_from_dict
     from ..trainer.loop import DecoupledDMDTrainer
-    from .experiment import BASE_SETTINGS, flow_timesteps_matching_sdxl
+    from .experiment import BASE_SETTINGS
+    from .worlds import flow_timesteps_matching_sdxl
 
     values = dict(BASE_SETTINGS, **settings, training_mode=case["mode"], max_train_steps=case["steps"],
                   output_dir=case["output_dir"], pretrained_model_name_or_path="(in memory)", guidance_scale=3.0)
@@ -379,7 +380,8 @@ def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin
     from ..trainer.api import load_teacher
     from ..trainer.config import config_from_dict
     from ..trainer.loop import DecoupledDMDTrainer
-    from .experiment import BASE_SETTINGS, flow_timesteps_matching_sdxl
+    from .experiment import BASE_SETTINGS
+    from .worlds import flow_timesteps_matching_sdxl
 
     torch.set_num_threads(threads)
     results = {}

@@ -28,37 +28,6 @@ logger = logging.getLogger(__name__)
 EVAL_SEED = 4242
 
 
-def flow_timesteps_matching_sdxl(steps: int, sdxl_timesteps: list[int] | None = None) -> list[int]:
-    """Flow timesteps with the signal-to-noise ratios of DMD2's SDXL student grid (999, 749, 499, 249).
-
-    A VP timestep with alpha_bar has SNR alpha_bar / (1 - alpha_bar); a flow level t has SNR t^2 / (1 - t)^2,
-    so t = sqrt(SNR) / (1 + sqrt(SNR)) and the flow timestep is (1 - t) * 1000. The first step stays 999
-    (pure noise): SDXL's 999 is not quite pure noise, a flow model's is.
-    """
-    from ..trainer.schedules import DiscreteVPSchedule
-
-    if sdxl_timesteps is None:  # DMD2's SDXL grids: 999 / 999, 499 / 999, 749, 499, 249 (uniform otherwise)
-        sdxl_timesteps = [999 - round(1000 * i / steps) for i in range(steps)]
-    vp = DiscreteVPSchedule.scaled_linear()
-    out = []
-    for index, timestep in enumerate(sdxl_timesteps):
-        alpha_bar = float(vp.alphas_cumprod[timestep])
-        root = (alpha_bar / (1.0 - alpha_bar)) ** 0.5
-        level = root / (1.0 + root)
-        out.append(999 if index == 0 else int(round((1.0 - level) * 1000)))
-    return out
-
-
-def shifted_flow_timesteps(steps: int, shift: float = 3.0) -> list[int]:
-    """The uniform N-step flow grid with SD3 / Z-Image's timestep shift: s' = shift * s / (1 + (shift - 1) s)."""
-    out = []
-    for index in range(steps):
-        sigma = 1.0 - index / steps
-        shifted = shift * sigma / (1.0 + (shift - 1.0) * sigma)
-        out.append(min(999, int(round(shifted * 1000))))
-    return out
-
-
 # Settings every demo and benchmark run shares unless overridden (chosen with the benchmark; docs/demo.md).
 # Full copies, not LoRA: on a 0.4 M-parameter UNet the LoRA kernels cost more time than they save memory
 # (the cost benchmark measures LoRA mode). lr 1e-3 was unstable for every schedule; 1e-4 is not. Five fake

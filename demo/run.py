@@ -22,14 +22,13 @@ import torch
 from .experiment import (
     BASE_SETTINGS,
     EVAL_SEED,
-    flow_timesteps_matching_sdxl,
     read_training_log,
     run_distillation,
     sample_student,
 )
 from .metrics import Evaluator, teacher_samples
 from .plots import save_labelled_grid, save_training_curves
-from .worlds import get_world
+from .worlds import flow_timesteps_matching_sdxl, get_world
 
 logger = logging.getLogger("decoupled_dmd.demo")
 

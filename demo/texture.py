@@ -1,9 +1,11 @@
 """The texture world: procedural, text-conditioned 32x32 RGB images made in code (no download, seeded, unlimited).
 
 Each image is one shape (circle, square, triangle) in a colour, filled with a fine texture (solid, diagonal
-stripes of period 4, dots every 2 px, 2-px checks), on a plain black, gray or white background; its prompt
-names the shape's three attributes, "a red striped circle", and leaves the background free (a background named
-in the prompt made the CFG effect at noisy levels, where it is decided, several times larger). The textures are aligned to the pixel grid, so the
+stripes of period 4, dots every 2 px, 2-px checks), on a plain dark, mid or light gray background; its
+prompt names the shape's three attributes, "a red striped circle", and leaves the background free. (A first
+version named black, gray or white backgrounds in the prompt: the CFG effect at noisy levels, where the
+background is decided, dwarfed the texture's; and SD's schedule leaves the image mean readable at timestep
+999, so its teacher took the background from the starting noise's mean instead of the prompt.) The textures are aligned to the pixel grid, so the
 prompt fixes them exactly, and they have the shape colour's mean brightness, so nothing but the fine
 structure tells them apart (every period divides 4, the stride of the UNet's two down-samplings, so a
 convolutional teacher can place the marks on the grid): layout and colour resolve at noisy levels, the texture only at clean ones
@@ -24,7 +26,7 @@ ATTRIBUTES = {  # what a prompt names
     "texture": ("solid", "striped", "dotted", "checkered"),
     "shape": ("circle", "square", "triangle"),
 }
-SCENE_ATTRIBUTES = {**ATTRIBUTES, "background": ("black", "gray", "white")}  # what an image has
+SCENE_ATTRIBUTES = {**ATTRIBUTES, "background": ("dark", "mid", "light")}  # what an image has
 PROMPT_TEMPLATE = "a {colour} {texture} {shape}"
 WORDS = ("a", *itertools.chain.from_iterable(ATTRIBUTES.values()))
 TOKEN_LENGTH = 8  # 4 words and the two specials fit
@@ -32,7 +34,7 @@ TOKEN_LENGTH = 8  # 4 words and the two specials fit
 # and every fill keeps its colour's mean exactly.
 COLOURS = {"red": (0.76, 0.12, 0.12), "green": (0.12, 0.62, 0.16), "blue": (0.16, 0.24, 0.76),
            "yellow": (0.76, 0.68, 0.12)}
-BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.50, 0.50, 0.50), "white": (0.95, 0.95, 0.95)}
+BACKGROUNDS = {"dark": (0.35, 0.35, 0.35), "mid": (0.50, 0.50, 0.50), "light": (0.65, 0.65, 0.65)}
 TEXTURE_CONTRAST = 0.5  # relative brightness swing of a texture's marks around the shape colour
 COLOUR_JITTER = 0.02
 

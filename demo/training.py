@@ -127,13 +127,11 @@ def train_teacher(folder: str, images: np.ndarray, labels: np.ndarray, steps: in
 
 def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, learning_rate: float = 2e-3,
                           uncond_probability: float = 0.15, ema_decay: float = 0.999, seed: int = 0, width: int = 32,
-                          noise_offset: float = 0.1, extra_info: dict | None = None, log_every: int = 50) -> str:
+                          noise_offset: float = 0.0357, extra_info: dict | None = None, log_every: int = 50) -> str:
     """Train the texture world's epsilon teacher on fresh images every step (the world is unlimited).
 
-    With offset noise (`noise_offset`, the common SD fine-tuning practice): SD's schedule leaves the image
-    mean readable at timestep 999 (alpha_bar 0.0047: over 32x32x3 pixels the signal's mean outweighs the
-    noise's), so a teacher trained without it takes its background from the random mean of the starting
-    noise instead of the prompt (measured: background adherence at chance, tinted grey backgrounds).
+    With SDXL's offset noise (`noise_offset` 0.0357, as SDXL was trained): SD's schedule leaves the image mean
+    readable at timestep 999 (alpha_bar 0.0047: over 32x32x3 pixels the signal's mean outweighs the noise's).
     """
     from .models import build_texture_teacher_modules
     from .texture import all_prompts, make_prompt, render, sample_attributes

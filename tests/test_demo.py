@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from decoupled_dmd.demo.data import DIGIT_WORDS, demo_prompts, load_heldout, prompt_label
-from decoupled_dmd.demo.experiment import flow_timesteps_matching_sdxl, shifted_flow_timesteps
 from decoupled_dmd.demo.metrics import Evaluator, frechet_distance, teacher_samples
 from decoupled_dmd.demo.models import TEACHER_DIR, load_classifier, teacher_info
+from decoupled_dmd.demo.worlds import flow_timesteps_matching_sdxl, shifted_flow_timesteps
 
 
 def test_prompts_name_their_digit():

@@ -134,3 +134,41 @@ def test_shipped_texture_classifier_reads_every_attribute_of_fresh_images():
     washed = evaluator(blurred, prompts)
     assert washed["hf_energy_ratio"] < 0.7 and washed["accuracy_texture"] < metrics["accuracy_texture"] - 0.3
     assert washed["frechet_real"] > 3 * floor
+
+
+@pytest.mark.skipif(not os.path.isdir(TEXTURE.teacher_dir), reason="texture teacher not shipped")
+def test_dmd_demo_on_the_texture_world_writes_the_four_row_grid_and_the_8_step_comparison(tmp_path):
+    import json
+
+    from decoupled_dmd.demo.run import demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main(["--world", "texture", "--output_dir", str(out), "--max_train_steps", "2",
+                      "--eval_per_prompt", "1", "--teacher_steps", "2", "--train_batch_size", "2",
+                      "--threads", "1"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["world"] == "texture" and summary["student_timesteps"] == [999, 749, 499, 249]
+    metrics = summary["metrics"]
+    for row in ("student", "teacher_few_steps_cfg", "teacher_8_steps_cfg", "teacher_same_nfe_cfg"):
+        for key in ("adherence", "accuracy_texture", "frechet", "frechet_real", "hf_energy_ratio"):
+            assert np.isfinite(metrics[row][key]), (row, key)
+    assert metrics["noise_floor_frechet_real"] > 0
+    with np.load(out / "samples.npz") as samples:
+        assert samples["student"].shape == (16, 3, 32, 32)
+    from PIL import Image
+
+    with Image.open(out / "grid.png") as grid:
+        assert grid.height > grid.width / 4  # eight rows: four per seed
+
+
+def test_the_texture_teacher_is_an_sd_epsilon_model_on_sdxls_schedule():
+    from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
+    from decoupled_dmd.trainer.api import load_teacher
+    from decoupled_dmd.trainer.schedules import DiscreteVPSchedule
+
+    adapter = load_teacher("builtin:texture")
+    assert isinstance(adapter, DiffusersAdapter) and adapter.prediction_type == "epsilon"
+    assert adapter.family == "sd15" and isinstance(adapter.schedule, DiscreteVPSchedule)
+    reference = DiscreteVPSchedule.scaled_linear()
+    assert torch.allclose(adapter.schedule.alphas_cumprod.double(), reference.alphas_cumprod.double())
+    assert adapter.default_resolution == (32, 32)

@@ -12,9 +12,18 @@ import torch
 from .config import KEYS, ConfigError, load_config, shown_default
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter without breaks at hyphens, so names like builtin:tiny-flow stay whole."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def _distill_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dmd-distill",
+        prog="dmd-distill", formatter_class=_HelpFormatter,
         description="Distil a diffusion teacher into a few-step student with Decoupled DMD. Every config key "
                     "is also a flag (--key value) that overrides the TOML file.")
     parser.add_argument("--config", help="kohya-style TOML file (sections are cosmetic)")

@@ -46,7 +46,7 @@ class TrainConfig:
     pretrained_model_name_or_path: str = _key(
         "", "Teacher: a single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder or Hugging Face id "
         "(SD1.5/SDXL/flow UNet), or a built-in model: " + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)
-        + " (demo: the trained MNIST flow teacher; texture: the trained texture-world SD-style teacher; tiny-*: random plumbing checks).", section="model")
+        + " (demo, texture: the trained MNIST and texture-world teachers; tiny-*: random plumbing checks).", section="model")
     tokenizer_path: str = _key(
         "", "Folder with the CLIP BPE files vocab.json and merges.txt for single-file checkpoints (e.g. "
         "openai/clip-vit-large-patch14, ComfyUI's comfy/sd1_tokenizer); empty looks in the Hugging Face cache.",
