@@ -44,24 +44,32 @@ def _text_encoder(tokenizer, token_length: int):
         bos_token_id=0, eos_token_id=1, pad_token_id=1))
 
 
+def _pixel_unet(size: int, channels: int, width: int, **extra):
+    """The demo teachers' pixel-space UNet: channels (w, 2w, 2w), cross-attention at the coarsest level and in
+    the middle block."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8, **extra)
+
+
 def build_teacher_modules(folder: str, seed: int = 0, width: int = 16):
     """Write the tokenizer and scheduler into `folder` and return an untrained (text_encoder, unet, tokenizer).
 
     UNet: 28x28x1 pixels, channels (w, 2w, 2w), cross-attention only at 7x7 (and in the middle block), so a
     training step costs milliseconds per image on a CPU; flow matching (diffusers FlowMatchEulerDiscrete).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
     text_encoder = _text_encoder(tokenizer, TOKEN_LENGTH)
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(width, 2 * width, 2 * width),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8)
+    unet = _pixel_unet(IMAGE_SIZE, 1, width)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(folder, "scheduler"))
     return text_encoder, unet, tokenizer
 
@@ -77,7 +85,7 @@ def build_texture_teacher_modules(folder: str, seed: int = 0, width: int = 32):
     hears the prompt: with cross-attention at 8 px alone the teacher drew the wrong texture (accuracy at
     chance, 0.29, at CFG 5).
     """
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
     from .texture import IMAGE_SIZE as TEXTURE_SIZE
@@ -88,13 +96,7 @@ def build_texture_teacher_modules(folder: str, seed: int = 0, width: int = 32):
     tokenizer = CLIPTokenizer.from_pretrained(
         write_clip_tokenizer(os.path.join(folder, "tokenizer"), words=WORDS, max_length=TEXTURE_TOKENS))
     text_encoder = _text_encoder(tokenizer, TEXTURE_TOKENS)
-    unet = UNet2DConditionModel(
-        sample_size=TEXTURE_SIZE, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(width, 2 * width, 2 * width),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8,
-        addition_embed_type="text", addition_embed_type_num_heads=2)
+    unet = _pixel_unet(TEXTURE_SIZE, 3, width, addition_embed_type="text", addition_embed_type_num_heads=2)
     EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                            prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
                            ).save_pretrained(os.path.join(folder, "scheduler"))

@@ -31,6 +31,22 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _fit(model: nn.Module, loss_of_batch, steps: int, learning_rate: float, log_every: int) -> nn.Module:
+    """The classifiers' loop: AdamW (decay 1e-4), warm-up then cosine; `loss_of_batch(step)` gives the loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, 100))
+    model.train()
+    for step in range(steps):
+        loss = loss_of_batch(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if log_every and (step + 1) % log_every == 0:
+            logger.info("classifier step %d/%d loss %.4f", step + 1, steps, loss.item())
+    return model.eval().requires_grad_(False)
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 1500, batch_size: int = 128,
                      learning_rate: float = 2e-3, seed: int = 0, log_every: int = 250) -> DigitClassifier:
     """Train `DigitClassifier` on (N, 784) images in [0, 1] with small random shifts (AdamW, cosine)."""
@@ -39,22 +55,14 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, steps: int = 1500, 
     x_all = torch.from_numpy(to_model_range(images))
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     model = DigitClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, 100))
-    model.train()
-    for step in range(steps):
+
+    def loss_of_batch(step: int):
         index = torch.randint(len(x_all), (batch_size,), generator=generator)
-        x = x_all[index]
         shift = torch.randint(-2, 3, (2,), generator=generator).tolist()  # the same 2-pixel jitter per batch
-        x = torch.roll(x, shifts=shift, dims=(2, 3))
-        loss = nn.functional.cross_entropy(model(x), y_all[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if log_every and (step + 1) % log_every == 0:
-            logger.info("classifier step %d/%d loss %.4f", step + 1, steps, loss.item())
-    return model.eval().requires_grad_(False)
+        x = torch.roll(x_all[index], shifts=shift, dims=(2, 3))
+        return nn.functional.cross_entropy(model(x), y_all[index])
+
+    return _fit(model, loss_of_batch, steps, learning_rate, log_every)
 
 
 def train_texture_classifier(steps: int = 1200, batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
@@ -69,23 +77,15 @@ def train_texture_classifier(steps: int = 1200, batch_size: int = 128, learning_
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = TextureClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, 100))
-    model.train()
-    for step in range(steps):
+
+    def loss_of_batch(step: int):
         attributes = sample_attributes(batch_size, generator)
         images = render(attributes, generator)
         std = noise_level * torch.rand(batch_size, 1, 1, 1, generator=generator)
-        images = images + std * torch.randn(images.shape, generator=generator)
-        logits = model(images)
-        loss = sum(nn.functional.cross_entropy(logits[name], attributes[name]) for name in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if log_every and (step + 1) % log_every == 0:
-            logger.info("classifier step %d/%d loss %.4f", step + 1, steps, loss.item())
-    return model.eval().requires_grad_(False)
+        logits = model(images + std * torch.randn(images.shape, generator=generator))
+        return sum(nn.functional.cross_entropy(logits[name], attributes[name]) for name in logits)
+
+    return _fit(model, loss_of_batch, steps, learning_rate, log_every)
 
 
 @torch.no_grad()
