@@ -44,13 +44,10 @@ def flow_timesteps_matching_sdxl(steps: int, sdxl_timesteps: list[int] | None = 
 
 
 def shifted_flow_timesteps(steps: int, shift: float = 3.0) -> list[int]:
-    """The uniform N-step flow grid with SD3 / Z-Image's timestep shift: s' = shift * s / (1 + (shift - 1) s)."""
-    out = []
-    for index in range(steps):
-        sigma = 1.0 - index / steps
-        shifted = shift * sigma / (1.0 + (shift - 1.0) * sigma)
-        out.append(min(999, int(round(shifted * 1000))))
-    return out
+    """The uniform N-step flow grid with SD3 / Z-Image's timestep shift (`schedules.shift_sigma`)."""
+    from ..trainer.schedules import shift_sigma
+
+    return [min(999, int(round(shift_sigma(1.0 - index / steps, shift) * 1000))) for index in range(steps)]
 
 
 class World:

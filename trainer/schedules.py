@@ -192,13 +192,17 @@ def uniform_levels(low: Tensor, high: float, generator: torch.Generator | None =
     return high - (high - low) * unit  # unit in [0, 1) puts tau in (low, high]
 
 
+def shift_sigma(sigma, shift: float):
+    """SD3 / Z-Image's timestep shift on the noise fraction (a flow model's sigma): shift s / (1 + (shift - 1) s)."""
+    return shift * sigma / (1.0 + (shift - 1.0) * sigma)
+
+
 def shift_level(level: Tensor, shift: float) -> Tensor:
-    """A pre-shift level to the shifted one: SD3 / Z-Image's timestep shift s' = shift * s / (1 + (shift - 1) s)
-    on the noise fraction s = 1 - level (a flow model's sigma). Identity (the same tensor) for shift 1."""
+    """A pre-shift level to the shifted one: `shift_sigma` on s = 1 - level. Identity (the same tensor) for
+    shift 1."""
     if shift == 1.0:
         return level
-    sigma = 1.0 - level
-    return 1.0 - shift * sigma / (1.0 + (shift - 1.0) * sigma)
+    return 1.0 - shift_sigma(1.0 - level, shift)
 
 
 def unshift_level(level: Tensor, shift: float) -> Tensor:
