@@ -65,7 +65,7 @@ MODES = {
                   seeds=3, max_train_steps=60, eval_every=20, eval_per_prompt=20),
     "full": dict(student_steps=(4, 1, 2), variants=tuple(VARIANTS), seeds=3, max_train_steps=80, eval_every=20,
                  eval_per_prompt=20, one_step_variants=("coupled-shared", "decoupled-hybrid", "CA only", "DM only"),
-                 two_step_variants=("coupled-shared", "decoupled-hybrid")),
+                 two_step_variants=("coupled-shared", "decoupled-full", "decoupled-constrained", "decoupled-hybrid")),
 }
 TABLE_METRICS = (("adherence", "adherence", "{:.3f}"), ("top1", "top-1", "{:.3f}"),
                  ("frechet", "Frechet to teacher CFG", "{:.1f}"), ("frechet_real", "Frechet to real", "{:.1f}"),

@@ -11,7 +11,13 @@ import logging
 import os
 
 from ..trainer.adapters import comfy as comfy_adapter
-from ..trainer.config import MIXED_PRECISIONS, OPTIMIZERS, REGULARIZERS, RENOISE_SCHEDULES
+from ..trainer.config import (
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    REGULARIZERS,
+    RENOISE_SCHEDULES,
+    UPDATE_NORMALIZATIONS,
+)
 from . import runtime
 
 logger = logging.getLogger(__name__)
@@ -44,27 +50,36 @@ def _input_file(name: str) -> str:
     return path
 
 
-# The Train node's contract with the trainer: widget -> (config key, conversion of the widget's value).
+# The nodes' contract with the trainer: widget -> (config key, conversion of the widget's value). The Train node
+# holds what a creator sets every run; the Settings node the method's expert knobs (its defaults are the trainer's,
+# chosen by dmd-benchmark: README "Which settings, and why").
 TRAIN_WIDGETS = {
-    "renoise_schedule": ("renoise_schedule", None),
-    "regularizer": ("regularizer", None),
     "network_dim": ("network_dim", None),
-    "network_alpha": ("network_alpha", None),
     "learning_rate": ("learning_rate", None),
-    "fake_learning_rate": ("fake_learning_rate", lambda v: v or None),  # 0: the student's rate
-    "fake_updates_per_step": ("fake_updates_per_step", None),
     "max_train_steps": ("max_train_steps", None),
     "resolution": ("resolution", lambda v: v or ""),  # 0: the model's default
     "batch_size": ("train_batch_size", None),
     "seed": ("seed", None),
-    "gradient_checkpointing": ("gradient_checkpointing", None),
-    "mixed_precision": ("mixed_precision", lambda v: runtime.device_precision() if v == "auto" else v),
     "preview_every": ("sample_every_n_steps", None),
-    "save_every": ("save_every_n_steps", None),
-    "resume": ("resume", lambda v: "latest" if v else ""),
-    "optimizer": ("optimizer_type", None),
     "network_weights": ("network_weights", lambda v: _lora_file(v)),
 }
+SETTINGS_WIDGETS = {
+    "renoise_schedule": ("renoise_schedule", None),
+    "regularizer": ("regularizer", None),
+    "update_normalization": ("update_normalization", None),
+    "network_alpha": ("network_alpha", None),
+    "fake_updates_per_step": ("fake_updates_per_step", None),
+    "min_timestep": ("min_timestep", None),
+    "max_timestep": ("max_timestep", None),
+    "gradient_checkpointing": ("gradient_checkpointing", None),
+    "mixed_precision": ("mixed_precision", lambda v: runtime.device_precision() if v == "auto" else v),
+    "optimizer": ("optimizer_type", None),
+    "save_every": ("save_every_n_steps", None),
+    "resume": ("resume", lambda v: "latest" if v else ""),
+}
+# Settings widgets that are not a config key of their own: how the Train node uses them.
+SETTINGS_EXTRA = ("fake_lr_ratio", "timesteps", "preview_prompts")
+GUIDANCE_CHOICES = ["auto", "1.5", "1.75", "2", "2.5", "3", "3.5", "4", "4.5", "5", "6", "7", "8", "9", "10", "12"]
 
 NO_LORA = "[None]"
 
@@ -90,16 +105,32 @@ def _lora_file(name: str) -> str:
     return path
 
 
-def train_config_values(widgets: dict) -> dict:
-    """Config values from the Train node's widget values (pure: tested without ComfyUI); the node adds the
-    output folder and what the teacher decides (guidance, unconditional input)."""
+def _config_default(key: str):
+    from ..trainer.config import KEYS
+
+    return KEYS[key].default
+
+
+def train_config_values(widgets: dict, settings: dict | None = None) -> dict:
+    """Config values from the Train node's widget values and a Settings node's output (pure: tested without
+    ComfyUI); the node adds the output folder and what the teacher decides (guidance, unconditional input)."""
+    settings = dict(settings) if settings is not None else Settings.defaults()
+    extra = {key: settings.pop(key) for key in SETTINGS_EXTRA if key in settings}
     values = {key: convert(widgets[widget]) if convert else widgets[widget]
               for widget, (key, convert) in TRAIN_WIDGETS.items() if widget in widgets}
-    timesteps = widgets.get("timesteps", "").strip()
+    values.update(settings)
+    values["fake_learning_rate"] = values.get("learning_rate", _config_default("learning_rate")) * \
+        extra.get("fake_lr_ratio", 1.0)
+    timesteps = extra.get("timesteps", "").strip()
     values.update(output_name=widgets["output_name"].strip(), log_with="none",
                   student_timesteps=runtime.parse_timesteps(timesteps) if timesteps
                   else runtime.trailing_timesteps(widgets["steps"]))
     return values
+
+
+def preview_prompt_lines(settings: dict | None) -> list[str] | None:
+    """The Settings node's preview prompts; None: the first training prompts."""
+    return read_prompt_lines((settings or {}).get("preview_prompts", "")) or None
 
 
 def _training_prompts(prompts: str, prompt_file: str) -> list[str]:
@@ -123,15 +154,53 @@ def step_text(step: int, total: int, logs: dict) -> str:
             f"{seconds:.2f} s/step · about {eta} left")
 
 
+LIVE_CURVES_SECONDS = 2.0  # the progress preview's curves are redrawn at most this often (and at each preview)
+
+
+class LiveCurves:
+    """What the Train node shows on its progress bar while it trains: the loss, gradient-norm and latent mean/std
+    curves so far, beside the latest preview sample; redrawn at each preview and at most every few seconds
+    between (pure: tested without ComfyUI)."""
+
+    def __init__(self, interval: float = LIVE_CURVES_SECONDS, clock=None):
+        import time
+
+        from ..trainer.curves import PANELS
+
+        self.keys = [key for _, keys in PANELS for key in keys]
+        self.records: list[dict] = []
+        self.sample = None
+        self.interval, self.clock = interval, clock or time.monotonic
+        self.drawn_at = None
+
+    def add_preview(self, image) -> None:
+        self.sample = image
+        self.drawn_at = None  # a new sample: redraw at the next step
+
+    def add_step(self, step: int, logs: dict):
+        """Record one step; returns the image to show now, or None when the last one is recent enough."""
+        import math
+
+        self.records.append({"step": step, **{k: float(logs[k]) for k in self.keys
+                                               if isinstance(logs.get(k), (int, float)) and math.isfinite(logs[k])}})
+        now = self.clock()
+        if self.drawn_at is not None and now - self.drawn_at < self.interval:
+            return None
+        from ..trainer.curves import live_image
+
+        self.drawn_at = now
+        return live_image(self.records, self.sample, width=640, panel_height=160)
+
+
 def _progress_callbacks(total: int, node_id):
-    """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the latest preview, and a line
-    of text on the node (what it is setting up; then step, loss and time left). Cancel becomes a stop request
-    (the trainer saves and the node reports the interruption)."""
+    """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the live curves and the latest
+    preview, and a line of text on the node (what it is setting up; then step, loss and time left). Cancel
+    becomes a stop request (the trainer saves and the node reports the interruption)."""
     import comfy.model_management as mm
     import comfy.utils
 
     progress = comfy.utils.ProgressBar(total, node_id=node_id)
-    last_preview = {}
+    live = LiveCurves()
 
     def show(text: str) -> None:
         try:
@@ -146,12 +215,12 @@ def _progress_callbacks(total: int, node_id):
         show(text)
 
     def on_preview(step, images):
-        last_preview["image"] = _pil(images)
+        live.add_preview(_pil(images))
 
     def on_step(step, logs):
-        preview = last_preview.pop("image", None)
+        image = live.add_step(step, logs)
         try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
-            progress.update_absolute(step, total, ("JPEG", preview, 512) if preview else None)
+            progress.update_absolute(step, total, ("PNG", image, 1024) if image is not None else None)
         except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
         text = step_text(step, total, logs)
@@ -191,29 +260,121 @@ class LoadTeacher:
             "model": ("MODEL", {"tooltip": "The model to distil, from Load Checkpoint (optionally through LoRA loaders)."}),
             "clip": ("CLIP", {"tooltip": "Its text encoder(s), from the same loader; encodes the training prompts."}),
             "vae": ("VAE", {"tooltip": "Its VAE; decodes preview samples and goes into the all-in-one checkpoint."}),
-            "guidance_scale": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 30.0, "step": 0.05,
-                "tooltip": "CFG scale of the teacher in the CFG-augmentation term. 0 = family default "
-                           "(SDXL 8, SD1.5 1.75, as DMD2); values between 0 and 1 are not allowed."}),
+            "guidance_scale": (GUIDANCE_CHOICES, {
+                "default": "auto",
+                "tooltip": "CFG scale alpha of the teacher in the CFG-augmentation term (the engine of the method). "
+                           "auto: the family's value from DMD2 (SDXL 8, SD1.5 1.75); the value used is in the log "
+                           "and in the student's metadata."}),
             "uncond_mode": (["empty_prompt", "zeros"], {
                 "default": "empty_prompt",
                 "tooltip": "Unconditional input of CFG: the encoded empty prompt, or zeroed embeddings (DMD2's SDXL choice)."}),
         }}
 
+    def load(self, model, clip, vae, guidance_scale, uncond_mode):
+        scale = None if guidance_scale == "auto" else float(guidance_scale)
+        teacher = comfy_adapter.make_teacher(model, clip, vae, scale, uncond_mode)
+        logger.info("Decoupled DMD teacher: %s, guidance %g (%s)", teacher.description, teacher.guidance_scale,
+                    "family default" if scale is None else "set")
+        return (teacher,)
+
+
+class Settings:
+    DESCRIPTION = ("The expert settings of Decoupled DMD: re-noising schedule, regulariser, update normalisation, fake "
+                   "model, timestep range, precision, memory, saving and resuming. Plug into the Train node's "
+                   "`settings`; without this node the Train node uses these defaults (chosen by dmd-benchmark: see "
+                   "the README).")
+    CATEGORY = TRAIN_CATEGORY
+    RETURN_TYPES = ("DMD_SETTINGS",)
+    RETURN_NAMES = ("settings",)
+    OUTPUT_TOOLTIPS = ("Into the `settings` input of Decoupled DMD Train.",)
+    FUNCTION = "settings"
+
     @classmethod
-    def VALIDATE_INPUTS(cls, guidance_scale=None):
-        if guidance_scale is not None and guidance_scale != 0 and not 1.0 <= guidance_scale <= 30.0:
-            return f"guidance_scale {guidance_scale}: use 0 (family default) or a value from 1 to 30"
+    def INPUT_TYPES(cls):
+        default = _config_default
+        return {"required": {
+            "renoise_schedule": (list(RENOISE_SCHEDULES), {
+                "default": default("renoise_schedule"),
+                "tooltip": "How the CA and DM terms pick their re-noise levels (paper Table 1). decoupled-hybrid: CA "
+                           "only above the student's input level, DM over the whole range (the paper's choice); "
+                           "coupled-shared: one level for both (original DMD)."}),
+            "regularizer": (list(REGULARIZERS), {
+                "default": default("regularizer"),
+                "tooltip": "Regulariser beside CFG augmentation: dm (a fake-score LoRA, DMD2), mean_variance "
+                           "(cheap, no fake model), none (CA alone drifts: over-saturates)."}),
+            "update_normalization": (list(UPDATE_NORMALIZATIONS), {
+                "default": default("update_normalization"),
+                "tooltip": "Divide each term per sample by the teacher's error at its level: per_term_cfg is DMD2's "
+                           "scale for both (one more teacher call), per_term divides DM by the conditional "
+                           "teacher's error, shared uses the CA scale for both, none leaves the update raw."}),
+            "network_alpha": ("FLOAT", {"default": default("network_alpha"), "min": 0.01, "max": 256.0,
+                                        "step": 0.01,
+                                        "tooltip": "LoRA alpha of student and fake; the LoRA is scaled by "
+                                                   "alpha/rank (DMD2: 8 at rank 64)."}),
+            "fake_lr_ratio": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                        "tooltip": "Fake-score learning rate as a multiple of the Train node's "
+                                                   "learning_rate (DMD2: 1, the same rate)."}),
+            "fake_updates_per_step": ("INT", {"default": default("fake_updates_per_step"), "min": 1, "max": 20,
+                                              "tooltip": "Fake-score updates per student update (TTUR; DMD2: 5)."}),
+            "min_timestep": ("INT", {"default": default("min_timestep"), "min": 0, "max": 998,
+                                     "tooltip": "Lowest timestep re-noising may use (DMD2: 20)."}),
+            "max_timestep": ("INT", {"default": default("max_timestep"), "min": 1, "max": 999,
+                                     "tooltip": "Highest timestep re-noising may use (DMD2: 980)."}),
+            "timesteps": ("STRING", {"default": "",
+                                     "tooltip": "Exact student timesteps, noisy to clean, e.g. 999,749,499,249. "
+                                                "Empty: evenly spaced from 999 by the Train node's `steps`."}),
+            "mixed_precision": (["auto", *MIXED_PRECISIONS], {
+                "default": "auto",
+                "tooltip": "Autocast precision. auto: bf16 where the GPU supports it (RTX 30xx and newer), else "
+                           "no (fp32 compute); fp16 only on GPUs without bf16."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True,
+                                                   "tooltip": "Recompute UNet blocks in backward: much less memory, "
+                                                              "about 30% slower."}),
+            "optimizer": (list(OPTIMIZERS), {
+                "default": default("optimizer_type"),
+                "tooltip": "adamw (DMD2's choice) or adafactor: a fraction of AdamW's optimiser memory (full-size "
+                           "SDXL UNet, LoRA rank 64: about 3 GB less), for cards that run short."}),
+            "save_every": ("INT", {"default": 250, "min": 0, "max": 100000,
+                                   "tooltip": "Save the LoRA and a resumable state every N steps; 0 = at the end "
+                                              "(and on Cancel)."}),
+            "resume": ("BOOLEAN", {"default": True,
+                                   "tooltip": "Continue an interrupted run of the same output_name and settings. A "
+                                              "finished run or changed settings stop with a message (use another "
+                                              "output_name for a new run). Off: start fresh."}),
+            "preview_prompts": ("STRING", {"multiline": True, "default": "",
+                                           "tooltip": "Fixed prompts for previews, one per line; empty = the first "
+                                                      "4 training prompts."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, timesteps=None, min_timestep=None, max_timestep=None):
+        if isinstance(timesteps, str) and timesteps.strip():
+            try:
+                runtime.parse_timesteps(timesteps)
+            except ValueError as error:
+                return str(error)
+        if isinstance(min_timestep, int) and isinstance(max_timestep, int) and min_timestep >= max_timestep:
+            return f"min_timestep {min_timestep} must be below max_timestep {max_timestep}"
         return True
 
-    def load(self, model, clip, vae, guidance_scale, uncond_mode):
-        return (comfy_adapter.make_teacher(model, clip, vae, guidance_scale, uncond_mode),)
+    @classmethod
+    def defaults(cls) -> dict:
+        """The Settings node's output with every widget at its default: what the Train node uses without one."""
+        widgets = {name: spec[1]["default"] for name, spec in cls.INPUT_TYPES()["required"].items()}
+        return cls().settings(**widgets)[0]
+
+    def settings(self, **widgets):
+        values = {key: convert(widgets[widget]) if convert else widgets[widget]
+                  for widget, (key, convert) in SETTINGS_WIDGETS.items()}
+        values.update({key: widgets[key] for key in SETTINGS_EXTRA})
+        return (values,)
 
 
 class Train:
     DESCRIPTION = ("Distils the teacher into a few-step student with Decoupled DMD, inside ComfyUI: student and fake "
-                   "score are two LoRAs on the one loaded model. Cancel saves a resumable state; queue again with "
-                   "resume on to continue.")
+                   "score are two LoRAs on the one loaded model; the student LoRA is always written to "
+                   "output/decoupled_dmd/<output_name>/. Expert settings: plug in Decoupled DMD Settings. Cancel "
+                   "saves a resumable state; queue again unchanged to continue.")
     CATEGORY = TRAIN_CATEGORY
     RETURN_TYPES = ("MODEL", "LORA_MODEL", "DMD_STUDENT", "IMAGE", "IMAGE")
     RETURN_NAMES = ("student_model", "lora", "student", "previews", "curves")
@@ -235,71 +396,36 @@ class Train:
                 "prompts": ("STRING", {"multiline": True, "default": DEFAULT_PROMPTS,
                                        "tooltip": "Training prompts, one per line (lines starting with # are skipped). "
                                                   "DMD needs no images."}),
-                "prompt_file": ("STRING", {"default": "",
-                                           "tooltip": "Optional .txt in ComfyUI's input folder with one prompt per "
-                                                      "line, added to the prompts above. Empty = none."}),
                 "output_name": ("STRING", {"default": "dmd_student",
                                            "tooltip": "Run name: files go to output/decoupled_dmd/<name>/ (LoRA, "
-                                                      "resumable states, previews, logs)."}),
+                                                      "resumable states, previews, logs). A new name starts a new run."}),
                 "steps": ("INT", {"default": 4, "min": 1, "max": 16,
                                   "tooltip": "Sampling steps of the student; its timesteps are evenly spaced from 999 "
-                                             "(4 -> 999,749,499,249) unless `timesteps` is set."}),
-                "timesteps": ("STRING", {"default": "",
-                                         "tooltip": "Optional exact student timesteps, noisy to clean, e.g. "
-                                                    "999,749,499,249. Empty = from `steps`."}),
-                "renoise_schedule": (list(RENOISE_SCHEDULES), {
-                    "default": "decoupled-hybrid",
-                    "tooltip": "How the CA and DM terms pick their re-noise levels (paper Table 1); decoupled-hybrid "
-                               "is the paper's choice."}),
-                "regularizer": (list(REGULARIZERS), {
-                    "default": "dm",
-                    "tooltip": "Regulariser beside CFG augmentation: dm (a fake-score LoRA, DMD2), mean_variance "
-                               "(cheap, no fake model), none."}),
-                "network_dim": ("INT", {"default": 64, "min": 1, "max": 256,
-                                        "tooltip": "LoRA rank of student and fake (DMD2 SDXL: 64)."}),
-                "network_alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 256.0, "step": 0.01,
-                                            "tooltip": "LoRA alpha; the LoRA is scaled by alpha/rank (DMD2: 8)."}),
-                "learning_rate": ("FLOAT", {"default": 5e-5, "min": 1e-7, "max": 1e-2, "step": 1e-6, "round": False,
-                                            "tooltip": "Student learning rate (DMD2 SDXL LoRA: 5e-5)."}),
-                "fake_learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e-2, "step": 1e-6,
-                                                 "round": False,
-                                                 "tooltip": "Fake-score learning rate; 0 = same as learning_rate."}),
-                "fake_updates_per_step": ("INT", {"default": 5, "min": 1, "max": 20,
-                                                  "tooltip": "Fake-score updates per student update (TTUR; DMD2: 5)."}),
+                                             "(4 -> 999,749,499,249) unless the Settings node gives exact ones."}),
                 "max_train_steps": ("INT", {"default": 2000, "min": 1, "max": 100000,
                                             "tooltip": "Student updates to train (a resumed run counts on)."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8,
-                                       "tooltip": "Square training resolution in pixels; 0 = model default "
+                                       "tooltip": "Square training resolution in pixels; 0 = the model's own "
                                                   "(SD1.5 512, SDXL 1024)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Prompts per student update."}),
+                "network_dim": ("INT", {"default": _config_default("network_dim"), "min": 1, "max": 256,
+                                        "tooltip": "LoRA rank of student and fake (DMD2 SDXL: 64)."}),
+                "learning_rate": ("FLOAT", {"default": _config_default("learning_rate"), "min": 1e-7, "max": 1e-2,
+                                            "step": 1e-6, "round": False,
+                                            "tooltip": "Student learning rate (DMD2 SDXL LoRA: 5e-5)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
                                  "tooltip": "Seed of every random draw; a resumed run continues the same sequence."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": True,
-                                                       "tooltip": "Recompute UNet blocks in backward: much less "
-                                                                  "memory, about 30% slower."}),
-                "mixed_precision": (["auto", *MIXED_PRECISIONS], {
-                    "default": "auto",
-                    "tooltip": "Autocast precision. auto: bf16 where the GPU supports it (RTX 30xx and newer), else "
-                               "no (fp32 compute); fp16 only on GPUs without bf16."}),
                 "preview_every": ("INT", {"default": 100, "min": 0, "max": 100000,
                                           "tooltip": "Sample the preview prompts every N steps (shown on the "
                                                      "progress bar); 0 = only at the end."}),
-                "save_every": ("INT", {"default": 250, "min": 0, "max": 100000,
-                                       "tooltip": "Save the LoRA and a resumable state every N steps; 0 = at the end "
-                                                  "(and on Cancel)."}),
-                "resume": ("BOOLEAN", {"default": True,
-                                       "tooltip": "Continue from the newest state in output/decoupled_dmd/<name>/ "
-                                                  "if there is one (after Cancel); off starts fresh."}),
             },
             "optional": {
-                "preview_prompts": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "Fixed prompts for previews, one per line; empty = the "
-                                                          "first 4 training prompts."}),
-                "optimizer": (list(OPTIMIZERS), {
-                    "default": "adamw",
-                    "tooltip": "adamw (DMD2's choice) or adafactor: a fraction of AdamW's optimiser memory "
-                               "(full-size SDXL UNet, LoRA rank 64: about 3 GB less), for cards that run short."}),
+                "settings": ("DMD_SETTINGS", {"tooltip": "From Decoupled DMD Settings (schedule, regulariser, fake "
+                                                         "model, precision, saving); unconnected = its defaults."}),
+                "prompt_file": ("STRING", {"default": "",
+                                           "tooltip": "Optional .txt in ComfyUI's input folder with one prompt per "
+                                                      "line, added to the prompts above. Empty = none."}),
                 "network_weights": ([NO_LORA, *_lora_names()], {
                     "default": NO_LORA,
                     "tooltip": "Start the student from this LoRA in models/loras, e.g. a 4-step speed LoRA for this "
@@ -310,16 +436,11 @@ class Train:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, resolution=None, timesteps=None, output_name=None, prompt_file=None):
+    def VALIDATE_INPUTS(cls, resolution=None, output_name=None, prompt_file=None):
         # Inputs named here skip ComfyUI's own min/max check: check_resolution covers resolution.
         problem = check_resolution(resolution) if isinstance(resolution, int) else None
         if problem:
             return problem
-        if isinstance(timesteps, str) and timesteps.strip():
-            try:
-                runtime.parse_timesteps(timesteps)
-            except ValueError as error:
-                return str(error)
         name = (output_name or "").strip() if isinstance(output_name, str) or output_name is None else ""
         if output_name is not None and (not name or any(c in name for c in "/\\:") or name in (".", "..")):
             return f"output_name {output_name!r}: a plain name without folders, e.g. dmd_student"
@@ -330,10 +451,9 @@ class Train:
                 return str(error)
         return True
 
-    def train(self, teacher, prompts, prompt_file, output_name, steps, timesteps, renoise_schedule, regularizer,
-              network_dim, network_alpha, learning_rate, fake_learning_rate, fake_updates_per_step, max_train_steps,
-              resolution, batch_size, seed, gradient_checkpointing, mixed_precision, preview_every, save_every, resume,
-              preview_prompts="", optimizer="adamw", network_weights=NO_LORA, unique_id=None):
+    def train(self, teacher, prompts, output_name, steps, max_train_steps, resolution, batch_size, network_dim,
+              learning_rate, seed, preview_every, settings=None, prompt_file="", network_weights=NO_LORA,
+              unique_id=None):
         widgets = dict(locals())
         import comfy.model_management as mm
         import folder_paths
@@ -345,18 +465,18 @@ class Train:
             raise ValueError(problem)
         training_prompts = _training_prompts(prompts, prompt_file)
         output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
-        config = config_from_dict(dict(train_config_values(widgets), output_dir=output_dir,
+        config = config_from_dict(dict(train_config_values(widgets, settings), output_dir=output_dir,
                                        guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
         on_step, on_preview, on_phase = _progress_callbacks(max_train_steps, unique_id)
-        result = runtime.distill(teacher, config, training_prompts, read_prompt_lines(preview_prompts) or None,
+        result = runtime.distill(teacher, config, training_prompts, preview_prompt_lines(settings),
                                  should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview,
                                  on_phase=on_phase)
         if result.interrupted:
             if result.student_path is None:
                 logger.info("Decoupled DMD stopped before its first update: nothing was trained or written")
             else:
-                logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again with resume on)",
-                            result.steps_done, result.state_dir)
+                logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again unchanged to "
+                            "continue)", result.steps_done, result.state_dir)
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException()
         return runtime.train_outputs(teacher, result)
@@ -461,12 +581,14 @@ class FewStepSampler:
 
 NODE_CLASS_MAPPINGS = {
     "DecoupledDMD_LoadTeacher": LoadTeacher,
+    "DecoupledDMD_Settings": Settings,
     "DecoupledDMD_Train": Train,
     "DecoupledDMD_SaveDistilled": SaveDistilled,
     "DecoupledDMD_FewStepSampler": FewStepSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DecoupledDMD_LoadTeacher": "Load Teacher (Decoupled DMD)",
+    "DecoupledDMD_Settings": "Decoupled DMD Settings",
     "DecoupledDMD_Train": "Decoupled DMD Train",
     "DecoupledDMD_SaveDistilled": "Save Distilled (Decoupled DMD)",
     "DecoupledDMD_FewStepSampler": "Few-Step Sampler (Decoupled DMD)",

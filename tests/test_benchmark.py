@@ -13,8 +13,9 @@ def test_plans_cover_the_papers_ablations():
     names = {(job["steps"], job["name"]) for job in full}
     assert {(4, name) for name in VARIANTS} <= names
     assert (1, "decoupled-constrained") not in names  # equal to decoupled-full when t = 0
-    assert {(2, "coupled-shared"), (2, "decoupled-hybrid")} <= names and (2, "CA only") not in names
-    assert len(full) == 3 * (len(VARIANTS) + 2 + 4)
+    schedules = [name for name, (group, _) in VARIANTS.items() if group == "schedule"]
+    assert {(2, name) for name in schedules} <= names and (2, "CA only") not in names  # Table 1 at 2 steps
+    assert len(full) == 3 * (len(VARIANTS) + 4 + 4)
     assert all(MODES["full"]["seeds"] >= 3 for _ in [0])
     settings = {job["name"]: job["settings"] for job in full if job["steps"] == 4 and job["seed"] == 0}
     assert settings["DM only"]["cfg_augmentation"] is False

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoupled_dmd import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from decoupled_dmd.nodes.dmd_nodes import Train, check_resolution, read_prompt_lines
+from decoupled_dmd.nodes.dmd_nodes import LoadTeacher, Settings, Train, check_resolution, read_prompt_lines
 from decoupled_dmd.nodes.runtime import (
     check_file_name,
     parse_timesteps,
@@ -49,7 +49,7 @@ def _schema(class_type: str):
 
 
 def test_node_ids_are_namespaced_and_displayed():
-    assert set(NODE_CLASS_MAPPINGS) == {"DecoupledDMD_LoadTeacher", "DecoupledDMD_Train",
+    assert set(NODE_CLASS_MAPPINGS) == {"DecoupledDMD_LoadTeacher", "DecoupledDMD_Settings", "DecoupledDMD_Train",
                                         "DecoupledDMD_SaveDistilled", "DecoupledDMD_FewStepSampler"}
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
 
@@ -75,10 +75,10 @@ def test_schema(name):
 def test_train_defaults_build_a_valid_config():
     from decoupled_dmd.trainer.config import config_from_dict
 
-    spec = _inputs(Train)
+    spec, expert = _inputs(Train), _inputs(Settings)
     config = config_from_dict({"network_dim": spec["network_dim"][1]["default"],
                                "learning_rate": spec["learning_rate"][1]["default"],
-                               "renoise_schedule": spec["renoise_schedule"][1]["default"],
+                               "renoise_schedule": expert["renoise_schedule"][1]["default"],
                                "student_timesteps": trailing_timesteps(spec["steps"][1]["default"])})
     assert config.student_timesteps == [999, 749, 499, 249]
 
@@ -87,8 +87,10 @@ def test_validation_messages_say_what_to_change():
     assert check_resolution(0) is None and check_resolution(1024) is None
     assert "multiple of 8" in check_resolution(100000)
     assert "multiple of 8" in check_resolution(100)
-    assert Train.VALIDATE_INPUTS(resolution=512, timesteps="999,499", output_name="run", prompt_file="") is True
-    assert "strictly decreasing" in Train.VALIDATE_INPUTS(timesteps="499,999")
+    assert Train.VALIDATE_INPUTS(resolution=512, output_name="run", prompt_file="") is True
+    assert Settings.VALIDATE_INPUTS(timesteps="999,499", min_timestep=20, max_timestep=980) is True
+    assert "strictly decreasing" in Settings.VALIDATE_INPUTS(timesteps="499,999")
+    assert "below max_timestep" in Settings.VALIDATE_INPUTS(min_timestep=500, max_timestep=400)
     assert "plain name" in Train.VALIDATE_INPUTS(output_name="../x")
     assert read_prompt_lines("a cat\n\n# note\n  a dog ") == ["a cat", "a dog"]
 
@@ -158,7 +160,7 @@ def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
                 assert isinstance(value, str)
         if node["class_type"] == "DecoupledDMD_Train":
             assert NODE_CLASS_MAPPINGS["DecoupledDMD_Train"].VALIDATE_INPUTS(
-                **{k: given[k] for k in ("resolution", "timesteps", "output_name")}) is True
+                **{k: given[k] for k in ("resolution", "output_name", "prompt_file")}) is True
 
 
 @pytest.mark.parametrize("name", _workflow_names())
@@ -189,32 +191,55 @@ def test_ui_workflow_matches_its_api_twin(name):
                 assert kind == inputs[item["name"]][0]
 
 
-def test_every_train_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_config():
-    from decoupled_dmd.nodes.dmd_nodes import TRAIN_WIDGETS, train_config_values
+def _defaults(cls) -> dict:
+    widgets = {}
+    for section in ("required", "optional"):
+        for name, spec in cls.INPUT_TYPES().get(section, {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            widgets[name] = options.get("default", spec[0][0] if isinstance(spec[0], list) else None)
+    return widgets
+
+
+def test_every_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_config():
+    from decoupled_dmd.nodes.dmd_nodes import SETTINGS_EXTRA, SETTINGS_WIDGETS, TRAIN_WIDGETS, train_config_values
     from decoupled_dmd.trainer.config import KEYS, config_from_dict
 
-    schema = Train.INPUT_TYPES()
-    widgets = {name: spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
-               for section in ("required", "optional") for name, spec in schema.get(section, {}).items()}
-    for name, spec in [*schema["required"].items(), *schema.get("optional", {}).items()]:
-        if isinstance(spec[0], list):  # a combo: its first choice unless a default is given
-            widgets[name] = widgets[name] if widgets[name] is not None else spec[0][0]
-    not_config = {"teacher", "prompts", "prompt_file", "output_name", "steps", "timesteps", "preview_prompts"}
+    widgets, expert = _defaults(Train), _defaults(Settings)
+    not_config = {"teacher", "settings", "prompts", "prompt_file", "output_name", "steps"}
     assert set(widgets) - not_config == set(TRAIN_WIDGETS)  # a new widget must say where it goes
-    assert all(key in KEYS for key, _ in TRAIN_WIDGETS.values())
-    values = train_config_values(dict(widgets, output_name=" my_student ", timesteps=""))
+    assert set(expert) == set(SETTINGS_WIDGETS) | set(SETTINGS_EXTRA)
+    assert all(key in KEYS for key, _ in [*TRAIN_WIDGETS.values(), *SETTINGS_WIDGETS.values()])
+    values = train_config_values(dict(widgets, output_name=" my_student "))  # no Settings node: its defaults
+    assert values == train_config_values(dict(widgets, output_name=" my_student "), Settings.defaults())
     config = config_from_dict(dict(values, output_dir="out"))
     assert config.output_name == "my_student" and config.log_with == "none"
     assert config.student_timesteps == trailing_timesteps(widgets["steps"])
-    assert config.train_batch_size == widgets["batch_size"] and config.optimizer_type == widgets["optimizer"]
-    assert config.resume == ("latest" if widgets["resume"] else "")
+    assert config.train_batch_size == widgets["batch_size"] and config.optimizer_type == expert["optimizer"]
+    for key in ("renoise_schedule", "regularizer", "update_normalization", "fake_updates_per_step", "min_timestep",
+                "max_timestep", "network_alpha", "network_dim", "learning_rate"):  # the trainer's defaults
+        assert getattr(config, key) == KEYS[key].default, key
+    assert config.fake_learning_rate == config.learning_rate  # fake_lr_ratio 1: DMD2's equal rates
+    assert config.resume == "latest" and expert["resume"] is True
     assert widgets["network_weights"] == "[None]" and config.network_weights == ""
-    assert widgets["mixed_precision"] == "auto"  # what the device supports: bf16 on GPUs that have it
+    assert expert["mixed_precision"] == "auto"  # what the device supports: bf16 on GPUs that have it
     assert config.mixed_precision == ("bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    assert train_config_values(dict(widgets, output_name="x", timesteps="999,499", fake_learning_rate=0.0,
-                                    resolution=0))["student_timesteps"] == [999, 499]
-    assert train_config_values(dict(widgets, output_name="x", fake_learning_rate=0.0))["fake_learning_rate"] is None
+    chosen = Settings().settings(**dict(expert, timesteps="999,499", fake_lr_ratio=4.0, resume=False,
+                                        renoise_schedule="coupled-shared", mixed_precision="fp16"))[0]
+    values = train_config_values(dict(widgets, output_name="x", learning_rate=1e-4), chosen)
+    assert values["student_timesteps"] == [999, 499] and values["fake_learning_rate"] == pytest.approx(4e-4)
+    assert values["resume"] == "" and values["renoise_schedule"] == "coupled-shared"
+    assert values["mixed_precision"] == "fp16" and "preview_prompts" not in values and "timesteps" not in values
 
+
+def test_the_train_node_holds_the_everyday_settings_and_guidance_has_no_magic_zero():
+    """Issue 13: the Train node is short (what a creator sets each run); guidance shows its value or `auto`."""
+    rows = [name for name, spec in _inputs(Train).items() if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES]
+    assert len(rows) <= 13, rows
+    assert {"max_train_steps", "steps", "resolution", "batch_size", "network_dim", "learning_rate", "seed",
+            "output_name", "preview_every"} <= set(rows)
+    choices, options = LoadTeacher.INPUT_TYPES()["required"]["guidance_scale"]
+    assert options["default"] == "auto" and "auto" in options["tooltip"] and "SDXL 8" in options["tooltip"]
+    assert all(float(c) >= 1.0 for c in choices if c != "auto") and "0" not in choices
 
 
 @pytest.mark.parametrize("name", _workflow_names())
@@ -231,7 +256,7 @@ def test_ui_workflow_nodes_do_not_overlap_and_images_have_room_to_grow(name):
                 overlap = box_a[0] < box_b[2] and box_b[0] < box_a[2] and box_a[1] < box_b[3] and box_b[1] < box_a[3]
                 assert not overlap, f"{name}: nodes {a} and {b} overlap"
     train = [n for n in nodes if n["type"] == "DecoupledDMD_Train"]
-    assert all(n["size"][1] >= 900 for n in train)  # its widgets need that much (newer frontends: ~916 px)
+    assert all(n["size"][1] >= 600 for n in train)  # its widgets need that much (newer frontends)
     for image in (n for n in nodes if n["type"] in ("PreviewImage", "SaveImage")):
         left, _, right, bottom = boxes[image["id"]]
         below = [i for i, box in boxes.items() if box[0] < right and left < box[2] and box[1] >= bottom]
@@ -245,3 +270,27 @@ def test_the_train_node_text_says_step_loss_and_time_left():
         "step 2/10 · loss 0.5000 · 30.00 s/step · about 4 min left"
     assert step_text(10, 2000, {"loss_generator": 0.01, "seconds_per_step": 8.3}).endswith("about 4.6 h left")
     assert step_text(1, 3, {"loss_generator": 0.1, "seconds_per_step": 2.0}).endswith("about 4 s left")
+
+
+def test_live_curves_on_the_progress_bar_are_redrawn_with_each_preview_and_throttled_between():
+    """Issue 13: the curves update while the node trains (progress preview), not only at the end."""
+    from PIL import Image
+
+    from decoupled_dmd.nodes.dmd_nodes import LiveCurves
+
+    now = [0.0]
+    live = LiveCurves(interval=2.0, clock=lambda: now[0])
+    logs = {"loss_generator": 0.5, "loss_fake": 0.2, "gen_std": 1.0, "gen_mean": 0.0, "grad_norm_student": 3.0,
+            "grad_norm_fake": float("nan"), "seconds_per_step": 1.0}
+    first = live.add_step(1, logs)
+    assert first is not None and first.size == (640, 480)  # three 160-px panels, no sample yet
+    now[0] = 1.0
+    assert live.add_step(2, dict(logs, loss_generator=0.4)) is None  # drawn 1 s ago: not again
+    live.add_preview(Image.new("RGB", (64, 64), (200, 10, 10)))
+    with_sample = live.add_step(3, dict(logs, loss_generator=0.3))
+    assert with_sample is not None and with_sample.size == (480 + 640, 480)
+    assert with_sample.getpixel((10, 10)) == (200, 10, 10)
+    now[0] = 3.5
+    assert live.add_step(4, logs) is not None  # the interval passed
+    assert [r["step"] for r in live.records] == [1, 2, 3, 4] and "grad_norm_fake" not in live.records[0]
+    assert [r["loss_generator"] for r in live.records[:3]] == [0.5, 0.4, 0.3]

@@ -26,6 +26,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from train_inputs import set_train_inputs
+
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 TINY_TRAIN = dict(prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4,
                   network_alpha=4.0, learning_rate=1e-3, fake_updates_per_step=1, preview_every=1, save_every=0,
@@ -88,7 +90,7 @@ def _written(entry: dict, node_id: str) -> list[str]:
 
 def _tiny_distil(graph: dict, checkpoint: str, run: str, save_checkpoint: bool) -> dict:
     graph["1"]["inputs"]["ckpt_name"] = checkpoint
-    graph["3"]["inputs"].update(TINY_TRAIN, output_name=run)
+    set_train_inputs(graph, **TINY_TRAIN, output_name=run)
     graph["4"]["inputs"].update(lora_name=f"{run}_lora", checkpoint_name=run, save_checkpoint=save_checkpoint)
     graph["11"]["inputs"].update(width=64, height=64)
     graph["14"]["inputs"]["filename_prefix"] = f"workflow_png_{run}"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from safetensors import safe_open
+from train_inputs import set_train_inputs, training_nodes
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 
@@ -31,7 +32,7 @@ def _train_graph(name: str, **train) -> dict:
     graph = load_workflow("distill_sdxl")
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
-    graph["3"]["inputs"].update(TINY_TRAIN, output_name=name, **train)
+    set_train_inputs(graph, **{**TINY_TRAIN, "output_name": name, **train})
     graph["4"]["inputs"].update(lora_name=f"{name}_lora", checkpoint_name=name, save_checkpoint=True)
     graph["11"]["inputs"].update(width=64, height=64)
     for node in graph.values():
@@ -50,7 +51,7 @@ def _save_only_graph(name: str) -> dict:
     """Loader -> teacher -> train -> Save Distilled, the only output: an invalid node fails the whole prompt
     (ComfyUI runs a prompt whose other outputs are valid and reports the failing node beside HTTP 200)."""
     graph = _train_graph(name)
-    return {node_id: graph[node_id] for node_id in ("1", "2", "3", "4")}
+    return {node_id: graph[node_id] for node_id in ("1", "2", *training_nodes(graph), "4")}
 
 
 def _images(entry) -> list[str]:
@@ -195,7 +196,7 @@ def test_queueing_a_finished_run_again_is_refused_with_what_to_do(comfy_server, 
 
 def _save_only_graph_with(name: str, **train) -> dict:
     graph = _train_graph(name, **train)
-    return {node_id: graph[node_id] for node_id in ("1", "2", "3", "4")}
+    return {node_id: graph[node_id] for node_id in ("1", "2", *training_nodes(graph), "4")}
 
 
 def test_a_student_can_start_from_a_lora_in_models_loras(comfy_server, trained):

@@ -9,16 +9,17 @@ import time
 import pytest
 from safetensors import safe_open
 from test_server import _errors, _images, load_workflow
+from train_inputs import set_train_inputs
 
 RUN = "ci_sdxl"
 FIGURES = {}
 
 
 def _sdxl_train_graph(checkpoint: str) -> dict:
-    graph = load_workflow("distill_sdxl")  # as shipped: guidance_scale 0 (family default), uncond zeros
+    graph = load_workflow("distill_sdxl")  # as shipped: guidance_scale auto (family default), uncond zeros
     graph["1"]["inputs"]["ckpt_name"] = checkpoint
-    graph["3"]["inputs"].update(
-        prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4, network_alpha=4.0,
+    set_train_inputs(
+        graph, prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4, network_alpha=4.0,
         learning_rate=1e-3, fake_updates_per_step=1, preview_every=1, save_every=0, mixed_precision="no",
         gradient_checkpointing=True, resume=False, preview_prompts="a photo of a cat", output_name=RUN)
     graph["4"]["inputs"].update(lora_name=f"{RUN}_lora", save_checkpoint=False)

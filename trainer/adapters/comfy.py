@@ -98,8 +98,8 @@ def detect_family(model) -> tuple[str, str]:
     return family, prediction
 
 
-def make_teacher(model, clip, vae, guidance_scale: float = 0.0, uncond_mode: str = "empty_prompt") -> Teacher:
-    """Validate a MODEL/CLIP/VAE triple as a teacher; guidance_scale 0 takes the family default (SDXL 8)."""
+def make_teacher(model, clip, vae, guidance_scale: float | None = None, uncond_mode: str = "empty_prompt") -> Teacher:
+    """Validate a MODEL/CLIP/VAE triple as a teacher; guidance_scale None takes the family default (SDXL 8)."""
     from ..denoiser import FAMILY_GUIDANCE_DEFAULTS
 
     family, prediction = detect_family(model)
@@ -109,7 +109,9 @@ def make_teacher(model, clip, vae, guidance_scale: float = 0.0, uncond_mode: str
         raise UnsupportedModelError("no VAE: connect the VAE output of the checkpoint loader (previews need it)")
     if uncond_mode not in ("empty_prompt", "zeros"):
         raise ValueError(f"uncond_mode {uncond_mode!r}: choose empty_prompt or zeros")
-    scale = guidance_scale or FAMILY_GUIDANCE_DEFAULTS.get(family, 5.0)
+    if guidance_scale is not None and not 1.0 <= guidance_scale <= 30.0:
+        raise ValueError(f"guidance_scale {guidance_scale}: use a value from 1 to 30, or auto (the family default)")
+    scale = FAMILY_GUIDANCE_DEFAULTS.get(family, 5.0) if guidance_scale is None else guidance_scale
     return Teacher(model, clip, vae, family, prediction, float(scale), uncond_mode,
                    f"{family} {prediction} ({type(model.model.model_config).__name__})")
 
