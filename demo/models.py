@@ -103,10 +103,16 @@ def build_texture_teacher_modules(folder: str, seed: int = 0, width: int = 32):
     return text_encoder, unet, tokenizer
 
 
-def save_teacher(folder: str, text_encoder, unet, extra: dict) -> str:
-    """Write the trained modules and a model_index.json carrying the demo's recommended settings."""
+def save_teacher(folder: str, text_encoder, unet, extra: dict, unet_dtype: torch.dtype = torch.float32) -> str:
+    """Write the trained modules and a model_index.json carrying the demo's recommended settings.
+
+    `unet_dtype` is the stored precision of the UNet (float16 keeps the texture teacher under the repository's
+    5 MB per-file budget; loaders cast back to the dtype they ask for).
+    """
     text_encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-    unet.save_pretrained(os.path.join(folder, "unet"))
+    unet.to(unet_dtype).save_pretrained(os.path.join(folder, "unet"))
+    unet.to(torch.float32)
+    extra = {**extra, "unet_storage_dtype": str(unet_dtype).removeprefix("torch.")}
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
         json.dump({"_class_name": "DecoupledDMDDemoTeacher", "_demo": True, **extra}, handle, indent=2)
     return folder

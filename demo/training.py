@@ -148,7 +148,7 @@ def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, 
     return train_diffusion(folder, modules, prompts, sample_batch, "epsilon", steps=steps, batch_size=batch_size,
                            learning_rate=learning_rate, uncond_probability=uncond_probability, ema_decay=ema_decay,
                            seed=seed, extra_info={"width": width, **(extra_info or {})}, log_every=log_every,
-                           noise_offset=noise_offset)
+                           noise_offset=noise_offset, unet_dtype=torch.float16)
 
 
 def _noised(objective: str, x0: torch.Tensor, generator: torch.Generator, alphas_cumprod: torch.Tensor | None,
@@ -175,14 +175,15 @@ def _noised(objective: str, x0: torch.Tensor, generator: torch.Generator, alphas
 
 def train_diffusion(folder: str, modules: tuple, prompts: list[str], sample_batch, objective: str, steps: int,
                     batch_size: int, learning_rate: float, uncond_probability: float, ema_decay: float, seed: int,
-                    extra_info: dict | None = None, log_every: int = 20, noise_offset: float = 0.0) -> str:
+                    extra_info: dict | None = None, log_every: int = 20, noise_offset: float = 0.0,
+                    unet_dtype: torch.dtype = torch.float32) -> str:
     """Train a demo teacher (UNet and text encoder together) and write it as a diffusers folder.
 
     `modules`: (text_encoder, unet, tokenizer); `sample_batch(generator, n)` gives (x0, prompt index), index 0
     the empty prompt and i the prompt `prompts[i - 1]`. The prompt is dropped to the empty string for a
     fraction `uncond_probability` of samples, so the teacher also models the unconditional distribution CFG
     needs. The saved weights are the exponential moving average of the trained ones (decay `ema_decay`, with
-    the usual (1 + n) / (10 + n) warm-up).
+    the usual (1 + n) / (10 + n) warm-up); the UNet is stored in `unet_dtype`.
     """
     text_encoder, unet, tokenizer = modules
     generator = torch.Generator().manual_seed(seed)
@@ -222,4 +223,4 @@ def train_diffusion(folder: str, modules: tuple, prompts: list[str], sample_batc
             "noise_offset": noise_offset,
             "uncond_probability": uncond_probability, "ema_decay": ema_decay, "seed": seed,
             "final_loss": running, "train_seconds": round(time.time() - started, 1), **(extra_info or {})}
-    return save_teacher(folder, ema["text_encoder"], ema["unet"], info)
+    return save_teacher(folder, ema["text_encoder"], ema["unet"], info, unet_dtype=unet_dtype)
