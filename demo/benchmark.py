@@ -103,8 +103,8 @@ def plan_jobs(mode: dict, output_dir: str, grid: str, world: str = "mnist") -> l
                 folder = os.path.join(output_dir, "runs", f"{steps}step", name.replace(" ", "_").replace("+", "plus"),
                                       f"seed{seed}")
                 jobs.append({"name": name, "steps": steps, "seed": seed, "folder": folder, "world": world,
-                             "settings": dict(settings, seed=seed, student_timesteps=timesteps(steps),
-                                              max_train_steps=mode["max_train_steps"],
+                             "settings": dict(mode.get("overrides", {}), **settings, seed=seed,
+                                              student_timesteps=timesteps(steps), max_train_steps=mode["max_train_steps"],
                                               **({"train_batch_size": mode["train_batch_size"]}
                                                  if mode.get("train_batch_size") else {})),
                              "eval_every": mode["eval_every"], "eval_per_prompt": mode["eval_per_prompt"]})
@@ -185,8 +185,31 @@ def _same_input_means(runs: list[dict]) -> list[dict]:
     return out
 
 
+LATE_FRACTION = 1 / 3  # a run's score: the mean of its evaluations in the last third of training
+
+
+def _is_late(step: int, last: int, fraction: float = LATE_FRACTION) -> bool:
+    return step >= (1 - fraction) * last - 1e-9
+
+
+def late_steps(mode: dict) -> str:
+    """The evaluation steps `late_mean` averages for this mode's runs."""
+    last, every = mode["max_train_steps"], mode["eval_every"] or mode["max_train_steps"]
+    steps = [s for s in range(every, last, every) if _is_late(s, last)] + [last]
+    return ", ".join(map(str, steps))
+
+
+def late_mean(history: list[dict], fraction: float = LATE_FRACTION) -> dict:
+    """The mean of each numeric metric over the evaluations at steps >= (1 - fraction) * the last step (at least
+    the last one): one checkpoint of a run that oscillates is a lottery (texture world, docs/demo.md)."""
+    last = history[-1]["step"]
+    late = [h for h in history if _is_late(h["step"], last, fraction) and h["step"] > 0] or [history[-1]]
+    keys = [k for k in late[-1] if isinstance(late[-1][k], (int, float))]
+    return {k: float(np.mean([h.get(k, math.nan) for h in late])) for k in keys}
+
+
 def summarize(results: list[dict], floor: float | None) -> dict:
-    """Per (steps, variant): the final metrics' mean, std, min, max over seeds, and the pairwise gates."""
+    """Per (steps, variant): the late metrics' mean, std, min, max over seeds, and the pairwise gates."""
     table: dict = {}
     for data in results:
         key = (data["steps"], data["name"])
@@ -195,12 +218,14 @@ def summarize(results: list[dict], floor: float | None) -> dict:
     for (steps, name), runs in sorted(table.items(), key=lambda item: (item[0][0], list(VARIANTS).index(item[0][1]))):
         row = {"steps": steps, "name": name, "group": VARIANTS[name][0], "seeds": len(runs),
                "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs]))}
-        finals = [r["history"][-1] for r in runs]
+        finals = [late_mean(r["history"]) for r in runs]
         for key in [k for k in finals[0] if isinstance(finals[0][k], (int, float))]:
             row[key] = _mean_spread([f.get(key, math.nan) for f in finals])
         row["same_input"] = _same_input_means(runs)
-        row["per_seed_frechet"] = {r["seed"]: r["history"][-1].get("frechet") for r in runs}
-        row["per_seed_adherence"] = {r["seed"]: r["history"][-1].get("adherence") for r in runs}
+        row["per_seed_frechet"] = {r["seed"]: f.get("frechet") for r, f in zip(runs, finals)}
+        row["per_seed_adherence"] = {r["seed"]: f.get("adherence") for r, f in zip(runs, finals)}
+        row["late_steps"] = sorted({h["step"] for r in runs for h in r["history"]
+                                    if _is_late(h["step"], r["history"][-1]["step"]) and h["step"] > 0})
         summary["rows"][f"{steps}|{name}"] = row
     summary["gates"] = gates(summary["rows"], floor)
     return summary
@@ -255,8 +280,11 @@ def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float 
              f"Teacher: {WORLD_TEACHERS[world]}; student grids: "
              + ", ".join(f"{s}-step {g}" for s, g in zip(mode["student_steps"], grids))
              + f"; {mode['max_train_steps']} generator updates, {mode['seeds']} seeds, "
-               f"{samples} evaluation samples per run. Values: mean ± std over seeds "
-               f"(min..max for Frechet to the teacher).", ""]
+               f"{samples} evaluation samples per run. A run's value is the mean of its evaluations in the last "
+               f"third of training (steps {late_steps(mode)}); values: mean ± std over seeds "
+               f"(min..max for Frechet to the teacher)."
+             + (" Set for every run: " + ", ".join(f"`{k} = {v}`" for k, v in mode["overrides"].items()) + "."
+                if mode.get("overrides") else ""), ""]
     if floor is not None:
         lines.append(f"Noise floor (Frechet of a second teacher seed, same sample count): {floor:.2f}. "
                      f"Teacher 50 steps CFG: adherence {teacher.get('adherence', float('nan')):.3f}; "
@@ -366,6 +394,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_per_prompt", type=int, help="override the mode's samples per prompt")
     parser.add_argument("--train_batch_size", type=int, help="override the prompts per generator update")
     parser.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a trainer setting for every run (a variant's own settings win), e.g. learning_rate=3e-5; "
+                             "repeat for more")
     parser.add_argument("--student_steps", help="comma-separated step counts, e.g. 1,4")
     parser.add_argument("--world", default="mnist", choices=("texture", "mnist"),
                         help="the teacher and data of the quality runs (texture: SD-style, guidance acting at clean "
@@ -401,6 +432,19 @@ def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         mode["variants"] = tuple(names)
     if args.student_steps:
         mode["student_steps"] = tuple(int(s) for s in args.student_steps.split(","))
+    if args.set:
+        from ..trainer.config import KEYS
+
+        overrides = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if key.strip() not in KEYS or not value.strip():
+                parser.error(f"--set {item!r}: give KEY=VALUE with a trainer setting as KEY (e.g. learning_rate=3e-5)")
+            try:
+                overrides[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[key.strip()] = value.strip()
+        mode["overrides"] = overrides
     return mode
 
 

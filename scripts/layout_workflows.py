@@ -59,6 +59,8 @@ def main() -> int:
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(json.dumps(ui, indent=1, ensure_ascii=False) + "\n")
         png = os.path.join(WORKFLOWS, f"{name}.png")
+        if not os.path.isfile(png):  # a new workflow: tests/comfyui/make_workflow_pngs.py makes its PNG
+            continue
         with Image.open(png) as image:
             image.load()
             text, picture = dict(image.text), image.copy()

@@ -88,3 +88,15 @@ def test_unknown_variant_fails_naming_the_choices(bad, tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark_main(["--output_dir", str(tmp_path), "--variants", bad, "--skip_cost"])
     assert "decoupled-hybrid" in capsys.readouterr().err
+
+
+def test_a_runs_score_is_the_mean_of_its_late_evaluations():
+    """One checkpoint of an oscillating run is a lottery: the score averages the last third of training."""
+    from decoupled_dmd.demo.benchmark import late_mean, late_steps
+
+    history = [{"step": 0, "frechet": 900.0}, {"step": 20, "frechet": 1.0}, {"step": 40, "frechet": 2.0},
+               {"step": 60, "frechet": 4.0, "name": "x"}]
+    assert late_mean(history) == {"step": 50.0, "frechet": 3.0}  # steps 40 and 60, never step 0
+    assert late_mean(history[:1]) == {"step": 0.0, "frechet": 900.0}
+    assert late_steps({"max_train_steps": 60, "eval_every": 10}) == "40, 50, 60"
+    assert late_steps({"max_train_steps": 80, "eval_every": 20}) == "60, 80"

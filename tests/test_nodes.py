@@ -18,6 +18,7 @@ from decoupled_dmd.trainer.formats import checkpoint_metadata
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(REPO, "workflows")
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FILE_LISTS = {"network_weights"}
 with open(os.path.join(os.path.dirname(__file__), "comfyui_stock_nodes.json"), encoding="utf-8") as _handle:
     STOCK = json.load(_handle)["nodes"]  # the stock nodes the workflows use, from ComfyUI's /object_info
 
@@ -35,8 +36,10 @@ def _schema(class_type: str):
         inputs = {}
         for section in ("required", "optional"):
             for name, (kind, *options) in spec.get(section, {}).items():
+                # a file list (models/loras) depends on the ComfyUI it runs in: any name is checked there
+                choices = kind if isinstance(kind, list) and name not in FILE_LISTS else None
                 inputs[name] = ("COMBO" if isinstance(kind, list) else kind, options[0] if options else {},
-                                section == "optional", kind if isinstance(kind, list) else None)
+                                section == "optional", choices)
         return inputs, list(cls.RETURN_TYPES)
     if class_type in STOCK:
         node = STOCK[class_type]
@@ -125,7 +128,8 @@ def _workflow_names():
 
 def test_every_workflow_has_both_formats():
     names = _workflow_names()
-    assert {"distill_sdxl", "distill_with_style_lora", "sample_few_step", "sample_stock_nodes"} <= set(names)
+    assert {"distill_sdxl", "distill_with_style_lora", "distill_from_speed_lora", "sample_few_step",
+            "sample_stock_nodes"} <= set(names)
     for name in names:
         assert os.path.isfile(os.path.join(WORKFLOWS, f"{name}.json")), name
 

@@ -11,7 +11,7 @@ are noise.
     python tests/comfyui/make_workflow_pngs.py --url http://127.0.0.1:8188 --checkpoint tiny_sdxl_vega_v1.safetensors
 
 Order: distill_sdxl first (its LoRA and checkpoint feed the two sample workflows; its LoRA also stands in for
-the style LoRA of distill_with_style_lora). Each distil run writes to output/decoupled_dmd/<run>/ and
+the style LoRA of distill_with_style_lora and for both the style and the speed LoRA of distill_from_speed_lora). Each distil run writes to output/decoupled_dmd/<run>/ and
 models/loras|checkpoints of that ComfyUI (the names get a counter when they exist).
 """
 
@@ -137,6 +137,14 @@ def make_pngs(url: str, checkpoint: str, out_dir: str = WORKFLOWS, run_prefix: s
     graph["9"]["inputs"]["lora_name"] = lora  # stand-in for a style LoRA: the student LoRA made above
     save("distill_with_style_lora", client.run(graph, workflow), "14")
     log(f"  distill_with_style_lora took {time.time() - started:.0f} s")
+
+    started = time.time()
+    graph, workflow = _load("distill_from_speed_lora")
+    graph = _tiny_distil(graph, checkpoint, f"{run_prefix}_own_student", save_checkpoint=False)
+    graph["9"]["inputs"]["lora_name"] = lora  # stand-ins: the student LoRA made above as style and speed LoRA
+    graph["3"]["inputs"]["network_weights"] = lora
+    save("distill_from_speed_lora", client.run(graph, workflow), "14")
+    log(f"  distill_from_speed_lora took {time.time() - started:.0f} s")
     return written
 
 

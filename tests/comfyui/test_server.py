@@ -71,8 +71,9 @@ def trained(comfy_server):
 def test_nodes_are_registered_with_namespaced_ids_and_categories(comfy_server):
     info = comfy_server.get("/object_info")
     ours = {name: spec for name, spec in info.items() if name.startswith("DecoupledDMD_")}
-    assert set(ours) == {"DecoupledDMD_LoadTeacher", "DecoupledDMD_Train", "DecoupledDMD_SaveDistilled",
-                         "DecoupledDMD_FewStepSampler"}
+    assert set(ours) == {"DecoupledDMD_LoadTeacher", "DecoupledDMD_Settings", "DecoupledDMD_Train",
+                         "DecoupledDMD_SaveDistilled", "DecoupledDMD_FewStepSampler"}
+    assert ours["DecoupledDMD_LoadTeacher"]["input"]["required"]["guidance_scale"][1]["default"] == "auto"
     assert all(spec["category"].split("/")[0] in ("training", "sampling") for spec in ours.values())
     assert "Cannot import" not in "\n".join(l for l in comfy_server.log().splitlines() if "DecoupledDMD" in l)
 
@@ -209,6 +210,55 @@ def test_a_student_can_start_from_a_lora_in_models_loras(comfy_server, trained):
     assert metadata["decoupled_dmd.network_weights"] == f"{RUN}_lora.safetensors"
     assert len(metadata["decoupled_dmd.network_weights_sha256"]) == 64 and metadata["decoupled_dmd.network_dim"] == "4"
     assert comfy_server.base not in metadata["decoupled_dmd.config"]
+
+
+def _random_speed_lora(source: str, target: str, rank: int) -> None:
+    """A random-weight kohya LoRA of another rank on the same modules as `source` (a speed LoRA's stand-in)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for key, value in load_file(source).items():
+        if key.endswith("lora_down.weight"):
+            value = torch.randn((rank, *value.shape[1:]), generator=generator) * 0.01
+        elif key.endswith("lora_up.weight"):
+            value = torch.randn((value.shape[0], rank, *value.shape[2:]), generator=generator) * 0.01
+        elif key.endswith(".alpha"):
+            value = torch.tensor(float(rank))
+        tensors[key] = value.contiguous()
+    save_file(tensors, target)
+
+
+def test_the_distill_from_speed_lora_workflow_starts_from_the_speed_lora_and_samples_with_a_stock_ksampler(
+        comfy_server, trained):
+    """workflows/distill_from_speed_lora: checkpoint + style LoRA -> teacher; a speed LoRA (random weights, rank 8,
+    made here) initialises the student; train; save; sample the student MODEL with a stock KSampler."""
+    import hashlib
+
+    loras = os.path.join(comfy_server.base, "models", "loras")
+    _random_speed_lora(os.path.join(loras, f"{RUN}_lora.safetensors"), os.path.join(loras, "ci_speed.safetensors"), 8)
+    name = "ci_own_student"
+    graph = load_workflow("distill_from_speed_lora")
+    assert graph["12"]["class_type"] == "KSampler" and graph["12"]["inputs"]["model"] == ["3", 0]
+    graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
+    graph["9"]["inputs"]["lora_name"] = f"{RUN}_lora.safetensors"  # the style LoRA's stand-in
+    set_train_inputs(graph, **{**TINY_TRAIN, "output_name": name, "max_train_steps": 1,
+                               "network_weights": "ci_speed.safetensors"})
+    graph["4"]["inputs"].update(lora_name=f"{name}_lora", save_checkpoint=False)
+    graph["11"]["inputs"].update(width=64, height=64)
+    graph["14"]["inputs"]["filename_prefix"] = f"{name}_ksampler"
+    entry = comfy_server.run(graph)
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    assert any(f.startswith(f"{name}_ksampler") for f in _images(entry))
+    with safe_open(os.path.join(loras, f"{name}_lora.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    with open(os.path.join(loras, "ci_speed.safetensors"), "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    assert metadata["decoupled_dmd.network_weights"] == "ci_speed.safetensors"
+    assert metadata["decoupled_dmd.network_weights_sha256"] == digest
+    assert metadata["decoupled_dmd.network_dim"] == "8"  # the rank came from the speed LoRA, not network_dim 4
 
 
 @pytest.mark.parametrize("node, change, words", [
