@@ -74,7 +74,7 @@ def test_dmd_demo_writes_its_results_folder(tmp_path):
     from decoupled_dmd.demo.run import DEMO_SETTINGS, demo_main
 
     out = tmp_path / "demo"
-    assert demo_main(["--output_dir", str(out), "--max_train_steps", "2", "--eval_per_prompt", "1",
+    assert demo_main(["--world", "mnist", "--output_dir", str(out), "--max_train_steps", "2", "--eval_per_prompt", "1",
                       "--teacher_steps", "2", "--train_batch_size", "2", "--threads", "1"]) == 0
     for name in ("grid.png", "curves.png", "metrics.json", "student.safetensors", "samples.npz"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -106,7 +106,8 @@ def test_dmd_demo_stops_on_ctrl_c_saves_and_still_writes_its_results(tmp_path):
     out = tmp_path / "demo"
     process = subprocess.Popen(
         [sys.executable, "-c", "import sys; from decoupled_dmd.demo.run import demo_main; sys.exit(demo_main())",
-         "--output_dir", str(out), "--max_train_steps", "500", "--eval_per_prompt", "1", "--teacher_steps", "2",
+         "--world", "mnist", "--output_dir", str(out), "--max_train_steps", "500", "--eval_per_prompt", "1",
+         "--teacher_steps", "2",
          "--train_batch_size", "2", "--threads", "1"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     started = time.time()

@@ -90,7 +90,7 @@ def _written(entry: dict, node_id: str) -> list[str]:
 
 def _tiny_distil(graph: dict, checkpoint: str, run: str, save_checkpoint: bool) -> dict:
     graph["1"]["inputs"]["ckpt_name"] = checkpoint
-    set_train_inputs(graph, **TINY_TRAIN, output_name=run)
+    set_train_inputs(graph, add_settings=False, **TINY_TRAIN, output_name=run)  # the shipped graph's shape
     graph["4"]["inputs"].update(lora_name=f"{run}_lora", checkpoint_name=run, save_checkpoint=save_checkpoint)
     graph["11"]["inputs"].update(width=64, height=64)
     graph["14"]["inputs"]["filename_prefix"] = f"workflow_png_{run}"

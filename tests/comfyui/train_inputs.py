@@ -6,7 +6,8 @@ from __future__ import annotations
 SETTINGS_NODE_ID = "90"  # for graphs shipped without a Settings node; clear of the ids the tests add
 
 
-def set_train_inputs(graph: dict, train_id: str = "3", **values) -> dict:
+def set_train_inputs(graph: dict, train_id: str = "3", add_settings: bool = True, **values) -> dict:
+    """`add_settings` False: a graph without a Settings node keeps its shape (its expert values are dropped)."""
     from decoupled_dmd.nodes.dmd_nodes import Settings, Train
 
     spec = Train.INPUT_TYPES()
@@ -19,6 +20,8 @@ def set_train_inputs(graph: dict, train_id: str = "3", **values) -> dict:
     graph[train_id]["inputs"].update({k: v for k, v in values.items() if k in on_train})
     if expert:
         link = graph[train_id]["inputs"].get("settings")
+        if link is None and not add_settings:
+            return graph
         if link is None:
             graph[SETTINGS_NODE_ID] = {"class_type": "DecoupledDMD_Settings",
                                        "inputs": {name: options["default"] for name, (_, options) in expert_spec.items()}}
