@@ -311,7 +311,7 @@ def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float 
             lines.append(f"| {r['name']} | {r['group']} | " + " | ".join(cells) + f" | {r['seconds_per_step']:.2f} |")
         step_keys = [f"step{k}_adherence" for k in range(1, steps)]
         if steps > 1 and all(k in rows[0] for k in step_keys):
-            lines += ["", "Per student step (final checkpoint): adherence / Frechet after each step.", "",
+            lines += ["", "Per student step (the same late mean): adherence / Frechet after each step.", "",
                       "| variant | " + " | ".join(f"step {k}" for k in range(1, steps + 1)) + " |",
                       "| --- | " + " | ".join("---" for _ in range(steps)) + " |"]
             for r in rows:
@@ -341,7 +341,7 @@ def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]
     from .plots import save_metric_curves
 
     paths = []
-    metrics = [("adherence", "prompt adherence (p of the asked digit)"),
+    metrics = [("adherence", "prompt adherence (p of what the prompt asks)"),
                ("frechet", "Frechet distance to teacher CFG samples"),
                ("saturation", "saturated pixel fraction"), ("image_var", "per-image variance"),
                ("image_mean", "per-image mean"), ("top1", "top-1 accuracy")]

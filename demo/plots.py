@@ -106,14 +106,15 @@ def save_metric_curves(series: dict[str, list[list[dict]]], metrics: list[tuple[
     rows = math.ceil(len(metrics) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
     for axis, (key, label) in zip(axes.flat, metrics):
-        for name, histories in series.items():
+        for index, (name, histories) in enumerate(series.items()):
+            colour = f"C{index % 10}"  # one colour per variant in every panel (the shading must not shift the cycle)
             steps = [entry["step"] for entry in histories[0]]
             values = np.array([[entry.get(key, np.nan) for entry in h[:len(steps)]] for h in histories], dtype=float)
             mean = np.nanmean(values, axis=0)
-            line, = axis.plot(steps, mean, marker=".", label=name)
+            axis.plot(steps, mean, marker=".", label=name, color=colour)
             if len(histories) > 1:
-                axis.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
-                                  color=line.get_color(), alpha=0.15)
+                axis.fill_between(steps, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=colour,
+                                  alpha=0.15)
         if floors and key in floors:
             axis.axhline(floors[key], color="gray", linestyle="--", linewidth=1, label="teacher noise floor")
         axis.set_title(label, fontsize=9)
