@@ -111,13 +111,18 @@ def _config_default(key: str):
     return KEYS[key].default
 
 
+def _config_values(widgets: dict, table: dict) -> dict:
+    """Config values of the widgets a node table names (TRAIN_WIDGETS, SETTINGS_WIDGETS), converted."""
+    return {key: convert(widgets[widget]) if convert else widgets[widget]
+            for widget, (key, convert) in table.items() if widget in widgets}
+
+
 def train_config_values(widgets: dict, settings: dict | None = None) -> dict:
     """Config values from the Train node's widget values and a Settings node's output (pure: tested without
     ComfyUI); the node adds the output folder and what the teacher decides (guidance, unconditional input)."""
     settings = dict(settings) if settings is not None else Settings.defaults()
     extra = {key: settings.pop(key) for key in SETTINGS_EXTRA if key in settings}
-    values = {key: convert(widgets[widget]) if convert else widgets[widget]
-              for widget, (key, convert) in TRAIN_WIDGETS.items() if widget in widgets}
+    values = _config_values(widgets, TRAIN_WIDGETS)
     values.update(settings)
     values["fake_learning_rate"] = values.get("learning_rate", _config_default("learning_rate")) * \
         extra.get("fake_lr_ratio", 1.0)
@@ -364,8 +369,7 @@ class Settings:
         return cls().settings(**widgets)[0]
 
     def settings(self, **widgets):
-        values = {key: convert(widgets[widget]) if convert else widgets[widget]
-                  for widget, (key, convert) in SETTINGS_WIDGETS.items()}
+        values = _config_values(widgets, SETTINGS_WIDGETS)
         values.update({key: widgets[key] for key in SETTINGS_EXTRA})
         return (values,)
 
