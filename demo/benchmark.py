@@ -414,6 +414,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
     parser.add_argument("--skip_speed", action="store_true",
                         help="skip the side-by-side seconds per update of the waste cuts (tiny SD1.5 / SDXL, demo)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also run the fine-tune benchmark (finetune.py): a vega-style fine-tune of the texture "
+                             "teacher distilled from scratch and from the base's student LoRA, against that LoRA "
+                             "applied untrained (about 35 minutes on 2 cores)")
+    parser.add_argument("--finetune_mode", default="full", choices=("full", "tiny"),
+                        help="tiny: a seconds-long run of every code path (tests)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")
     return parser
 
@@ -530,6 +536,12 @@ def _speed_section(args: argparse.Namespace) -> str:
     return speed_markdown(speed)
 
 
+def _finetune_gates_pass(output_dir: str) -> bool:
+    from .finetune import read_summary
+
+    return all(g["passed"] for g in read_summary(output_dir)["summary"]["gates"])
+
+
 def benchmark_main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -545,6 +557,17 @@ def benchmark_main(argv: list[str] | None = None) -> int:
         report, failed = _quality_section(args, mode, mode_name)
     if ca_text:
         report.insert(2, ca_text)
+    if args.finetune:
+        from .finetune import MODES as FINETUNE_MODES
+        from .finetune import run_finetune_benchmark
+
+        finetune_mode = dict(FINETUNE_MODES[args.finetune_mode])
+        if args.seeds is not None:
+            finetune_mode["seeds"] = args.seeds
+        section = run_finetune_benchmark(args.output_dir, finetune_mode, args.jobs, mode.get("overrides"),
+                                         threads=args.cost_threads)
+        report.append(section)
+        failed = failed or args.finetune_mode == "full" and not _finetune_gates_pass(args.output_dir)
     if not args.skip_cost:
         report.append(_cost_section(args))
     if not args.skip_speed:

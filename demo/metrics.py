@@ -6,6 +6,8 @@
   with its noise floor: the same distance between two teacher sample sets that differ only in the seed; and
   to real images of the same prompts, with its own floor;
 - texture fidelity: the texture head's accuracy, and the fine-structure energy against real data;
+- style (RGB worlds): the background's colour cast (`tint`), and against real data of a graded style
+  (`tint_ratio`: 1 is the style's full cast, 0 the base world's greys);
 - per-image mean, variance and saturation (fraction of pixels pushed beyond the data range, |x| > 1.1, before
   any clipping): the paper's collapse signal. (MNIST's black background sits exactly at -1, so "at the
   range's edge" would count most of every real digit.)
@@ -101,7 +103,8 @@ class Evaluator:
             images = self.world.real_images(prompts, seed)
             _, features = self.classify(images)
             mu, sigma = feature_statistics(features)
-            self._real[key] = {"mu": mu, "sigma": sigma, "hf": high_frequency_energy(images).mean().item()}
+            self._real[key] = {"mu": mu, "sigma": sigma, "hf": high_frequency_energy(images).mean().item(),
+                               "tint": _tint(self.world, images)}
         return self._real[key]
 
     def real_noise_floor(self, prompts: list[str]) -> float:
@@ -128,6 +131,11 @@ class Evaluator:
         real = self.real_statistics(prompts)
         metrics["frechet_real"] = frechet_distance(mu, sigma, real["mu"], real["sigma"])
         metrics["hf_energy_ratio"] = high_frequency_energy(images).mean().item() / max(real["hf"], 1e-12)
+        tint = _tint(self.world, images)
+        if tint is not None:
+            metrics["tint"] = tint
+            if abs(real["tint"]) > 0.05:  # a graded style (texture.STYLES): how much of its colour cast is there
+                metrics["tint_ratio"] = tint / real["tint"]
         metrics.update(image_statistics(images))
         return metrics
 
@@ -137,6 +145,15 @@ class Evaluator:
             return None
         sizes = self.reference["floor_sizes"]
         return float(self.reference["floor_values"][int(np.abs(sizes - count).argmin())])
+
+
+def _tint(world, images: Tensor) -> float | None:
+    """Mean background colour cast (texture.background_tint) of RGB worlds; None for grey ones."""
+    if images.shape[1] != 3:
+        return None
+    from .texture import background_tint
+
+    return background_tint(images).mean().item()
 
 
 def evaluation_prompts(per_prompt: int, world="mnist") -> list[str]:
@@ -168,8 +185,9 @@ def teacher_samples(adapter, prompts: list[str], seed: int, guidance_scale: floa
 
 
 def build_reference(teacher_dir: str | None = None, guidance_scale: float = 3.0, output: str | None = None,
-                    per_prompt: int = REFERENCE_PER_PROMPT, world="mnist") -> dict:
-    """Classifier-feature statistics of the teacher's CFG samples (seed A) and the noise floor (seed B).
+                    per_prompt: int = REFERENCE_PER_PROMPT, world="mnist", steps: int = TEACHER_STEPS) -> dict:
+    """Classifier-feature statistics of the teacher's `steps`-step CFG samples (seed A) and the noise floor
+    (seed B), at the sample counts up to the reference's own.
 
     Also logs the guidance study: the unguided teacher against several CFG scales.
     """
@@ -185,10 +203,10 @@ def build_reference(teacher_dir: str | None = None, guidance_scale: float = 3.0,
     evaluator = Evaluator(reference_file="", world=world)
     prompts = world.evaluation_prompts(per_prompt)
     groups = len(world.grid_prompts())
-    samples = {seed: teacher_samples(adapter, prompts, seed, guidance_scale) for seed in REFERENCE_SEEDS}
+    samples = {seed: teacher_samples(adapter, prompts, seed, guidance_scale, steps) for seed in REFERENCE_SEEDS}
     mu, sigma = feature_statistics(evaluator.classify(samples[REFERENCE_SEEDS[0]])[1])
     _, other_features = evaluator.classify(samples[REFERENCE_SEEDS[1]])
-    sizes = sorted({100, 200, len(prompts)})
+    sizes = sorted({size for size in (100, 200) if size < len(prompts)} | {len(prompts)})
     floors = []
     for size in sizes:
         # a prompt-balanced subset: `size // groups` samples of each prompt
@@ -197,14 +215,14 @@ def build_reference(teacher_dir: str | None = None, guidance_scale: float = 3.0,
         floors.append(frechet_distance(*feature_statistics(other_features[index]), mu, sigma))
     save_file({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma),
                "floor_sizes": torch.tensor(sizes, dtype=torch.float64), "floor_values": torch.tensor(floors)},
-              output, metadata={"guidance_scale": str(guidance_scale), "teacher_steps": str(TEACHER_STEPS),
+              output, metadata={"guidance_scale": str(guidance_scale), "teacher_steps": str(steps),
                                 "per_prompt": str(per_prompt), "seeds": str(list(REFERENCE_SEEDS)),
                                 "world": world.name})
     summary = {"noise_floor": dict(zip(map(str, sizes), floors))}
     full = Evaluator(reference_file=output, world=world)
     few = world.evaluation_prompts(max(1, 100 // groups))
     for scale in sorted({1.0, 2.0, guidance_scale, 5.0}):
-        scores = full(teacher_samples(adapter, few, 7, scale), few)
+        scores = full(teacher_samples(adapter, few, 7, scale, steps), few)
         summary[f"cfg_{scale:g}"] = scores
         logger.info("teacher cfg %.1f: %s", scale, {k: round(v, 4) for k, v in scores.items()})
     logger.info("noise floor by sample count: %s", summary["noise_floor"])

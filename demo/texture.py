@@ -16,6 +16,7 @@ SDXL). The teacher is an SD-style epsilon model on SDXL's scaled_linear 1000-ste
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,6 +38,43 @@ COLOURS = {"red": (0.76, 0.12, 0.12), "green": (0.12, 0.62, 0.16), "blue": (0.16
 BACKGROUNDS = {"dark": (0.35, 0.35, 0.35), "mid": (0.50, 0.50, 0.50), "light": (0.65, 0.65, 0.65)}
 TEXTURE_CONTRAST = 0.5  # relative brightness swing of a texture's marks around the shape colour
 COLOUR_JITTER = 0.02
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a world's images look beyond what the prompt names: the background greys and the texture contrast.
+
+    `base` is the world the shipped teacher learnt; `vega` is the "creator's fine-tune" of the fine-tune
+    benchmark (finetune.py): a sepia colour grade of the backgrounds (resolved at noisy levels) and crisper
+    texture marks (resolved at clean ones), the two ways a style LoRA or a fine-tune moves a model. The prompts,
+    shapes and shape colours stay, so the attribute classifier reads both styles.
+    """
+
+    backgrounds: dict = field(default_factory=lambda: dict(BACKGROUNDS))
+    texture_contrast: float = TEXTURE_CONTRAST
+
+
+STYLES = {
+    "base": Style(),
+    "vega": Style(backgrounds={"dark": (0.40, 0.33, 0.25), "mid": (0.58, 0.48, 0.36), "light": (0.74, 0.63, 0.48)},
+                  texture_contrast=0.8),
+}
+
+
+def get_style(name: str) -> Style:
+    if name not in STYLES:
+        raise ValueError(f"unknown texture style {name!r}; choose one of {', '.join(STYLES)}")
+    return STYLES[name]
+
+
+def background_tint(images: Tensor, frame: int = 2) -> Tensor:
+    """Per-image colour cast of the background: the mean of (red - blue) / 2 over the `frame`-pixel border (in
+    [0, 1] units; 0 for the base world's greys, 0.15-0.26 for `vega`'s sepia). Shapes rarely reach the border."""
+    x = images.float().clamp(-1.0, 1.0)
+    border = torch.ones(x.shape[-2:], dtype=torch.bool)
+    border[frame:-frame, frame:-frame] = False
+    cast = (x[:, 0] - x[:, 2]) / 4.0  # model range: (R - B) / 2 in [-1, 1] units is (R - B) / 4 in [0, 1] ones
+    return cast[:, border].mean(dim=1)
 
 
 def texture_pattern(name: str, size: int = IMAGE_SIZE) -> Tensor:
@@ -99,19 +137,20 @@ def evaluation_prompts() -> list[str]:
             for index, (colour, texture) in enumerate(itertools.product(range(4), range(4)))]
 
 
-def render(attributes: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+def render(attributes: dict[str, Tensor], generator: torch.Generator, style: str = "base") -> Tensor:
     """Images (B, 3, 32, 32) in [-1, 1] for per-sample attribute indices (SCENE_ATTRIBUTES: the background
-    too); position, size and colour jitter drawn from `generator`."""
+    too) in a `Style` of STYLES; position, size and colour jitter drawn from `generator`."""
+    look = get_style(style)
     count = len(attributes["colour"])
     cx = 12.5 + 7.0 * torch.rand(count, generator=generator)
     cy = 12.5 + 7.0 * torch.rand(count, generator=generator)
     radius = 9.0 + 3.0 * torch.rand(count, generator=generator)
     jitter = (COLOUR_JITTER * torch.randn(count, 3, 1, 1, generator=generator)).clamp(-0.04, 0.04)
     colours = torch.tensor([COLOURS[c] for c in ATTRIBUTES["colour"]])[attributes["colour"]].view(-1, 3, 1, 1)
-    backgrounds = torch.tensor([BACKGROUNDS[b] for b in SCENE_ATTRIBUTES["background"]])[attributes["background"]]
+    backgrounds = torch.tensor([look.backgrounds[b] for b in SCENE_ATTRIBUTES["background"]])[attributes["background"]]
     patterns = torch.stack([texture_pattern(t) for t in ATTRIBUTES["texture"]])[attributes["texture"]]
     # zero-mean marks: a texture keeps the shape colour's mean brightness, so only fine structure tells it
-    modulation = 1.0 - TEXTURE_CONTRAST * (patterns - patterns.mean(dim=(1, 2), keepdim=True))
+    modulation = 1.0 - look.texture_contrast * (patterns - patterns.mean(dim=(1, 2), keepdim=True))
     mask = torch.zeros(count, IMAGE_SIZE, IMAGE_SIZE)
     for index, name in enumerate(ATTRIBUTES["shape"]):
         rows = attributes["shape"] == index
@@ -129,19 +168,19 @@ def sample_attributes(count: int, generator: torch.Generator) -> dict[str, Tenso
             for name, values in SCENE_ATTRIBUTES.items()}
 
 
-def sample_world(count: int, seed: int = 0) -> tuple[Tensor, list[str], dict[str, Tensor]]:
+def sample_world(count: int, seed: int = 0, style: str = "base") -> tuple[Tensor, list[str], dict[str, Tensor]]:
     """`count` images of the world with their prompts and attribute indices, reproducible from `seed`."""
     generator = torch.Generator().manual_seed(seed)
     attributes = sample_attributes(count, generator)
-    images = render(attributes, generator)
+    images = render(attributes, generator, style)
     prompts = [make_prompt({k: v[i] for k, v in attributes.items()}) for i in range(count)]
     return images, prompts, attributes
 
 
-def render_prompts(prompts: list[str], seed: int = 0) -> Tensor:
+def render_prompts(prompts: list[str], seed: int = 0, style: str = "base") -> Tensor:
     """Real images for given prompts (one per prompt, seeded; backgrounds drawn): the world's answer to each."""
     generator = torch.Generator().manual_seed(seed)
     parsed = [parse_prompt(p) for p in prompts]
     attributes = {name: torch.tensor([p[name] for p in parsed]) for name in ATTRIBUTES}
     attributes["background"] = torch.randint(len(SCENE_ATTRIBUTES["background"]), (len(prompts),), generator=generator)
-    return render(attributes, generator)
+    return render(attributes, generator, style)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 
 import numpy as np
@@ -148,6 +149,41 @@ def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, 
     return train_diffusion(folder, modules, prompts, sample_batch, "epsilon", steps=steps, batch_size=batch_size,
                            learning_rate=learning_rate, uncond_probability=uncond_probability, ema_decay=ema_decay,
                            seed=seed, extra_info={"width": width, **(extra_info or {})}, log_every=log_every,
+                           noise_offset=noise_offset, unet_dtype=torch.float16)
+
+
+def finetune_texture_teacher(folder: str, base_dir: str, style: str = "vega", steps: int = 500, batch_size: int = 32,
+                             learning_rate: float = 5e-4, uncond_probability: float = 0.15, ema_decay: float = 0.999,
+                             seed: int = 0, noise_offset: float = 0.0357, extra_info: dict | None = None,
+                             log_every: int = 50) -> str:
+    """A creator's fine-tune of the texture teacher: the base (`base_dir`) trained further on the world in
+    `style` (texture.STYLES), UNet and text encoder, as a full fine-tune would; same objective and offset noise
+    as the base. Writes a diffusers folder with the base's tokenizer and scheduler."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .texture import all_prompts, get_style, make_prompt, render, sample_attributes
+
+    get_style(style)
+    for part in ("tokenizer", "scheduler"):
+        shutil.copytree(os.path.join(base_dir, part), os.path.join(folder, part), dirs_exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder", torch_dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    prompts = all_prompts()
+    lookup = {prompt: index for index, prompt in enumerate(prompts)}
+
+    def sample_batch(generator: torch.Generator, count: int):
+        attributes = sample_attributes(count, generator)
+        chosen = [lookup[make_prompt({k: v[i] for k, v in attributes.items()})] for i in range(count)]
+        return render(attributes, generator, style), 1 + torch.tensor(chosen)
+
+    info = {"finetuned_from": os.path.basename(os.path.normpath(base_dir)), "style": style, **(extra_info or {})}
+    return train_diffusion(folder, (text_encoder, unet, tokenizer), prompts, sample_batch, "epsilon", steps=steps,
+                           batch_size=batch_size, learning_rate=learning_rate, uncond_probability=uncond_probability,
+                           ema_decay=ema_decay, seed=seed, extra_info=info, log_every=log_every,
                            noise_offset=noise_offset, unet_dtype=torch.float16)
 
 

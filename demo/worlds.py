@@ -85,6 +85,10 @@ class World:
         """Each grid prompt `per_prompt` times, grouped by prompt."""
         return [prompt for prompt in self.grid_prompts() for _ in range(per_prompt)]
 
+    def spec(self) -> str | dict:
+        """What `get_world` rebuilds this world from (a worker process gets it)."""
+        return self.name
+
     def load_classifier(self):
         return models.load_classifier(self.classifier_file, self.classifier_kind)
 
@@ -143,13 +147,26 @@ class MnistWorld(World):
 
 
 class TextureWorld(World):
+    """The texture world in a `style` (texture.STYLES), with its teacher and reference: by default the shipped
+    base ones; the fine-tune benchmark builds a `vega` teacher and reference of its own and names them."""
+
     name = "texture"
-    teacher_dir = models.TEXTURE_TEACHER_DIR
     classifier_file = models.TEXTURE_CLASSIFIER_FILE
-    reference_file = models.TEXTURE_REFERENCE_FILE
     classifier_kind = models.TextureClassifier
     # Eq. 7's targets: the real images' per-image mean and variance (4,000 images of seed 99)
     settings = {"mean_variance_target_mean": -0.03, "mean_variance_target_var": 0.164}
+
+    def __init__(self, style: str = "base", teacher_dir: str | None = None, reference_file: str | None = None):
+        from .texture import get_style
+
+        get_style(style)  # an unknown style fails here, naming the known ones
+        self.style = style
+        self.teacher_dir = teacher_dir or models.TEXTURE_TEACHER_DIR
+        self.reference_file = models.TEXTURE_REFERENCE_FILE if reference_file is None else reference_file
+
+    def spec(self) -> dict:
+        return {"name": self.name, "style": self.style, "teacher_dir": self.teacher_dir,
+                "reference_file": self.reference_file}
 
     @property
     def attributes(self):
@@ -182,7 +199,7 @@ class TextureWorld(World):
     def real_images(self, prompts: list[str], seed: int = 0) -> Tensor:
         from .texture import render_prompts
 
-        return render_prompts(prompts, seed)
+        return render_prompts(prompts, seed, self.style)
 
     def student_timesteps(self, steps: int) -> list[int]:
         return sdxl_student_timesteps(steps)
@@ -191,10 +208,14 @@ class TextureWorld(World):
 WORLDS = {"texture": TextureWorld, "mnist": MnistWorld}
 
 
-def get_world(name: str = "texture") -> World:
-    """The world called `name` (texture or mnist), or a ValueError naming both."""
+def get_world(name: str | dict | World = "texture") -> World:
+    """The world called `name` (texture or mnist), or a ValueError naming both. A dict (`World.spec()`, which
+    worker processes receive) gives the name and the world's own arguments, e.g. a texture style and teacher."""
     if isinstance(name, World):
         return name
+    if isinstance(name, dict):
+        arguments = dict(name)
+        return WORLDS[arguments.pop("name")](**arguments)
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLDS)}")
     return WORLDS[name]()
