@@ -34,7 +34,7 @@ STUDENT_STEPS = 4
 SETTINGS = dict(training_mode="lora", network_dim=16, network_alpha=16.0, learning_rate=3e-4,
                 fake_learning_rate=3e-3)
 MODES = {
-    "full": dict(seeds=3, base_steps=150, scratch_steps=150, warm_steps=75, eval_every=15, warm_eval_every=5,
+    "full": dict(seeds=3, base_steps=120, scratch_steps=120, warm_steps=60, eval_every=20, warm_eval_every=5,
                  eval_per_prompt=16, finetune_steps=500, reference_per_prompt=32, reference_steps=50),
     # the test's: seconds, and every code path
     "tiny": dict(seeds=1, base_steps=2, scratch_steps=2, warm_steps=2, eval_every=1, warm_eval_every=1,
