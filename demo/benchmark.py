@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..trainer.config import OPTIMIZERS
-from ..trainer.outputs import atomic_write
+from .runs import _is_late, _write_json, _write_text, late_mean, run_job, run_jobs  # noqa: F401 (run_job: workers)
 
 logger = logging.getLogger("decoupled_dmd.benchmark")
 
@@ -111,54 +111,6 @@ def plan_jobs(mode: dict, output_dir: str, grid: str, world: str = "mnist") -> l
     return jobs
 
 
-def run_job(job: dict) -> dict:
-    """One training run (in a worker process: one CPU thread); returns and stores its RunResult as JSON."""
-    import shutil
-
-    import torch
-
-    from .experiment import run_distillation
-
-    result_file = os.path.join(job["folder"], "result.json")
-    if os.path.isfile(result_file):
-        with open(result_file, encoding="utf-8") as handle:
-            return json.load(handle)
-    if job.get("threads"):
-        torch.set_num_threads(job["threads"])
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    training_dir = os.path.join(job["folder"], "training")
-    shutil.rmtree(training_dir, ignore_errors=True)
-    result = run_distillation(job["name"], job["settings"], training_dir, eval_every=job["eval_every"],
-                              eval_per_prompt=job["eval_per_prompt"], world=job.get("world", "mnist"))
-    data = {**result.to_dict(), "steps": job["steps"], "seed": job["seed"]}
-    for name in os.listdir(training_dir):  # keep the logs and the student; drop the resumable states
-        if name.startswith("state-"):
-            shutil.rmtree(os.path.join(training_dir, name), ignore_errors=True)
-    with open(result_file + ".partial", "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(result_file + ".partial", result_file)
-    return data
-
-
-def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
-    """Run `jobs` `workers` at a time (spawned processes, one thread each); 1 runs them in this process."""
-    from tqdm.auto import tqdm
-
-    results = []
-    if workers <= 1:
-        for job in tqdm(jobs, desc="benchmark runs"):
-            results.append(run_job(job))
-        return results
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, maxtasksperchild=1) as pool:
-        for data in tqdm(pool.imap(run_job, [dict(job, threads=1) for job in jobs]), total=len(jobs),
-                         desc="benchmark runs"):
-            results.append(data)
-    return results
-
-
 def _mean_spread(values: list[float]) -> tuple[float, float, float, float]:
     array = np.asarray(values, dtype=float)
     return float(np.mean(array)), float(np.std(array)), float(np.min(array)), float(np.max(array))
@@ -185,27 +137,11 @@ def _same_input_means(runs: list[dict]) -> list[dict]:
     return out
 
 
-LATE_FRACTION = 1 / 3  # a run's score: the mean of its evaluations in the last third of training
-
-
-def _is_late(step: int, last: int, fraction: float = LATE_FRACTION) -> bool:
-    return step >= (1 - fraction) * last - 1e-9
-
-
 def late_steps(mode: dict) -> str:
     """The evaluation steps `late_mean` averages for this mode's runs."""
     last, every = mode["max_train_steps"], mode["eval_every"] or mode["max_train_steps"]
     steps = [s for s in range(every, last, every) if _is_late(s, last)] + [last]
     return ", ".join(map(str, steps))
-
-
-def late_mean(history: list[dict], fraction: float = LATE_FRACTION) -> dict:
-    """The mean of each numeric metric over the evaluations at steps >= (1 - fraction) * the last step (at least
-    the last one): one checkpoint of a run that oscillates is a lottery (texture world, docs/demo.md)."""
-    last = history[-1]["step"]
-    late = [h for h in history if _is_late(h["step"], last, fraction) and h["step"] > 0] or [history[-1]]
-    keys = [k for k in late[-1] if isinstance(late[-1][k], (int, float))]
-    return {k: float(np.mean([h.get(k, math.nan) for h in late])) for k in keys}
 
 
 def summarize(results: list[dict], floor: float | None) -> dict:
@@ -452,18 +388,6 @@ def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
                 overrides[key.strip()] = value.strip()
         mode["overrides"] = overrides
     return mode
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(staging: str) -> None:
-        with open(staging, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    atomic_write(path, write, overwrite=True)
-
-
-def _write_json(path: str, value) -> None:
-    _write_text(path, json.dumps(value, indent=1))
 
 
 def _quality_section(args: argparse.Namespace, mode: dict, mode_name: str) -> tuple[list[str], bool]:

@@ -134,7 +134,7 @@ def teacher_at_student_cost(finetune_world: dict, per_prompt: int, seed: int = 4
 
 
 def _late(history: list[dict]) -> dict:
-    from .benchmark import late_mean
+    from .runs import late_mean
 
     return late_mean(history)
 
@@ -279,8 +279,8 @@ def run_finetune_benchmark(output_dir: str, mode: dict, jobs: int = 2, overrides
                            threads: int = 2) -> str:
     """Build the fine-tune, train every arm (resumable: each run's result is a JSON file), write
     finetune.json, finetune.png and return the markdown section."""
-    from .benchmark import _write_json, run_jobs
     from .metrics import Evaluator
+    from .runs import _write_json, run_jobs
     from .worlds import get_world
 
     finetune_world = prepare_teacher(output_dir, mode, threads)
