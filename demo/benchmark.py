@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..trainer.config import OPTIMIZERS
-from .runs import _is_late, _write_json, _write_text, late_mean, run_job, run_jobs  # noqa: F401 (run_job: workers)
+from .runs import _is_late, _write_json, _write_text, late_mean, run_jobs
 
 logger = logging.getLogger("decoupled_dmd.benchmark")
 
