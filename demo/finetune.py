@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from .runs import late_mean
+
 logger = logging.getLogger("decoupled_dmd.finetune")
 
 STYLE = "vega"
@@ -133,10 +135,10 @@ def teacher_at_student_cost(finetune_world: dict, per_prompt: int, seed: int = 4
         teacher_samples(adapter, prompts, seed, guidance, steps=steps), prompts) for steps in (4, 8)}
 
 
-def _late(history: list[dict]) -> dict:
-    from .runs import late_mean
-
-    return late_mean(history)
+def _mean_std(finals: list[dict], keys) -> dict:
+    """{key: (mean, std)} over the seeds' values (nan where a seed lacks the key)."""
+    return {k: (float(np.mean([f.get(k, math.nan) for f in finals])), float(np.std([f.get(k, math.nan) for f in finals])))
+            for k in keys}
 
 
 def summarize(results: list[dict], teacher_rows: dict) -> dict:
@@ -146,7 +148,7 @@ def summarize(results: list[dict], teacher_rows: dict) -> dict:
         by_arm.setdefault(data["name"], []).append(data)
     values: dict = {}
     for arm, runs in by_arm.items():
-        values[arm] = [_late(r["history"]) for r in runs]
+        values[arm] = [late_mean(r["history"]) for r in runs]
     if "warm" in by_arm:
         values["transplanted"] = [r["history"][0] for r in by_arm["warm"]]
     rows = {}
@@ -155,8 +157,7 @@ def summarize(results: list[dict], teacher_rows: dict) -> dict:
             continue
         finals = values[arm]
         keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float)) and k != "step"]
-        rows[arm] = {k: (float(np.mean([f.get(k, math.nan) for f in finals])),
-                     float(np.std([f.get(k, math.nan) for f in finals]))) for k in keys}
+        rows[arm] = _mean_std(finals, keys)
         rows[arm]["seeds"] = len(finals)
         rows[arm]["per_seed_frechet"] = [f.get("frechet") for f in finals]
     summary = {"rows": rows, "teacher": teacher_rows, "curves": {}}
@@ -287,13 +288,13 @@ def run_finetune_benchmark(output_dir: str, mode: dict, jobs: int = 2, overrides
     first = run_jobs(plan_first(output_dir, mode, finetune_world, overrides), jobs)
     base = sorted((r for r in first if r["name"] == "base"), key=lambda r: r["seed"])
     warm = run_jobs(plan_warm(output_dir, mode, finetune_world, base, overrides), jobs)
-    # the base students are scored on the fine-tune too (they were evaluated on the base world while training)
+    # the fine-tune's rows are (i)-(iii); the base students were evaluated on their own base world only
     results = [r for r in first if r["name"] == "scratch"] + warm
-    evaluator = Evaluator(world=get_world(finetune_world))
-    floor = evaluator.noise_floor(len(get_world(finetune_world).evaluation_prompts(mode["eval_per_prompt"])))
+    world = get_world(finetune_world)
+    floor = Evaluator(world=world).noise_floor(len(world.evaluation_prompts(mode["eval_per_prompt"])))
     teacher_rows = teacher_at_student_cost(finetune_world, mode["eval_per_prompt"])
     summary = summarize(results, teacher_rows)
-    summary["base_on_base_world"] = {k: v for k, v in _late_rows(base).items()}
+    summary["base_on_base_world"] = _late_rows(base)
     _write_json(os.path.join(output_dir, "finetune.json"), {"mode": mode, "settings": SETTINGS,
                                                             "overrides": overrides or {}, "summary": summary,
                                                             "noise_floor": floor, "world": finetune_world})
@@ -310,9 +311,8 @@ def run_finetune_benchmark(output_dir: str, mode: dict, jobs: int = 2, overrides
 def _late_rows(runs: list[dict]) -> dict:
     if not runs:
         return {}
-    finals = [_late(r["history"]) for r in runs]
-    return {k: (float(np.mean([f[k] for f in finals])), float(np.std([f[k] for f in finals])))
-            for k in ("frechet", "adherence") if all(k in f for f in finals)}
+    finals = [late_mean(r["history"]) for r in runs]
+    return _mean_std(finals, [k for k in ("frechet", "adherence") if all(k in f for f in finals)])
 
 
 def read_summary(output_dir: str) -> dict:

@@ -126,6 +126,23 @@ def train_teacher(folder: str, images: np.ndarray, labels: np.ndarray, steps: in
                            log_every=log_every)
 
 
+def _texture_batches(style: str):
+    """(prompts, sample_batch) of the texture world in `style` for `train_diffusion`: fresh images every call,
+    index 1 + i naming `prompts[i]`. An unknown style fails here, naming the known ones."""
+    from .texture import all_prompts, get_style, make_prompt, render, sample_attributes
+
+    get_style(style)
+    prompts = all_prompts()
+    lookup = {prompt: index for index, prompt in enumerate(prompts)}
+
+    def sample_batch(generator: torch.Generator, count: int):
+        attributes = sample_attributes(count, generator)
+        chosen = [lookup[make_prompt({k: v[i] for k, v in attributes.items()})] for i in range(count)]
+        return render(attributes, generator, style), 1 + torch.tensor(chosen)
+
+    return prompts, sample_batch
+
+
 def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, learning_rate: float = 2e-3,
                           uncond_probability: float = 0.15, ema_decay: float = 0.999, seed: int = 0, width: int = 32,
                           noise_offset: float = 0.0357, extra_info: dict | None = None, log_every: int = 50) -> str:
@@ -135,16 +152,8 @@ def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, 
     readable at timestep 999 (alpha_bar 0.0047: over 32x32x3 pixels the signal's mean outweighs the noise's).
     """
     from .models import build_texture_teacher_modules
-    from .texture import all_prompts, make_prompt, render, sample_attributes
 
-    prompts = all_prompts()
-    lookup = {prompt: index for index, prompt in enumerate(prompts)}
-
-    def sample_batch(generator: torch.Generator, count: int):
-        attributes = sample_attributes(count, generator)
-        chosen = [lookup[make_prompt({k: v[i] for k, v in attributes.items()})] for i in range(count)]
-        return render(attributes, generator), 1 + torch.tensor(chosen)
-
+    prompts, sample_batch = _texture_batches("base")
     modules = build_texture_teacher_modules(folder, seed=seed, width=width)
     return train_diffusion(folder, modules, prompts, sample_batch, "epsilon", steps=steps, batch_size=batch_size,
                            learning_rate=learning_rate, uncond_probability=uncond_probability, ema_decay=ema_decay,
@@ -164,22 +173,12 @@ def finetune_texture_teacher(folder: str, base_dir: str, style: str = "vega", st
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .texture import all_prompts, get_style, make_prompt, render, sample_attributes
-
-    get_style(style)
+    prompts, sample_batch = _texture_batches(style)
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(os.path.join(base_dir, part), os.path.join(folder, part), dirs_exist_ok=True)
     unet = UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet", torch_dtype=torch.float32)
     text_encoder = CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder", torch_dtype=torch.float32)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    prompts = all_prompts()
-    lookup = {prompt: index for index, prompt in enumerate(prompts)}
-
-    def sample_batch(generator: torch.Generator, count: int):
-        attributes = sample_attributes(count, generator)
-        chosen = [lookup[make_prompt({k: v[i] for k, v in attributes.items()})] for i in range(count)]
-        return render(attributes, generator, style), 1 + torch.tensor(chosen)
-
     info = {"finetuned_from": os.path.basename(os.path.normpath(base_dir)), "style": style, **(extra_info or {})}
     return train_diffusion(folder, (text_encoder, unet, tokenizer), prompts, sample_batch, "epsilon", steps=steps,
                            batch_size=batch_size, learning_rate=learning_rate, uncond_probability=uncond_probability,
