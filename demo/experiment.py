@@ -78,7 +78,8 @@ def sample_student(trainer: DecoupledDMDTrainer, prompts: list[str], seed: int) 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
     cond = trainer._conditioning(prompts)
-    return student_trajectory(trainer.denoiser("student"), noise, trainer.levels, cond, generator)
+    with trainer.student_in_use():
+        return student_trajectory(trainer.denoiser("student"), noise, trainer.levels, cond, generator)
 
 
 class _RecordingDenoiser:
@@ -106,8 +107,9 @@ def same_input_comparison(trainer: DecoupledDMDTrainer, evaluator: Evaluator, pr
     noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
     cond, uncond = trainer._conditioning(prompts), trainer._uncond(len(prompts))
     recorder, outputs = _RecordingDenoiser(trainer.denoiser("student")), []
-    few_step_sample(recorder, noise, trainer.levels, cond, generator=generator,
-                    callback=lambda index, x0: outputs.append(x0))
+    with trainer.student_in_use():
+        few_step_sample(recorder, noise, trainer.levels, cond, generator=generator,
+                        callback=lambda index, x0: outputs.append(x0))
     teacher, rows = trainer.denoiser("teacher"), []
     for index, ((x_t, level), student_x0) in enumerate(zip(recorder.inputs, outputs)):
         x0_cond, x0_uncond = batched_x0(teacher, [(x_t, level, cond), (x_t, level, uncond)])

@@ -4,6 +4,7 @@ interrupted benchmark continues where it stopped); a run's score over its late e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -23,7 +24,13 @@ def run_job(job: dict) -> dict:
     result_file = os.path.join(job["folder"], "result.json")
     if os.path.isfile(result_file):
         with open(result_file, encoding="utf-8") as handle:
-            return json.load(handle)
+            stored = json.load(handle)
+        wanted = json.loads(json.dumps(job["settings"]))
+        if all(stored.get("settings", {}).get(key, "absent") == value for key, value in wanted.items()):
+            return stored
+        # the benchmark's settings changed since this run was stored: its result would answer another question
+        logging.getLogger("decoupled_dmd.benchmark").warning("%s: stored with other settings; training it again",
+                                                             job["folder"])
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     os.environ.setdefault("TQDM_DISABLE", "1")

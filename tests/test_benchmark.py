@@ -100,3 +100,22 @@ def test_a_runs_score_is_the_mean_of_its_late_evaluations():
     assert late_mean(history[:1]) == {"step": 0.0, "frechet": 900.0}
     assert late_steps({"max_train_steps": 60, "eval_every": 10}) == "40, 50, 60"
     assert late_steps({"max_train_steps": 80, "eval_every": 20}) == "60, 80"
+
+
+def test_a_stored_run_is_reused_only_for_the_same_settings(tmp_path, monkeypatch):
+    from decoupled_dmd.demo import experiment, runs
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    stored = {"name": "x", "settings": {"learning_rate": 3e-5, "student_timesteps": [999, 499], "seed": 0},
+              "history": [{"step": 0, "frechet": 1.0}]}
+    (folder / "result.json").write_text(json.dumps(stored))
+    job = {"name": "x", "steps": 2, "seed": 0, "folder": str(folder), "eval_every": 1, "eval_per_prompt": 1,
+           "settings": {"learning_rate": 3e-5, "student_timesteps": (999, 499)}}
+    assert runs.run_job(job) == stored
+
+    trained = []
+    monkeypatch.setattr(experiment, "run_distillation", lambda *args, **kwargs: trained.append(args[1]) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # another setting (here a new key): the run is trained again
+        runs.run_job(dict(job, settings=dict(job["settings"], fake_warmup_updates=25)))
+    assert trained == [{"learning_rate": 3e-5, "student_timesteps": (999, 499), "fake_warmup_updates": 25}]

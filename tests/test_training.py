@@ -123,6 +123,64 @@ def test_resume_continues_bit_for_bit(tiny_model_dir, tmp_path):
     assert [drop(e) for e in log_a[2:]] == [drop(e) for e in log_c]
 
 
+def _optimizer_steps(trainer, role):
+    states = trainer.optimizers[role].optimizer.state.values()
+    return {int(state["step"]) for state in states}
+
+
+def test_fake_warmup_trains_the_fake_alone_before_update_one_and_not_again_on_resume(tiny_model_dir, tmp_path):
+    # fake_updates_per_step = 2, fake_warmup_updates = 5: update 1 = 5 + 2 fake updates, every later one 2
+    trainer = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=2, fake_warmup_updates=5)
+    student_before = x0_of(trainer, "student")
+    calls = []
+    original = trainer.generator_step
+
+    def generator_step():
+        calls.append(_optimizer_steps(trainer, "fake"))
+        return original()
+
+    trainer.generator_step = generator_step
+    trainer.train_step()
+    # the student did not move while the fake warmed up: 5 + 2 fake updates came before its first update
+    assert calls == [{7}] and _optimizer_steps(trainer, "student") == {1}
+    assert not torch.allclose(x0_of(trainer, "student"), student_before)
+    trainer.train_step()
+    assert _optimizer_steps(trainer, "fake") == {9} and _optimizer_steps(trainer, "student") == {2}
+
+    first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=1, fake_warmup_updates=5)
+    first.train()
+    resumed = make_trainer(tiny_model_dir, tmp_path / "c", max_train_steps=2, fake_warmup_updates=5,
+                           resume=list_states(str(tmp_path / "b" / "out"))[-1])
+    resumed.train()
+    assert _optimizer_steps(resumed, "fake") == {9}, "a resumed run warmed the fake model up again"
+
+
+def test_student_ema_is_what_previews_and_the_file_hold_and_it_resumes_bit_for_bit(tiny_model_dir, tmp_path):
+    straight = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=4, save_every_n_steps=2,
+                            student_ema_decay=0.5)
+    path = straight.train()
+    raw = x0_of(straight, "student")
+    with straight.student_in_use():
+        average = x0_of(straight, "student")
+    torch.testing.assert_close(x0_of(straight, "student"), raw, rtol=0, atol=0)  # swapped back exactly
+    assert not torch.allclose(average, raw)
+    fresh = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+    apply_student(fresh, path)
+    x, level, cond = fixed_inputs(straight)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict_x0(fresh.network, x, level, cond), average, rtol=1e-5, atol=1e-5)
+    logs = jsonl(tmp_path / "a" / "out" / "logs" / "metrics.jsonl")
+    assert [e["ema_decay"] for e in logs] == pytest.approx([0.1, 2 / 11, 3 / 12, 4 / 13])  # (1 + n) / (10 + n) < 0.5
+
+    first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=2, student_ema_decay=0.5)
+    first.train()
+    resumed = make_trainer(tiny_model_dir, tmp_path / "c", max_train_steps=4, student_ema_decay=0.5,
+                           resume=list_states(str(tmp_path / "b" / "out"))[-1])
+    resumed.train()
+    for key, value in straight.ema.shadow.items():
+        assert torch.equal(value, resumed.ema.shadow[key]), f"EMA {key} differs after resume"
+
+
 def test_adafactor_trains_with_little_optimizer_state_and_resumes(tiny_model_dir, tmp_path):
     straight = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=3, optimizer_type="adafactor")
     before = {k: v.clone() for k, v in straight.roles.trainable_state_dict("student").items()}

@@ -25,6 +25,7 @@ from torch import Tensor
 from .accounting import CostMeter
 from .config import ConfigError, TrainConfig, checked_timestep_bounds
 from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache, batched_x0
+from .ema import StudentEma
 from .export import base_identity, save_merged_checkpoint, student_tensors
 from .formats import atomic_save_safetensors, read_init_lora, student_metadata
 from .graphs import GraphedCalls, uses_cuda_graphs
@@ -184,6 +185,8 @@ class DecoupledDMDTrainer:
             self.roles.load_role_lora("student", self.init_lora.weights)
             logger.info("student starts from %s (rank %d, %d layers)", self.init_lora.name, self.init_lora.rank,
                         len(self.init_lora.weights))
+        self.ema = (StudentEma(self.roles.trainable_state_dict("student"), config.student_ema_decay)
+                    if config.student_ema_decay else None)
         self.random = _RandomState()
         self.nonfinite_skips = 0
         self.successful_updates = 0  # generator updates with every gradient finite (resumed from the state)
@@ -527,6 +530,8 @@ class DecoupledDMDTrainer:
         skips_before = self.nonfinite_skips
         fakes = config.fake_updates_per_step if config.uses_fake_model else 0
         logs: dict[str, float] = {}
+        if self.step == 0 and fakes and config.fake_warmup_updates:
+            self._warm_up_fake(config.fake_warmup_updates)
         if config.share_generator_sample:
             logs.update(self.generator_step())
             samples = [self._generator_sample] + self._fake_samples(fakes - 1) if fakes else []
@@ -535,6 +540,8 @@ class DecoupledDMDTrainer:
             fake_logs = [self.fake_step(sample) for sample in self._fake_samples(fakes)]
             logs.update(self.generator_step())
         self._generator_sample = None
+        if self.ema is not None:
+            logs["ema_decay"] = self.ema.update(self.roles.trainable_state_dict("student"), self.step)
         if fake_logs:
             logs.update({k: sum(d[k] for d in fake_logs) / len(fake_logs) for k in fake_logs[0]})
         self.step += 1
@@ -545,6 +552,17 @@ class DecoupledDMDTrainer:
         logs["nonfinite_skips"] = float(self.nonfinite_skips)
         logs.update(self.meter.logs())
         return logs
+
+    def _warm_up_fake(self, count: int) -> None:
+        """`fake_warmup_updates`: train the fake model alone on the (not yet updated) student's samples, in chunks of
+        `fake_updates_per_step`, so the first DM term compares the teacher with a fake that knows the student. Part
+        of update 1 (its cost is that update's); a run resumed later has it in its state, one stopped before update
+        1 saved nothing and warms up again."""
+        losses = []
+        while len(losses) < count:
+            chunk = min(self.config.fake_updates_per_step, count - len(losses))
+            losses += [self.fake_step(sample)["loss_fake"] for sample in self._fake_samples(chunk)]
+        logger.info("fake model warmed up: %d updates, loss %.4g -> %.4g", count, losses[0], losses[-1])
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> str | None:
@@ -638,13 +656,20 @@ class DecoupledDMDTrainer:
                 handle.write(json.dumps({"step": self.step, **logs}) + "\n")
 
     # --- previews, saving, resuming --------------------------------------------------------------------------
+    def student_in_use(self):
+        """Context in which the student's weights are the ones users get: the EMA with `student_ema_decay`, else
+        the trained weights themselves (previews, evaluation and the saved file all run inside it)."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.applied(self.roles.trainable_state_dict("student"))
+
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int) -> Tensor:
         """Student few-step samples for `prompts` as images in [0, 1] (fixed seed, independent of training)."""
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts), *self.latent_shape), generator=generator).to(self.accelerator.device)
         cond = self._conditioning(prompts)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self.student_in_use():
             latents = few_step_sample(self.denoiser("student"), noise, self.levels, cond, generator=generator)
         return self.adapter.decode(latents)
 
@@ -684,13 +709,14 @@ class DecoupledDMDTrainer:
         path = self.student_file()
         state_dir = save_state(self)
         if accelerator.is_main_process:
-            kind, tensors = student_tensors(self)
-            metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
-                                        base=base_identity(self))
-            atomic_save_safetensors(tensors, path, metadata, overwrite=True)  # this run's own file
-            logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
-            if final and self.config.save_merged_checkpoint:
-                logger.info("merged checkpoint written to %s", save_merged_checkpoint(self))
+            with self.student_in_use():  # the state keeps the trained weights; the files, the ones users get
+                kind, tensors = student_tensors(self)
+                metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
+                                            base=base_identity(self))
+                atomic_save_safetensors(tensors, path, metadata, overwrite=True)  # this run's own file
+                logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
+                if final and self.config.save_merged_checkpoint:
+                    logger.info("merged checkpoint written to %s", save_merged_checkpoint(self))
         accelerator.wait_for_everyone()
         return path
 

@@ -314,7 +314,8 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
     return build_plan(base_bytes=base, adapter_parameters={r: trainable[r] for r in roles_used},
                       optimizer_type=config.optimizer_type, simulated=simulated,
                       text_encoder_bytes=text_encoder_parameters * weight_bytes, vae_bytes=4 * vae_parameters,
-                      device=device, held_parameters=[p for params in trainable.values() for p in params],
+                      device=device, held_parameters=[p for params in trainable.values() for p in params]
+                      + (trainable["student"] if config.student_ema_decay else []),  # the EMA's fp32 copy
                       adapter_scale=adapter_scale, optimizer_step=True,
                       graph_pool=uses_cuda_graphs(config, adapter, device))
 

@@ -20,6 +20,7 @@ from .outputs import disk_full_error, is_disk_full
 logger = logging.getLogger(__name__)
 
 STATE_PREFIX = "state-"
+EMA_FILE = "student_ema_weights.safetensors"
 
 
 def save_state(trainer) -> str:
@@ -195,6 +196,8 @@ def save_weights_hook(trainer, models, weights, output_dir):
         for role in trainer.optimizers:
             tensors = {k: v.contiguous() for k, v in trainer.roles.trainable_state_dict(role).items()}
             save_file(tensors, os.path.join(output_dir, f"{role}_weights.safetensors"))
+        if trainer.ema is not None:
+            save_file(trainer.ema.state_dict(), os.path.join(output_dir, EMA_FILE))
 
 
 def load_weights_hook(trainer, models, input_dir):
@@ -203,6 +206,13 @@ def load_weights_hook(trainer, models, input_dir):
     models.clear()
     for role in trainer.optimizers:
         trainer.roles.load_trainable_state_dict(role, load_file(os.path.join(input_dir, f"{role}_weights.safetensors")))
+    if trainer.ema is not None:
+        ema_file = os.path.join(input_dir, EMA_FILE)
+        if os.path.isfile(ema_file):
+            trainer.ema.load_state_dict(load_file(ema_file))
+        else:  # the run was started without an EMA: the average starts at the resumed weights
+            logger.warning("%s holds no student EMA; it starts from the resumed student", input_dir)
+            trainer.ema.load_state_dict(trainer.roles.trainable_state_dict("student"))
 
 
 def list_states(output_dir: str) -> list[str]:

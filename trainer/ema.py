@@ -1,0 +1,67 @@
+"""An exponential moving average of the student's trained weights (`student_ema_decay`).
+
+Training steps the raw weights; previews, evaluation and the saved student use the average. A few-step student
+whose output statistics swing around their target from update to update (the texture world's background grey,
+docs/demo.md) is then read at the centre of the swing instead of at a random phase of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+EMA_WARMUP = 10  # diffusers' EMAModel: the decay after n earlier updates is at most (1 + n) / (10 + n)
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay for the update that follows `updates` earlier ones: min(decay, (1 + n) / (10 + n)).
+
+    Without the warm-up the start weights would keep decay**n of the average (0.97**25 = 0.47 after 25 updates);
+    with it their share is gone within the first updates (n = 0 copies the weights)."""
+    return min(decay, (1 + updates) / (EMA_WARMUP + updates))
+
+
+class StudentEma:
+    """fp32 shadow copies of the student's trained tensors (LoRA: a few MB; full mode: one more UNet copy)."""
+
+    def __init__(self, weights: dict[str, Tensor], decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"student_ema_decay {decay!r} must be in (0, 1)")
+        self.decay = decay
+        self.shadow = {name: value.detach().float().clone() for name, value in weights.items()}
+
+    @torch.no_grad()
+    def update(self, weights: dict[str, Tensor], updates: int) -> float:
+        """shadow <- d * shadow + (1 - d) * weights with d = ema_decay_at(decay, updates); returns d."""
+        decay = ema_decay_at(self.decay, updates)
+        for name, value in weights.items():
+            self.shadow[name].lerp_(value.detach().float(), 1.0 - decay)
+        return decay
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {name: value.contiguous() for name, value in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.shadow.keys() - state.keys(), state.keys() - self.shadow.keys()
+        if missing or unexpected:
+            raise ValueError(f"saved student EMA does not fit this student (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self, weights: dict[str, Tensor]):
+        """Inside: `weights` (the live tensors, e.g. `Roles.trainable_state_dict`) hold the average; after: the
+        raw weights again, bit for bit."""
+        with torch.no_grad():
+            backup = {name: value.detach().clone() for name, value in weights.items()}
+            for name, value in weights.items():
+                value.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in weights.items():
+                    value.copy_(backup[name])
