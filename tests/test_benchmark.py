@@ -117,5 +117,5 @@ def test_a_stored_run_is_reused_only_for_the_same_settings(tmp_path, monkeypatch
     trained = []
     monkeypatch.setattr(experiment, "run_distillation", lambda *args, **kwargs: trained.append(args[1]) or 1 / 0)
     with pytest.raises(ZeroDivisionError):  # another setting (here a new key): the run is trained again
-        runs.run_job(dict(job, settings=dict(job["settings"], fake_warmup_updates=25)))
-    assert trained == [{"learning_rate": 3e-5, "student_timesteps": (999, 499), "fake_warmup_updates": 25}]
+        runs.run_job(dict(job, settings=dict(job["settings"], lr_warmup_steps=10)))
+    assert trained == [{"learning_rate": 3e-5, "student_timesteps": (999, 499), "lr_warmup_steps": 10}]

@@ -66,14 +66,6 @@ def test_dm_only_needs_the_dm_regularizer():
         config_from_dict({"cfg_augmentation": "false", "regularizer": "none"})
 
 
-def test_fake_warmup_needs_a_fake_model():
-    assert config_from_dict({"fake_warmup_updates": 50}).fake_warmup_updates == 50
-    with pytest.raises(ConfigError, match="fake_warmup_updates: -1 must be >= 0"):
-        config_from_dict({"fake_warmup_updates": -1})
-    with pytest.raises(ConfigError, match="fake_warmup_updates: 50 needs regularizer = 'dm'"):
-        config_from_dict({"fake_warmup_updates": 50, "regularizer": "mean_variance"})
-
-
 def test_resolution_forms():
     assert config_from_dict({"resolution": 1024}).resolution_hw() == (1024, 1024)
     assert config_from_dict({"resolution": "1024,768"}).resolution_hw() == (768, 1024)

@@ -6,20 +6,22 @@ import torch
 from decoupled_dmd.trainer.ema import StudentEma, ema_decay_at
 
 
-@pytest.mark.parametrize("updates, expected", [(0, 0.1), (10, 11 / 20), (100, 101 / 110), (300, 0.97)])
-def test_decay_warms_up_like_diffusers_then_holds(updates, expected):
-    assert ema_decay_at(0.97, updates) == pytest.approx(expected)
+@pytest.mark.parametrize("updates, expected", [(0, 0.0), (1, 0.5 * 0.5 / 0.75), (2, 0.5 * 0.75 / 0.875)])
+def test_decay_by_hand(updates, expected):
+    assert ema_decay_at(0.5, updates) == pytest.approx(expected)
 
 
-def test_update_is_the_weighted_average_by_hand():
-    weights = {"a": torch.tensor([1.0, -2.0])}
-    ema = StudentEma(weights, decay=0.5)
-    weights["a"].copy_(torch.tensor([3.0, 2.0]))
-    assert ema.update(weights, updates=0) == pytest.approx(0.1)  # 0.1 * old + 0.9 * new
-    torch.testing.assert_close(ema.shadow["a"], torch.tensor([2.8, 1.6]))
-    weights["a"].copy_(torch.tensor([0.0, 0.0]))
-    assert ema.update(weights, updates=50) == 0.5  # min(0.5, 51 / 60)
-    torch.testing.assert_close(ema.shadow["a"], torch.tensor([1.4, 0.8]))
+def test_the_running_update_is_the_bias_corrected_average_of_all_weights_so_far():
+    decay, values = 0.9, [3.0, -1.0, 4.0, 1.5, -2.0]
+    weights = {"a": torch.tensor([values[0]])}
+    ema = StudentEma(weights, decay)  # holds the start weights, which the first update replaces entirely
+    for n, value in enumerate(values):
+        weights["a"].copy_(torch.tensor([value]))
+        ema.update(weights, updates=n)
+        ages = range(n, -1, -1)  # the newest value has age 0
+        expected = sum(decay ** age * v for age, v in zip(ages, values)) / sum(decay ** age for age in ages)
+        assert ema.shadow["a"].item() == pytest.approx(expected, rel=1e-6)
+    assert ema_decay_at(0.97, 300) == pytest.approx(0.97, abs=1e-4)  # the plain EMA once the start is forgotten
 
 
 def test_applied_swaps_the_average_in_and_the_raw_weights_back_even_on_error():

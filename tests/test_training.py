@@ -123,38 +123,6 @@ def test_resume_continues_bit_for_bit(tiny_model_dir, tmp_path):
     assert [drop(e) for e in log_a[2:]] == [drop(e) for e in log_c]
 
 
-def _optimizer_steps(trainer, role):
-    states = trainer.optimizers[role].optimizer.state.values()
-    return {int(state["step"]) for state in states}
-
-
-def test_fake_warmup_trains_the_fake_alone_before_update_one_and_not_again_on_resume(tiny_model_dir, tmp_path):
-    # fake_updates_per_step = 2, fake_warmup_updates = 5: update 1 = 5 + 2 fake updates, every later one 2
-    trainer = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=2, fake_warmup_updates=5)
-    student_before = x0_of(trainer, "student")
-    calls = []
-    original = trainer.generator_step
-
-    def generator_step():
-        calls.append(_optimizer_steps(trainer, "fake"))
-        return original()
-
-    trainer.generator_step = generator_step
-    trainer.train_step()
-    # the student did not move while the fake warmed up: 5 + 2 fake updates came before its first update
-    assert calls == [{7}] and _optimizer_steps(trainer, "student") == {1}
-    assert not torch.allclose(x0_of(trainer, "student"), student_before)
-    trainer.train_step()
-    assert _optimizer_steps(trainer, "fake") == {9} and _optimizer_steps(trainer, "student") == {2}
-
-    first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=1, fake_warmup_updates=5)
-    first.train()
-    resumed = make_trainer(tiny_model_dir, tmp_path / "c", max_train_steps=2, fake_warmup_updates=5,
-                           resume=list_states(str(tmp_path / "b" / "out"))[-1])
-    resumed.train()
-    assert _optimizer_steps(resumed, "fake") == {9}, "a resumed run warmed the fake model up again"
-
-
 def test_student_ema_is_what_previews_and_the_file_hold_and_it_resumes_bit_for_bit(tiny_model_dir, tmp_path):
     straight = make_trainer(tiny_model_dir, tmp_path / "a", max_train_steps=4, save_every_n_steps=2,
                             student_ema_decay=0.5)
@@ -168,9 +136,9 @@ def test_student_ema_is_what_previews_and_the_file_hold_and_it_resumes_bit_for_b
     apply_student(fresh, path)
     x, level, cond = fixed_inputs(straight)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.predict_x0(fresh.network, x, level, cond), average, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fresh.predict_x0(fresh.network, x, level, cond), average, rtol=1e-4, atol=1e-4)
     logs = jsonl(tmp_path / "a" / "out" / "logs" / "metrics.jsonl")
-    assert [e["ema_decay"] for e in logs] == pytest.approx([0.1, 2 / 11, 3 / 12, 4 / 13])  # (1 + n) / (10 + n) < 0.5
+    assert [e["ema_decay"] for e in logs] == pytest.approx([0.0, 1 / 3, 3 / 7, 7 / 15])  # 0.5 (1 - 0.5^n) / (1 - 0.5^(n+1))
 
     first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=2, student_ema_decay=0.5)
     first.train()

@@ -116,14 +116,9 @@ class TrainConfig:
     fake_updates_per_step: int = _key(5, "Fake-model updates per generator update (TTUR; DMD2: 5).", section="method")
     student_ema_decay: float = _key(
         0.0, "Exponential moving average of the student's weights: previews, evaluation and the saved student use "
-        "the average, training the raw weights. 0 = off; 0.97 averages over about 30 updates (with diffusers' "
-        "warm-up, decay <= (1 + n) / (10 + n)). Reads a student whose outputs swing around their target at the "
+        "the average, training the raw weights. 0 = off; 0.97 averages over about the last 30 updates (bias-"
+        "corrected: from the first update on, over the updates so far). Reads a student whose outputs swing around their target at the "
         "centre of the swing; full mode keeps one more fp32 copy of the UNet.", section="method")
-    fake_warmup_updates: int = _key(
-        0, "Fake-model updates before the first generator update. The fake model starts as the teacher, so the DM "
-        "term is zero until it has learnt the student's outputs; a student that starts far from the teacher "
-        "(network_weights: a speed LoRA) drifts on CA alone meanwhile. 0 = none; with network_weights, e.g. 10x "
-        "fake_updates_per_step.", section="method")
     share_generator_sample: bool = _key(
         False, "Run Algorithm 1's order (generator update, then the fake updates) and train the first fake update on "
         "the generator turn's own detached sample, as DMD2 does: saves one backward simulation and one student "
@@ -257,7 +252,6 @@ def validate(config: TrainConfig) -> None:
                             ("fake_learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
                             ("guidance_scale", 100.0, "SDXL's CFG scales are about 5 .. 12"),
                             ("fake_updates_per_step", 100, "DMD2 uses 5"),
-                            ("fake_warmup_updates", 10000, "a few dozen are enough"),
                             ("dmd_loss_weight", 1e4, "the default is 1"),
                             ("mean_variance_weight", 1e4, "the default is 1"),
                             ("network_dim", 1024, "LoRA ranks are 4 .. 256"),
@@ -269,7 +263,7 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.seed < 2**32:
         _fail("seed", f"{config.seed} must be in 0 .. {2**32 - 1}")
     for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
-                "mean_variance_weight", "fake_updates_per_step", "fake_warmup_updates", "min_timestep", "dmd_loss_weight", "memory_limit_gb"):
+                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight", "memory_limit_gb"):
         positive(key, allow_zero=True)
     for key in ("adam_beta1", "adam_beta2", "student_ema_decay"):
         if not 0.0 <= getattr(config, key) < 1.0:
@@ -290,9 +284,6 @@ def validate(config: TrainConfig) -> None:
         _fail("cfg_augmentation", "false needs regularizer = 'dm' (the DM-only ablation); otherwise nothing trains the student")
     if config.regularizer == "dm" and config.fake_updates_per_step < 1:
         _fail("fake_updates_per_step", "must be >= 1 with regularizer = 'dm': the fake model has to follow the student")
-    if config.fake_warmup_updates and not config.uses_fake_model:
-        _fail("fake_warmup_updates", f"{config.fake_warmup_updates} needs regularizer = 'dm' (there is no fake model "
-              f"to warm up with {config.regularizer!r}); set it to 0")
     if config.resolution not in ("", None):
         problem = resolution_problem(*_parse_resolution(config.resolution))
         if problem:

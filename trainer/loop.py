@@ -530,8 +530,6 @@ class DecoupledDMDTrainer:
         skips_before = self.nonfinite_skips
         fakes = config.fake_updates_per_step if config.uses_fake_model else 0
         logs: dict[str, float] = {}
-        if self.step == 0 and fakes and config.fake_warmup_updates:
-            self._warm_up_fake(config.fake_warmup_updates)
         if config.share_generator_sample:
             logs.update(self.generator_step())
             samples = [self._generator_sample] + self._fake_samples(fakes - 1) if fakes else []
@@ -552,17 +550,6 @@ class DecoupledDMDTrainer:
         logs["nonfinite_skips"] = float(self.nonfinite_skips)
         logs.update(self.meter.logs())
         return logs
-
-    def _warm_up_fake(self, count: int) -> None:
-        """`fake_warmup_updates`: train the fake model alone on the (not yet updated) student's samples, in chunks of
-        `fake_updates_per_step`, so the first DM term compares the teacher with a fake that knows the student. Part
-        of update 1 (its cost is that update's); a run resumed later has it in its state, one stopped before update
-        1 saved nothing and warms up again."""
-        losses = []
-        while len(losses) < count:
-            chunk = min(self.config.fake_updates_per_step, count - len(losses))
-            losses += [self.fake_step(sample)["loss_fake"] for sample in self._fake_samples(chunk)]
-        logger.info("fake model warmed up: %d updates, loss %.4g -> %.4g", count, losses[0], losses[-1])
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> str | None:
