@@ -12,6 +12,8 @@ import numpy as np
 
 from ..trainer.outputs import atomic_write
 
+logger = logging.getLogger("decoupled_dmd.benchmark")
+
 
 def run_job(job: dict) -> dict:
     """One training run (in a worker process: one CPU thread); returns and stores its RunResult as JSON."""
@@ -29,8 +31,7 @@ def run_job(job: dict) -> dict:
         if all(stored.get("settings", {}).get(key, "absent") == value for key, value in wanted.items()):
             return stored
         # the benchmark's settings changed since this run was stored: its result would answer another question
-        logging.getLogger("decoupled_dmd.benchmark").warning("%s: stored with other settings; training it again",
-                                                             job["folder"])
+        logger.warning("%s: stored with other settings; training it again", job["folder"])
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     os.environ.setdefault("TQDM_DISABLE", "1")

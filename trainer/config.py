@@ -117,8 +117,8 @@ class TrainConfig:
     student_ema_decay: float = _key(
         0.0, "Exponential moving average of the student's weights: previews, evaluation and the saved student use "
         "the average, training the raw weights. 0 = off; 0.97 averages over about the last 30 updates (bias-"
-        "corrected: from the first update on, over the updates so far). Reads a student whose outputs swing around their target at the "
-        "centre of the swing; full mode keeps one more fp32 copy of the UNet.", section="method")
+        "corrected: from the first update on, over the updates so far). Reads a student whose outputs swing around "
+        "their target at the centre of the swing; full mode keeps one more fp32 copy of the UNet.", section="method")
     share_generator_sample: bool = _key(
         False, "Run Algorithm 1's order (generator update, then the fake updates) and train the first fake update on "
         "the generator turn's own detached sample, as DMD2 does: saves one backward simulation and one student "

@@ -12,6 +12,8 @@ import contextlib
 import torch
 from torch import Tensor
 
+from .networks import copy_exact
+
 
 def ema_decay_at(decay: float, updates: int) -> float:
     """The decay for the update that follows `updates` earlier ones: decay * (1 - decay**n) / (1 - decay**(n + 1)).
@@ -45,12 +47,7 @@ class StudentEma:
         return {name: value.contiguous() for name, value in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        missing, unexpected = self.shadow.keys() - state.keys(), state.keys() - self.shadow.keys()
-        if missing or unexpected:
-            raise ValueError(f"saved student EMA does not fit this student (missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]})")
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
+        copy_exact(self.shadow, state, "student EMA")
 
     @contextlib.contextmanager
     def applied(self, weights: dict[str, Tensor]):

@@ -145,7 +145,7 @@ class LoraRoles(Roles):
         return {name: p.detach() for name, p in self._parameters[role].items()}
 
     def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None:
-        _copy_exact(self._parameters[role], state, role)
+        copy_exact(self._parameters[role], state, role)
 
     def trained_modules(self) -> dict[str, nn.Module]:
         return {"student": self.base, "fake": self.base}
@@ -220,13 +220,14 @@ class FullRoles(Roles):
         return dict(self.module(role).state_dict())
 
     def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None:
-        _copy_exact(dict(self.copies[role].named_parameters()), state, role)
+        copy_exact(dict(self.copies[role].named_parameters()), state, role)
 
     def trained_modules(self) -> dict[str, nn.Module]:
         return dict(self.copies)
 
 
-def _copy_exact(params: dict[str, nn.Parameter], state: dict[str, Tensor], role: str) -> None:
+def copy_exact(params: dict[str, Tensor], state: dict[str, Tensor], role: str) -> None:
+    """Copy `state` into `params` (same names, no more, no fewer), or fail naming what does not fit."""
     missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
     if missing or unexpected:
         raise ValueError(f"saved {role} weights do not fit this model (missing {sorted(missing)[:3]}, "
