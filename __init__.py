@@ -11,4 +11,7 @@ else:
     # an identifier, e.g. ComfyUI-DecoupledDMD: there is no package to register nodes from then.
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The frontend extension (live training curves on the Train node), served by ComfyUI at /extensions/<folder>/.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -159,77 +159,72 @@ def step_text(step: int, total: int, logs: dict) -> str:
             f"{seconds:.2f} s/step · about {eta} left")
 
 
-LIVE_CURVES_SECONDS = 2.0  # the progress preview's curves are redrawn at most this often (and at each preview)
+CURVES_EVENT = "decoupled_dmd.curves"  # web/decoupled_dmd.js listens for it
 
 
-class LiveCurves:
-    """What the Train node shows on its progress bar while it trains: the loss, gradient-norm and latent mean/std
-    curves so far, beside the latest preview sample; redrawn at each preview and at most every few seconds
-    between (pure: tested without ComfyUI)."""
+def curve_message(run: str, node_id, step: int, total: int, logs: dict) -> dict:
+    """The websocket message of one student update that the pack's web extension draws the live curves from
+    (web/curves_core.js): the run (a new queue starts the curves afresh), the node, the step, the finite values
+    of the curve quantities (trainer/curves.py PANELS) and the node's step text."""
+    import math
 
-    def __init__(self, interval: float = LIVE_CURVES_SECONDS, clock=None):
-        import time
+    from ..trainer.curves import PANELS
 
-        from ..trainer.curves import PANELS
-
-        self.keys = [key for _, keys in PANELS for key in keys]
-        self.records: list[dict] = []
-        self.sample = None
-        self.interval, self.clock = interval, clock or time.monotonic
-        self.drawn_at = None
-
-    def add_preview(self, image) -> None:
-        self.sample = image
-        self.drawn_at = None  # a new sample: redraw at the next step
-
-    def add_step(self, step: int, logs: dict):
-        """Record one step; returns the image to show now, or None when the last one is recent enough."""
-        import math
-
-        self.records.append({"step": step, **{k: float(logs[k]) for k in self.keys
-                                               if isinstance(logs.get(k), (int, float)) and math.isfinite(logs[k])}})
-        now = self.clock()
-        if self.drawn_at is not None and now - self.drawn_at < self.interval:
-            return None
-        from ..trainer.curves import live_image
-
-        self.drawn_at = now
-        return live_image(self.records, self.sample, width=640, panel_height=160)
+    values = {key: float(logs[key]) for _, keys in PANELS for key in keys
+              if isinstance(logs.get(key), (int, float)) and math.isfinite(logs[key])}
+    return {"run": run, "node": str(node_id), "step": int(step), "total": int(total), "values": values,
+            "text": step_text(step, total, logs)}
 
 
 def _progress_callbacks(total: int, node_id):
-    """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the live curves and the latest
-    preview, and a line of text on the node (what it is setting up; then step, loss and time left). Cancel
-    becomes a stop request (the trainer saves and the node reports the interruption)."""
+    """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the latest preview sample, a
+    line of text on the node (what it is setting up; then step, loss and time left) and one curves message per
+    update for the live curves the web extension draws in the node. Cancel becomes a stop request (the trainer
+    saves and the node reports the interruption)."""
+    import uuid
+
     import comfy.model_management as mm
     import comfy.utils
 
     progress = comfy.utils.ProgressBar(total, node_id=node_id)
-    live = LiveCurves()
+    run = uuid.uuid4().hex
 
-    def show(text: str) -> None:
+    def server():
         try:
             from server import PromptServer
 
-            PromptServer.instance.send_progress_text(text, node_id)
-        except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log line stays
-            pass
+            return PromptServer.instance
+        except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log lines stay
+            return None
+
+    def show(text: str) -> None:
+        instance = server()
+        if instance is not None:
+            instance.send_progress_text(text, node_id)
 
     def on_phase(text: str) -> None:
         logger.info("Decoupled DMD: %s", text)
         show(text)
 
-    def on_preview(step, images):
-        live.add_preview(_pil(images))
-
-    def on_step(step, logs):
-        image = live.add_step(step, logs)
+    def update(step, preview=None) -> None:
         try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
-            progress.update_absolute(step, total, ("PNG", image, 1024) if image is not None else None)
+            progress.update_absolute(step, total, preview)
         except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
+
+    def on_preview(step, images):
+        from ..trainer.outputs import image_grid
+
+        update(step, ("PNG", image_grid(images), 512))  # every preview prompt, as the samples/ grid
+
+    def on_step(step, logs):
+        update(step)
         text = step_text(step, total, logs)
         show(text)
+        instance = server()
+        if instance is not None:
+            instance.send_sync(CURVES_EVENT, curve_message(run, node_id, step, total, logs),
+                               getattr(instance, "client_id", None))
         if step == total or step % max(1, total // 20) == 0:  # the console gets about 20 lines a run
             logger.info("Decoupled DMD: %s", text)
 
@@ -240,14 +235,6 @@ def read_prompt_lines(text: str) -> list[str]:
     from ..trainer.api import prompt_lines
 
     return prompt_lines(text)
-
-
-def _pil(images):
-    """(B, 3, H, W) in [0, 1] -> the first image as PIL (progress preview)."""
-    from PIL import Image
-
-    array = (images[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(array)
 
 
 class LoadTeacher:

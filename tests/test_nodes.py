@@ -276,25 +276,20 @@ def test_the_train_node_text_says_step_loss_and_time_left():
     assert step_text(1, 3, {"loss_generator": 0.1, "seconds_per_step": 2.0}).endswith("about 4 s left")
 
 
-def test_live_curves_on_the_progress_bar_are_redrawn_with_each_preview_and_throttled_between():
-    """Issue 13: the curves update while the node trains (progress preview), not only at the end."""
-    from PIL import Image
+def test_curve_message_carries_the_finite_curve_values_of_one_update():
+    """Issue 13: the live curves (web/decoupled_dmd.js) are drawn from one message per update."""
+    from decoupled_dmd.nodes.dmd_nodes import curve_message
 
-    from decoupled_dmd.nodes.dmd_nodes import LiveCurves
+    logs = {"loss_generator": 0.5, "loss_fake": 0.2, "gen_std": 1.0, "gen_mean": 0.0, "grad_norm_student": 3,
+            "grad_norm_fake": float("nan"), "seconds_per_step": 2.0, "lr": 1e-4}
+    message = curve_message("run1", 7, 3, 10, logs)
+    assert message["run"] == "run1" and message["node"] == "7" and (message["step"], message["total"]) == (3, 10)
+    # NaN (no fake update yet) and quantities that are not curves are left out; ints become floats
+    assert message["values"] == {"loss_generator": 0.5, "loss_fake": 0.2, "gen_std": 1.0, "gen_mean": 0.0,
+                                 "grad_norm_student": 3.0}
+    assert message["text"] == "step 3/10 · loss 0.5000 · 2.00 s/step · about 14 s left"
+    import json
 
-    now = [0.0]
-    live = LiveCurves(interval=2.0, clock=lambda: now[0])
-    logs = {"loss_generator": 0.5, "loss_fake": 0.2, "gen_std": 1.0, "gen_mean": 0.0, "grad_norm_student": 3.0,
-            "grad_norm_fake": float("nan"), "seconds_per_step": 1.0}
-    first = live.add_step(1, logs)
-    assert first is not None and first.size == (640, 480)  # three 160-px panels, no sample yet
-    now[0] = 1.0
-    assert live.add_step(2, dict(logs, loss_generator=0.4)) is None  # drawn 1 s ago: not again
-    live.add_preview(Image.new("RGB", (64, 64), (200, 10, 10)))
-    with_sample = live.add_step(3, dict(logs, loss_generator=0.3))
-    assert with_sample is not None and with_sample.size == (480 + 640, 480)
-    assert with_sample.getpixel((10, 10)) == (200, 10, 10)
-    now[0] = 3.5
-    assert live.add_step(4, logs) is not None  # the interval passed
-    assert [r["step"] for r in live.records] == [1, 2, 3, 4] and "grad_norm_fake" not in live.records[0]
-    assert [r["loss_generator"] for r in live.records[:3]] == [0.5, 0.4, 0.3]
+    json.dumps(message, allow_nan=False)  # what the websocket sends: strict JSON
+
+

@@ -35,22 +35,6 @@ def draw_curves(records: list[dict], width: int = 768, panel_height: int = 200) 
     return pixels.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255.0
 
 
-def live_image(records: list[dict], sample=None, width: int = 768, panel_height: int = 200):
-    """The curves so far with the latest preview sample (a PIL image, or None) to their left, scaled to their
-    height: what the Train node shows on its progress bar while it trains."""
-    from PIL import Image
-
-    curves = curves_image(records, width, panel_height)
-    if sample is None:
-        return curves
-    side = curves.height
-    sample = sample.convert("RGB").resize((max(1, round(side * sample.width / sample.height)), side))
-    canvas = Image.new("RGB", (sample.width + curves.width, side), (255, 255, 255))
-    canvas.paste(sample, (0, 0))
-    canvas.paste(curves, (sample.width, 0))
-    return canvas
-
-
 def curves_image(records: list[dict], width: int = 768, panel_height: int = 200):
     """draw_curves as a PIL image."""
     from PIL import Image, ImageDraw

@@ -186,8 +186,8 @@ def atomic_write(path: str, write: Callable[[str], object], overwrite: bool = Fa
             os.remove(staging)
 
 
-def save_image_grid(images: Tensor, path: str, columns: int | None = None) -> str:
-    """Save (B, 3, H, W) images in [0, 1] as one PNG grid, atomically."""
+def image_grid(images: Tensor, columns: int | None = None):
+    """(B, 3, H, W) images in [0, 1] as one PIL image: a grid of about square shape (or `columns` wide)."""
     from PIL import Image
 
     count = images.shape[0]
@@ -199,4 +199,10 @@ def save_image_grid(images: Tensor, path: str, columns: int | None = None) -> st
         row, column = divmod(index, columns)
         grid[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
     array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    return atomic_write(path, lambda staging: Image.fromarray(array).save(staging, format="PNG"), overwrite=True)
+    return Image.fromarray(array)
+
+
+def save_image_grid(images: Tensor, path: str, columns: int | None = None) -> str:
+    """Save (B, 3, H, W) images in [0, 1] as one PNG grid, atomically."""
+    grid = image_grid(images, columns)
+    return atomic_write(path, lambda staging: grid.save(staging, format="PNG"), overwrite=True)

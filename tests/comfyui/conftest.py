@@ -4,6 +4,8 @@ COMFYUI_ROOT: a ComfyUI checkout (not part of this repo). COMFYUI_PYTHON: the py
 $COMFYUI_ROOT/.venv/bin/python if present, else this one). The server gets a temporary --base-directory
 (models, input, output, custom_nodes with a symlink to this repo), so nothing is written into COMFYUI_ROOT.
 The tests themselves run in the repo's environment: they build the random checkpoints with diffusers.
+COMFYUI_FRONTEND_ROOT: another frontend's static folder for the server (--front-end-root), e.g. a newer
+comfyui-frontend-package unpacked with `pip install --target`; default: the one ComfyUI's Python has.
 """
 
 import json
@@ -85,6 +87,13 @@ class Server:
         return float("nan")
 
 
+def _frontend_args() -> list[str]:
+    root = os.environ.get("COMFYUI_FRONTEND_ROOT", "")
+    if root and not os.path.isfile(os.path.join(root, "index.html")):
+        raise RuntimeError(f"COMFYUI_FRONTEND_ROOT {root}: no index.html there (give the package's static folder)")
+    return ["--front-end-root", root] if root else []
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("comfyui_base"))
@@ -100,7 +109,7 @@ def comfy_server(tmp_path_factory):
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
-             "--disable-auto-launch"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+             "--disable-auto-launch", *_frontend_args()], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     server = Server(base, port, process, log_path)
     try:
         deadline = time.time() + 180
