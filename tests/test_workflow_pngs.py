@@ -40,9 +40,26 @@ def test_the_template_folder_holds_ui_workflows_each_with_its_thumbnail():
     assert listed == NAMES  # UI files only: the API twins live in workflows/api/
     sys.path.insert(0, os.path.join(repo, "scripts"))
     try:
-        from make_template_thumbnails import thumbnail
+        from make_template_thumbnails import MAX_ASPECT, WIDTH
     finally:
         sys.path.pop(0)
     for name in listed:
-        with Image.open(os.path.join(WORKFLOWS, f"{name}.jpg")) as image:
-            assert image.format == "JPEG" and image.size == thumbnail(name).size, name
+        path = os.path.join(WORKFLOWS, f"{name}.jpg")
+        assert os.path.getsize(path) < 100_000, name
+        with Image.open(path) as image:
+            # a picture of the graph (scripts/make_template_thumbnails.py), not a 64-px sample
+            assert image.format == "JPEG" and max(image.size) == WIDTH, (name, image.size)
+            assert image.size[0] <= image.size[1] * MAX_ASPECT + 1, (name, image.size)
+
+
+def test_thumbnail_size_by_hand():
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(WORKFLOWS), "scripts"))
+    try:
+        from make_template_thumbnails import thumbnail_size
+    finally:
+        sys.path.pop(0)
+    assert thumbnail_size(3400, 1100) == (512, 256)  # cropped to twice as wide as high, then 512 wide
+    assert thumbnail_size(1000, 800) == (512, 410)
+    assert thumbnail_size(800, 1000) == (410, 512)
