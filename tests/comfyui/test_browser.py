@@ -154,8 +154,19 @@ def test_the_train_node_shows_the_everyday_settings_and_guidance_says_auto(brows
     _screenshot(browser_page, "train_node_before_run", _focus(browser_page, TRAIN_ID))
 
 
-def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browser_page):
+VUE_NODES = "Comfy.VueNodes.Enabled"  # the newer node display (frontend 1.2x+), off by default
+
+
+@pytest.mark.parametrize("display", ["canvas", "vue_nodes"])
+def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browser_page, display):
     page = browser_page
+    has_vue = page.evaluate(f"() => window.app.extensionManager?.setting?.get('{VUE_NODES}') !== undefined")
+    if display == "vue_nodes" and not has_vue:
+        pytest.skip("this frontend has no Vue node display")
+    if has_vue:
+        page.evaluate(f"async () => await window.app.extensionManager.setting.set('{VUE_NODES}', "
+                      f"{'true' if display == 'vue_nodes' else 'false'})")
+    run = f"browser_curves_{display}"
     _load(page, "distill_sdxl")
     client_id = page.evaluate("async () => (await import('/scripts/api.js')).api.clientId")
     assert client_id
@@ -163,10 +174,10 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
     steps = 4
-    set_train_inputs(graph, **{**TINY_TRAIN, "max_train_steps": steps, "output_name": "browser_curves"})
-    graph["4"]["inputs"].update(lora_name="browser_curves_lora", save_checkpoint=False)
+    set_train_inputs(graph, **{**TINY_TRAIN, "max_train_steps": steps, "output_name": run})
+    graph["4"]["inputs"].update(lora_name=f"{run}_lora", save_checkpoint=False)
     graph["11"]["inputs"].update(width=64, height=64)
-    graph["14"]["inputs"]["filename_prefix"] = "browser_curves"
+    graph["14"]["inputs"]["filename_prefix"] = run
     status, body = comfy_server.post("/prompt", {"prompt": graph, "client_id": client_id})
     assert status == 200, body
     # drawn while it trains: the first update's curves are on the node before the run ends
@@ -194,6 +205,11 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     assert {"loss_generator", "gen_mean", "gen_std", "grad_norm_student"} <= set(curves["keys"])
     assert curves["text"].startswith(f"step {steps}/{steps}")
     assert curves["coloured"] > 100, curves  # lines were drawn, not just the empty panels
+    box = _focus(page, TRAIN_ID)  # at 100%
+    page.wait_for_timeout(300)
+    shown = page.evaluate(f"() => {{ const r = {TRAIN_JS}.dmdCurves.canvas.getBoundingClientRect(); "
+                          "return [r.width, r.height]; }")
+    assert shown[0] > 250 and shown[1] > 200, shown  # on the page, at a readable size
     # the curves widget is not part of the saved workflow: widgets_values keep the node's inputs
     saved = page.evaluate("() => window.app.graph.serialize().nodes.find(n => n.type === 'DecoupledDMD_Train')")
     shipped = next(n for n in _ui_workflow("distill_sdxl")["nodes"] if n["id"] == TRAIN_ID)
@@ -202,4 +218,6 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
                               "w.name.startsWith('$$') && w.serialize !== false).length")
     assert len(saved["widgets_values"]) == len(shipped["widgets_values"]) + frontends, saved["widgets_values"][-4:]
     time.sleep(0.5)
-    _screenshot(page, "train_node_after_run", _focus(page, TRAIN_ID))
+    _screenshot(page, f"train_node_after_run_{display}", box)
+    if has_vue:
+        page.evaluate(f"async () => await window.app.extensionManager.setting.set('{VUE_NODES}', false)")
