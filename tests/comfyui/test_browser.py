@@ -204,6 +204,10 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     assert curves["steps"] == list(range(1, steps + 1))
     assert {"loss_generator", "gen_mean", "gen_std", "grad_norm_student"} <= set(curves["keys"])
     assert curves["text"].startswith(f"step {steps}/{steps}")
+    # the node's progress text (ComfyUI's own text widget, or DOM text in the newer display) shows the last step
+    texts = page.evaluate(f"() => {TRAIN_JS}.widgets.map(w => String(w.value ?? ''))")
+    assert (any(t.startswith(f"step {steps}/{steps} · loss") for t in texts)
+            or f"step {steps}/{steps} · loss" in page.inner_text("body")), texts
     assert curves["coloured"] > 100, curves  # lines were drawn, not just the empty panels
     box = _focus(page, TRAIN_ID)  # at 100%
     page.wait_for_timeout(300)

@@ -94,6 +94,20 @@ def test_pyproject_passes_comfyuis_own_registry_parser(comfy_server):
     assert config.project.supported_comfyui_version == ">=0.3.64" and config.project.supported_os
 
 
+def test_comfy_cli_validates_the_pack_for_the_registry():
+    """The registry's own tool (comfy-cli, on PyPI: `pip install comfy-cli`, best in a venv of its own; COMFY_CLI
+    names its `comfy`), as publishing runs it: the configuration and its security checks."""
+    import shutil
+    import subprocess
+
+    comfy = os.environ.get("COMFY_CLI") or shutil.which("comfy")
+    if not comfy:
+        pytest.skip("comfy-cli is not installed (set COMFY_CLI to its `comfy`)")
+    done = subprocess.run([comfy, "--skip-prompt", "--no-enable-telemetry", "node", "validate"], capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(WORKFLOWS))
+    assert done.returncode == 0 and "validation checks passed" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 def test_every_listed_template_opens_with_its_thumbnail(comfy_server):
     """The Templates browser: GET /workflow_templates lists the pack's UI workflows (not the API twins), and
     each one and its thumbnail can be fetched where the frontend asks for them."""
