@@ -1,6 +1,7 @@
 """The pack as a user meets it in ComfyUI's own frontend, driven in headless Chromium: the web extension loads,
 every template opens from the Templates browser with its thumbnail, the shipped distil workflow lays out without
-overlaps and with the everyday Train node, and the live curves draw while a tiny SD1.5 run trains.
+overlaps and with the everyday Train node, and the live curves draw while a tiny SD1.5 run trains (in the
+classic canvas display, and in the newer Vue node display where the frontend has one).
 
 Skipped unless COMFYUI_ROOT is set (see conftest.py), Playwright is importable and a Chromium is found (CHROMIUM,
 else `chromium` on PATH; Debian: `apt-get install chromium`; Playwright's own browser download is not needed).
