@@ -176,7 +176,33 @@ def curve_message(run: str, node_id, step: int, total: int, logs: dict) -> dict:
             "text": step_text(step, total, logs)}
 
 
-def _progress_callbacks(total: int, node_id):
+class CurveHistory:
+    """The curve messages of each Train node's latest run, kept in the ComfyUI process so that a page opened or
+    reloaded during (or after) a run draws the curves from the start (GET /decoupled_dmd/curves; pure: tested
+    without ComfyUI). Longer runs keep every other message, always the newest: at most `limit` a node."""
+
+    def __init__(self, limit: int = 2000):
+        self.limit = limit
+        self.runs: dict[str, dict] = {}
+
+    def add(self, message: dict, output_name: str = "") -> None:
+        entry = self.runs.get(message["node"])
+        if entry is None or entry["run"] != message["run"]:
+            entry = self.runs[message["node"]] = {"run": message["run"], "output_name": output_name, "records": []}
+        entry.update(total=message["total"], text=message["text"])
+        entry["records"].append({"step": message["step"], "values": message["values"]})
+        if len(entry["records"]) > self.limit:
+            records = entry["records"]
+            entry["records"] = records[::2] + ([records[-1]] if len(records) % 2 == 0 else [])
+
+    def snapshot(self) -> dict:
+        return {node: dict(entry, records=list(entry["records"])) for node, entry in self.runs.items()}
+
+
+CURVE_HISTORY = CurveHistory()
+
+
+def _progress_callbacks(total: int, node_id, output_name: str = ""):
     """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the latest preview sample, a
     line of text on the node (what it is setting up; then step, loss and time left) and one curves message per
     update for the live curves the web extension draws in the node. Cancel becomes a stop request (the trainer
@@ -221,10 +247,11 @@ def _progress_callbacks(total: int, node_id):
         update(step)
         text = step_text(step, total, logs)
         show(text)
+        message = curve_message(run, node_id, step, total, logs)
+        CURVE_HISTORY.add(message, output_name)
         instance = server()
         if instance is not None:
-            instance.send_sync(CURVES_EVENT, curve_message(run, node_id, step, total, logs),
-                               getattr(instance, "client_id", None))
+            instance.send_sync(CURVES_EVENT, message, getattr(instance, "client_id", None))
         if step == total or step % max(1, total // 20) == 0:  # the console gets about 20 lines a run
             logger.info("Decoupled DMD: %s", text)
 
@@ -458,7 +485,7 @@ class Train:
         output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
         config = config_from_dict(dict(train_config_values(widgets, settings), output_dir=output_dir,
                                        guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
-        on_step, on_preview, on_phase = _progress_callbacks(max_train_steps, unique_id)
+        on_step, on_preview, on_phase = _progress_callbacks(max_train_steps, unique_id, output_name.strip())
         result = runtime.distill(teacher, config, training_prompts, preview_prompt_lines(settings),
                                  should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview,
                                  on_phase=on_phase)

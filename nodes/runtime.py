@@ -20,6 +20,28 @@ from ..trainer.formats import checkpoint_metadata, read_student_metadata, studen
 from ..trainer.outputs import own_output_dir
 from ..trainer.schedules import DiscreteVPSchedule, parse_student_timesteps
 
+# --- the web extension's route -------------------------------------------------------------------------------
+CURVES_ROUTE = "/decoupled_dmd/curves"
+
+
+def register_routes(history) -> bool:
+    """GET /decoupled_dmd/curves on ComfyUI's server: each Train node's latest run's curve messages (`history`, a
+    CurveHistory), for the web extension to draw after a page (re)load. A no-op outside a running ComfyUI."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None or not hasattr(instance, "routes"):
+        return False
+    from aiohttp import web
+
+    @instance.routes.get(CURVES_ROUTE)
+    async def curves(request):  # noqa: ARG001 - aiohttp hands every handler its request
+        return web.json_response(history.snapshot())
+
+    return True
+
 
 # --- the node entry points ----------------------------------------------------------------------------------
 @dataclass

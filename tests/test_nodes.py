@@ -276,6 +276,35 @@ def test_the_train_node_text_says_step_loss_and_time_left():
     assert step_text(1, 3, {"loss_generator": 0.1, "seconds_per_step": 2.0}).endswith("about 4 s left")
 
 
+def test_curve_history_keeps_each_nodes_latest_run_thinned_to_its_limit():
+    """What GET /decoupled_dmd/curves serves the web extension after a page (re)load."""
+    from decoupled_dmd.nodes.dmd_nodes import CurveHistory, curve_message
+
+    history = CurveHistory(limit=4)
+    for step in range(1, 4):
+        history.add(curve_message("a", 3, step, 9, {"loss_generator": 1.0 / step}), "cat_run")
+    history.add(curve_message("x", 7, 1, 2, {"gen_std": 0.5}), "other")
+    kept = history.snapshot()
+    assert kept["3"]["run"] == "a" and kept["3"]["output_name"] == "cat_run" and kept["3"]["total"] == 9
+    assert [r["step"] for r in kept["3"]["records"]] == [1, 2, 3] and kept["3"]["text"].startswith("step 3/9")
+    assert kept["3"]["records"][1]["values"] == {"loss_generator": 0.5}
+    kept["3"]["records"].clear()  # a snapshot is a copy
+    assert len(history.snapshot()["3"]["records"]) == 3
+    for step in range(4, 7):  # 6 > 4 records: every other one, the newest kept -> 1, 3, 5, 6
+        history.add(curve_message("a", 3, step, 9, {}), "cat_run")
+    assert [r["step"] for r in history.snapshot()["3"]["records"]] == [1, 3, 5, 6]
+    history.add(curve_message("b", 3, 1, 5, {}), "cat_run")  # a new queue of node 3 replaces its run
+    assert history.snapshot()["3"]["run"] == "b" and len(history.snapshot()["3"]["records"]) == 1
+    assert history.snapshot()["7"]["run"] == "x"
+
+
+def test_routes_are_only_registered_inside_comfyui():
+    from decoupled_dmd.nodes import runtime
+    from decoupled_dmd.nodes.dmd_nodes import CurveHistory
+
+    assert runtime.register_routes(CurveHistory()) is False  # no ComfyUI server module here
+
+
 def test_curve_message_carries_the_finite_curve_values_of_one_update():
     """Issue 13: the live curves (web/decoupled_dmd.js) are drawn from one message per update."""
     from decoupled_dmd.nodes.dmd_nodes import curve_message

@@ -109,3 +109,29 @@ console.log(JSON.stringify({series, range, low: toPixel(10, 0.0, range, box), hi
     assert out["flat"] == {"low": -0.5, "high": 1.5, "first": 4, "last": 4} and out["flatPixel"] == [0, 15]
     assert out["empty"] is None
     assert out["labels"] == ["0", "1.2e-4", "1.2e+4", "0.5", "1.23", "-2"]
+
+
+def test_a_kept_run_is_loaded_and_restored_only_on_its_own_node(tmp_path):
+    out = run_module(tmp_path, """
+import { CurveStore, runsToRestore } from "./curves_core.mjs";
+const kept = {
+  "3": {run: "a", output_name: "cat_run", total: 9, text: "step 2/9", records: [
+    {step: 1, values: {loss_generator: 1}}, {step: 2, values: {loss_generator: 0.5}}]},
+  "7": {run: "b", output_name: "other", total: 2, text: "", records: [{step: 1, values: {}}]},
+  "8": {run: "c", output_name: "empty", total: 2, text: "", records: []},
+};
+const nodes = [{id: 3, outputName: " cat_run "}, {id: 7, outputName: "renamed"}, {id: 8, outputName: "empty"},
+               {id: 9, outputName: "cat_run"}];
+const chosen = runsToRestore(kept, nodes);
+const store = new CurveStore();
+store.load(chosen[0][1]);
+const continued = store.add({run: "a", step: 3, total: 9, values: {loss_generator: 0.25}, text: "step 3/9"});
+const repeated = store.add({run: "a", step: 2, total: 9, values: {}, text: ""});
+console.log(JSON.stringify({ids: chosen.map(c => c[0]), steps: store.records.map(r => r.step), continued, repeated,
+                            text: store.text, total: store.total, keptUntouched: kept["3"].records.length}));
+""")
+    # node 3 (same id and output_name, spaces trimmed); not 7 (renamed), 8 (nothing yet) or 9 (nothing kept)
+    assert out["ids"] == [3]
+    # the live messages of the same run continue the loaded curves; a step already drawn is skipped
+    assert out["steps"] == [1, 2, 3] and out["continued"] is True and out["repeated"] is False
+    assert out["text"] == "step 3/9" and out["total"] == 9 and out["keptUntouched"] == 2

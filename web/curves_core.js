@@ -22,6 +22,16 @@ export class CurveStore {
     this.text = "";
   }
 
+  // Take a run kept by the server (GET /decoupled_dmd/curves: {run, total, text, records}), e.g. after a page
+  // reload; the live messages of that run then continue it.
+  load(entry) {
+    this.run = entry.run;
+    this.records = entry.records.map((r) => ({ step: r.step, values: { ...r.values } }));
+    this.total = entry.total;
+    this.text = entry.text || "";
+    if (this.records.length > MAX_POINTS) this.records = thin(this.records);
+  }
+
   // Add one message; a message of another run (a new queue) starts the curves afresh. Returns true when kept.
   add(message) {
     if (message.run !== this.run) {
@@ -99,4 +109,17 @@ export function formatValue(value) {
   const size = Math.abs(value);
   if (size >= 1e4 || size < 1e-3) return value.toExponential(1);
   return Number(value.toPrecision(3)).toString();
+}
+
+// The server's kept runs that belong on the graph's Train nodes: same node id and the node's output_name (a
+// different workflow that reuses the id is left alone). `nodes`: [{id, outputName}]. Returns [[id, entry], ...].
+export function runsToRestore(kept, nodes) {
+  const out = [];
+  for (const node of nodes) {
+    const entry = kept[String(node.id)];
+    if (entry && entry.records.length && (entry.output_name || "") === (node.outputName || "").trim()) {
+      out.push([node.id, entry]);
+    }
+  }
+  return out;
 }

@@ -4,11 +4,12 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  COLOURS, CurveStore, PANELS, formatValue, logSeries, panelRange, panelSeries, toPixel, useLog,
+  COLOURS, CurveStore, PANELS, formatValue, logSeries, panelRange, panelSeries, runsToRestore, toPixel, useLog,
 } from "./curves_core.js";
 
 const NODE_TYPE = "DecoupledDMD_Train";
 const EVENT = "decoupled_dmd.curves";
+const ROUTE = "/decoupled_dmd/curves";
 const PANEL_HEIGHT = 80;
 const WIDGET_HEIGHT = PANEL_HEIGHT * PANELS.length;
 
@@ -100,6 +101,8 @@ function curvesWidget(node) {
     getMinHeight: () => WIDGET_HEIGHT + 4,
     getMaxHeight: () => WIDGET_HEIGHT + 4,
   });
+  // redraw at the size the node gives it (a restored run is drawn before the canvas is laid out)
+  if (typeof ResizeObserver !== "undefined") new ResizeObserver(() => draw(canvas, store)).observe(canvas);
   widget.serialize = false; // the node's own serialisation reads this, the prompt reads options.serialize
   node.dmdCurves = { canvas, store, widget };
   // grow the node by the curves, so its other widgets (the prompts box) keep their room
@@ -108,9 +111,40 @@ function curvesWidget(node) {
   return node.dmdCurves;
 }
 
+// Draw the runs the server kept on the Train nodes of the graph now open (after a page load or a workflow
+// switch): a run that is still training then goes on live; a finished one stays visible.
+async function restore() {
+  const graph = app.graph;
+  if (!graph) return;
+  const nodes = graph._nodes
+    .filter((n) => n.type === NODE_TYPE)
+    .map((n) => ({ id: n.id, outputName: String(n.widgets?.find((w) => w.name === "output_name")?.value ?? "") }));
+  if (!nodes.length) return;
+  let kept;
+  try {
+    const response = await api.fetchApi(ROUTE);
+    if (!response.ok) return;
+    kept = await response.json();
+  } catch {
+    return; // an older pack on the server, or no server: live messages still draw
+  }
+  for (const [id, entry] of runsToRestore(kept, nodes)) {
+    const node = findNode(id);
+    if (!node) continue;
+    const curves = curvesWidget(node);
+    if (curves.store.run === entry.run && curves.store.records.length >= entry.records.length) continue;
+    curves.store.load(entry);
+    draw(curves.canvas, curves.store);
+  }
+  graph.setDirtyCanvas(true, false);
+}
+
 app.registerExtension({
   name: "DecoupledDMD.LiveCurves",
-  setup() {
+  async afterConfigureGraph() {
+    await restore();
+  },
+  async setup() {
     api.addEventListener(EVENT, ({ detail }) => {
       const node = findNode(detail.node);
       if (!node) return;
@@ -118,5 +152,6 @@ app.registerExtension({
       if (curves.store.add(detail)) draw(curves.canvas, curves.store);
       app.graph.setDirtyCanvas(true, false);
     });
+    await restore();
   },
 });

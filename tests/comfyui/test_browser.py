@@ -58,9 +58,9 @@ def browser_page(comfy_server):
             browser.close()
 
 
-def _load(page, name: str) -> None:
+def _load(page, name: str, graph: dict | None = None) -> None:
     page.keyboard.press("Escape")
-    page.evaluate("async (graph) => { await window.app.loadGraphData(graph); }", _ui_workflow(name))
+    page.evaluate("async (graph) => { await window.app.loadGraphData(graph); }", graph or _ui_workflow(name))
     page.wait_for_timeout(500)
 
 
@@ -164,6 +164,10 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     has_vue = page.evaluate(f"() => window.app.extensionManager?.setting?.get('{VUE_NODES}') !== undefined")
     if display == "vue_nodes" and not has_vue:
         pytest.skip("this frontend has no Vue node display")
+    version = tuple(int(p) for p in page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || '0.0'").split(".")[:2])
+    if display == "vue_nodes" and version < (1, 58):
+        # 1.27's experimental Vue display does not mount a pack's DOM widgets (measured): checked from 1.58 on
+        pytest.skip(f"the Vue node display is checked from frontend 1.58 (this is {version})")
     if has_vue:
         page.evaluate(f"async () => await window.app.extensionManager.setting.set('{VUE_NODES}', "
                       f"{'true' if display == 'vue_nodes' else 'false'})")
@@ -226,3 +230,26 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     _screenshot(page, f"train_node_after_run_{display}", box)
     if has_vue:
         page.evaluate(f"async () => await window.app.extensionManager.setting.set('{VUE_NODES}', false)")
+
+
+def test_a_reloaded_page_draws_the_curves_of_the_run_it_missed(comfy_server, browser_page):
+    """After the runs above, a new page load shows the latest one's curves again on the Train node whose
+    output_name matches (GET /decoupled_dmd/curves), and nothing on a node of another output_name."""
+    page = browser_page
+    kept = comfy_server.get("/decoupled_dmd/curves")
+    ours = [node for node, entry in kept.items() if entry["output_name"].startswith("browser_curves_")]
+    if not ours:
+        pytest.skip("the live-curves runs of this module did not run")
+    run = kept[ours[0]]["output_name"]  # the latest of them: the server keeps one run a node
+    assert [r["step"] for r in kept[ours[0]]["records"]] == [1, 2, 3, 4]
+    page.reload()
+    page.wait_for_function(f"() => window.app?.extensions?.some(e => e.name === '{EXTENSION}')", timeout=120_000)
+    workflow = _ui_workflow("distill_sdxl")
+    train = next(n for n in workflow["nodes"] if n["id"] == TRAIN_ID)
+    assert train["widgets_values"][1] == "dmd_student"  # output_name, after prompts
+    _load(page, "distill_sdxl", workflow)
+    page.wait_for_timeout(1000)
+    assert page.evaluate(f"() => {TRAIN_JS}.dmdCurves?.store.records.length ?? 0") == 0  # another run's name
+    train["widgets_values"][1] = run
+    _load(page, "distill_sdxl", workflow)
+    page.wait_for_function(f"() => {TRAIN_JS}.dmdCurves?.store.records.length === 4", timeout=30_000)
