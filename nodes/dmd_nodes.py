@@ -214,17 +214,14 @@ def _progress_callbacks(total: int, node_id, output_name: str = ""):
 
     progress = comfy.utils.ProgressBar(total, node_id=node_id)
     run = uuid.uuid4().hex
+    try:
+        from server import PromptServer
 
-    def server():
-        try:
-            from server import PromptServer
-
-            return PromptServer.instance
-        except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log lines stay
-            return None
+        instance = PromptServer.instance
+    except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log lines stay
+        instance = None
 
     def show(text: str) -> None:
-        instance = server()
         if instance is not None:
             instance.send_progress_text(text, node_id)
 
@@ -245,15 +242,13 @@ def _progress_callbacks(total: int, node_id, output_name: str = ""):
 
     def on_step(step, logs):
         update(step)
-        text = step_text(step, total, logs)
-        show(text)
         message = curve_message(run, node_id, step, total, logs)
+        show(message["text"])
         CURVE_HISTORY.add(message, output_name)
-        instance = server()
         if instance is not None:
             instance.send_sync(CURVES_EVENT, message, getattr(instance, "client_id", None))
         if step == total or step % max(1, total // 20) == 0:  # the console gets about 20 lines a run
-            logger.info("Decoupled DMD: %s", text)
+            logger.info("Decoupled DMD: %s", message["text"])
 
     return on_step, on_preview, on_phase
 
