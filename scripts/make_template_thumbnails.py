@@ -19,6 +19,8 @@ import sys
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 WIDTH = 512  # the longer side of a thumbnail, in pixels
 MAX_ASPECT = 2.0  # wider graphs are cropped on the right (the template card is about square)
+# a closed network: no background connections, no first-run or component downloads (tests/comfyui/test_browser.py
+# launches its Chromium with these too)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 

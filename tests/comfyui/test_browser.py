@@ -12,20 +12,24 @@ the Train node (before and after a run) and of the Templates browser.
 import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
 from test_server import TINY_TRAIN, WORKFLOWS, _errors, load_workflow
 from train_inputs import set_train_inputs
 
+sys.path.insert(0, os.path.join(os.path.dirname(WORKFLOWS), "scripts"))
+try:  # the thumbnail script drives the same Chromium the same way
+    from make_template_thumbnails import CHROMIUM_ARGS, templates
+finally:
+    sys.path.pop(0)
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
     pytest.skip("no Chromium (set CHROMIUM or install Debian's chromium)", allow_module_level=True)
 
-# a closed network: no background connections, no first-run or component downloads
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 EXTENSION = "DecoupledDMD.LiveCurves"
 SCREENSHOTS = os.environ.get("COMFYUI_SCREENSHOTS", "")
 TRAIN_ID = 3  # the Train node of distill_sdxl (UI and API twin share ids)
@@ -103,7 +107,7 @@ def test_the_extension_loads_without_errors(comfy_server, browser_page):
 
 def test_every_template_opens_from_the_templates_browser_with_its_thumbnail(comfy_server, browser_page):
     page = browser_page
-    names = sorted(f[: -len(".json")] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
+    names = templates()
     for index, name in enumerate(names):
         page.keyboard.press("Escape")
         page.get_by_text("Templates", exact=True).first.click()
