@@ -12,6 +12,7 @@ from decoupled_dmd.trainer.losses import (
     classifier_free_guidance,
     distribution_matching,
     dmd_update_scale,
+    generator_step_weights,
     mean_variance_kl,
     normalize_update,
     per_image_statistics,
@@ -223,6 +224,21 @@ def test_proxy_loss_half_precision_input_grad_dtype():
     loss.backward()
     assert x.grad.dtype == torch.bfloat16
     assert torch.allclose(x.grad.float(), torch.tensor([[-1.0, 1.0]]))  # -update / 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# generator_step_weights
+# ------------------------------------------------------------------------------------------------------
+def test_generator_step_weights_hand_values():
+    # w(t) = 0.25, 1, 4 (eps: alpha / sigma = 0.5, 1, 2): sqrt / mean(sqrt) = [0.5, 1, 2] / (7 / 6)
+    weights = torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64)
+    assert torch.allclose(generator_step_weights(weights, "prediction"),
+                          torch.tensor([3 / 7, 6 / 7, 12 / 7], dtype=torch.float64), atol=1e-12)
+    assert torch.equal(generator_step_weights(weights, "x0"), torch.ones(3, dtype=torch.float64))
+    # mean 1 whatever the schedule: the overall scale (and so gradient clipping) is unchanged on average
+    assert generator_step_weights(torch.tensor([1e-3, 7.0, 50.0]), "prediction").mean().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="generator_step_weighting"):
+        generator_step_weights(weights, "eps")
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from decoupled_dmd.trainer.schedules import (
     FlowSchedule,
     append_dims,
     check_student_timesteps,
+    learning_rate_factor,
     prediction_to_x0,
     sample_renoise_levels,
     teacher_sampling_levels,
@@ -585,3 +586,18 @@ def test_timestep_shift_is_refused_for_sd_teachers():
         checked_timestep_bounds(config, DiscreteVPSchedule.scaled_linear())
     with pytest.raises(ConfigError, match="timestep_shift"):
         config_from_dict({"pretrained_model_name_or_path": "x", "timestep_shift": 0.0})
+
+
+def test_learning_rate_factor_by_hand():
+    # constant: warm-up (step + 1) / warmup, then 1
+    assert [learning_rate_factor(k, "constant", warmup=4) for k in (0, 1, 3, 4, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    # linear over total 10 after warm-up 2: (10 - k) / 8 from k = 2 on, 0 from k = 10
+    assert [learning_rate_factor(k, "linear", warmup=2, total=10) for k in (0, 1, 2, 6, 9, 10, 12)] == \
+        [0.5, 1.0, 1.0, 0.5, 0.125, 0.0, 0.0]
+    # cosine without warm-up over 4: 0.5 * (1 + cos(pi * k / 4))
+    expected = [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4), 0.0]
+    assert [learning_rate_factor(k, "cosine", total=4) for k in range(5)] == pytest.approx(expected, abs=1e-12)
+    assert learning_rate_factor(3, "cosine", warmup=5, total=5) == 0.8  # nothing left to decay over: warm-up only
+    assert learning_rate_factor(7, "cosine", warmup=5, total=5) == 1.0
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        learning_rate_factor(0, "exponential")

@@ -192,6 +192,43 @@ def test_hybrid_ca_levels_are_cleaner_than_the_student_step(tiny_model_dir, tmp_
         assert trainer.level_bounds[0] < logs["tau_dm"] <= trainer.level_bounds[1]
 
 
+@pytest.mark.parametrize("kind", ["tiny-sd15", "tiny-flow"])
+def test_prediction_step_weighting_scales_each_steps_loss_and_gradient(tiny_model_dir, tmp_path, kind):
+    timesteps = [1000, 750, 500, 250] if kind == "tiny-flow" else [999, 749, 499, 249]
+    steps_seen = set()
+    for seed in (0, 1, 2):  # one update per pair of fresh trainers: after it their weights (and Adam) differ
+        trainers = [make_trainer(tiny_model_dir, tmp_path / f"{mode}{seed}", kind=kind, max_grad_norm=0.0, seed=seed,
+                                 train_batch_size=1, student_timesteps=timesteps, generator_step_weighting=mode)
+                    for mode in ("x0", "prediction")]
+        plain, weighted = trainers
+        assert torch.equal(plain.step_weights, torch.ones(4, dtype=torch.float64))
+        # hand values: d x0 / d prediction is sigma / alpha for eps and sigma for flow; the weights are its
+        # inverse, divided by their mean over the grid
+        alpha, sigma = weighted.adapter.schedule.alpha_sigma(torch.tensor(weighted.levels, dtype=torch.float64))
+        inverse = alpha / sigma if kind == "tiny-sd15" else 1.0 / sigma
+        assert torch.allclose(weighted.step_weights, inverse / inverse.mean(), rtol=1e-9)
+        assert weighted.step_weights[0] < weighted.step_weights[-1]  # the noisiest step weighs least
+        # the weighting draws no random numbers: both trainers train the same step on the same sample
+        logs = [trainer.generator_step() for trainer in trainers]
+        assert logs[0]["student_step"] == logs[1]["student_step"]
+        steps_seen.add(logs[1]["student_step"])
+        weight = float(weighted.step_weights[int(logs[1]["student_step"])])
+        assert logs[1]["loss_generator"] == pytest.approx(weight * logs[0]["loss_generator"], rel=1e-5)
+        assert logs[1]["grad_norm_student"] == pytest.approx(weight * logs[0]["grad_norm_student"], rel=1e-4)
+    assert len(steps_seen) >= 2
+
+
+def test_lr_scheduler_decays_the_student_and_keeps_the_fake_constant(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_train_steps=4, lr_scheduler="linear", learning_rate=1e-3,
+                           fake_learning_rate=2e-3, fake_updates_per_step=1, train_batch_size=1)
+    rates = []
+    for _ in range(4):
+        rates.append({role: optimizer.param_groups[0]["lr"] for role, optimizer in trainer.optimizers.items()})
+        trainer.train_step()
+    assert [rate["student"] for rate in rates] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [rate["fake"] for rate in rates] == pytest.approx([2e-3] * 4)
+
+
 @pytest.mark.parametrize("overrides, present, absent", [
     (dict(renoise_schedule="coupled-shared"), ["ca_magnitude", "dm_magnitude", "loss_fake"], []),
     (dict(renoise_schedule="decoupled-full", update_normalization="shared"), ["dm_magnitude"], []),

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 
 import toml
 
-from .losses import REGULARIZERS, UPDATE_NORMALIZATIONS
-from .schedules import RENOISE_SCHEDULES, parse_student_timesteps
+from .losses import GENERATOR_STEP_WEIGHTINGS, REGULARIZERS, UPDATE_NORMALIZATIONS
+from .schedules import LR_SCHEDULERS, RENOISE_SCHEDULES, parse_student_timesteps
 from .tiny_models import TINY_MODELS
 
 TRAINING_MODES = ("lora", "full")
@@ -112,6 +112,11 @@ class TrainConfig:
         "scale), DM by mean|x - x0_cond(tau_DM)| (per_term) or by DMD2's mean|x - x0_cfg(tau_DM)| (per_term_cfg, one "
         "more teacher call); both by the CA scale (shared, DMD2 with coupled levels); or none.",
         UPDATE_NORMALIZATIONS, section="method")
+    generator_step_weighting: str = _key(
+        "x0", "How the student's steps weigh against each other in its loss: x0 (Algorithm 1: each step's update "
+        "alike in x0 space, so an eps model's first step gets ~20x the gradient of its last on SDXL's schedule) or "
+        "prediction (each step's update measured in the model's own output: eps / v / flow).",
+        GENERATOR_STEP_WEIGHTINGS, section="method")
     dmd_loss_weight: float = _key(1.0, "lambda of the proxy loss ||x - sg(x + lambda * Delta)||^2.", section="method")
     fake_updates_per_step: int = _key(5, "Fake-model updates per generator update (TTUR; DMD2: 5).", section="method")
     student_ema_decay: float = _key(
@@ -153,6 +158,10 @@ class TrainConfig:
     adam_beta2: float = _key(0.999, "AdamW beta2.")
     max_grad_norm: float = _key(10.0, "Gradient clipping norm for both models; 0 disables.")
     lr_warmup_steps: int = _key(0, "Linear warm-up steps of both learning rates.")
+    lr_scheduler: str = _key(
+        "constant", "The student's learning rate after the warm-up: constant, or a linear or cosine decay to 0 at "
+        "max_train_steps (lands the student where its updates settle instead of wherever the last one left it). "
+        "The fake model's rate stays constant: it has to keep following the student.", LR_SCHEDULERS)
     seed: int = _key(0, "Seed of every random draw (a resumed run continues the same sequence).")
     mixed_precision: str = _key("no", "Autocast precision; frozen weights are stored in it too.", MIXED_PRECISIONS)
     gradient_checkpointing: bool = _key(False, "Trade compute for memory in the UNet.")

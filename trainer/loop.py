@@ -34,6 +34,7 @@ from .losses import (
     classifier_free_guidance,
     distribution_matching,
     dm_reference_is_cfg,
+    generator_step_weights,
     mean_variance_kl,
     normalize_update,
     per_image_statistics,
@@ -44,6 +45,7 @@ from .networks import FullRoles, LoraRoles, Roles, nonfinite_tensors
 from .outputs import free_path, own_output_dir, remove_stale_staging, save_image_grid
 from .sampling import few_step_sample, student_levels
 from .schedules import (
+    learning_rate_factor,
     renoise_levels_shared,
     sample_renoise_levels,
     uniform_shifted_levels,
@@ -163,6 +165,8 @@ class DecoupledDMDTrainer:
             raise ConfigError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
         self.level_bounds = checked_timestep_bounds(config, adapter.schedule)
         self.levels = student_levels(adapter.schedule, config.student_timesteps)
+        self.step_weights = generator_step_weights(adapter.schedule.denoising_loss_weight(
+            torch.tensor(self.levels, dtype=torch.float64), adapter.prediction_type), config.generator_step_weighting)
         self.guidance_scale = config.guidance_scale or adapter.default_guidance_scale
         height, width = config.resolution_hw() or adapter.default_resolution
         self.latent_shape = adapter.latent_shape(height, width)
@@ -285,9 +289,9 @@ class DecoupledDMDTrainer:
                 prepared[id(module)] = accelerator.prepare_model(module)
             self.wrapped[role] = prepared[id(module)]
             optimizer = build_optimizer(config, self.roles.trainable_parameters(role), learning_rates[role])
-            warmup = config.lr_warmup_steps
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            kind = config.lr_scheduler if role == "student" else "constant"  # the fake keeps following
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+                learning_rate_factor, kind=kind, warmup=config.lr_warmup_steps, total=config.max_train_steps))
             self.optimizers[role] = accelerator.prepare_optimizer(optimizer)
             self.schedulers[role] = accelerator.prepare_scheduler(scheduler)
 
@@ -425,7 +429,7 @@ class DecoupledDMDTrainer:
         deltas = [d for d in (delta_ca, delta_dm) if d is not None]
         delta_total = sum(deltas) if deltas else None                            # line 27
         with self.meter.phase("generator_update"):
-            loss, logs = self._generator_loss(x_gen, delta_total)                 # lines 42-43
+            loss, logs = self._generator_loss(x_gen, delta_total, float(self.step_weights[step_index]))  # 42-43
             logs["grad_norm_student"] = self._optimize("student", loss)
         self._generator_sample = (cond, x_gen.detach().float())
         logs.update(tau_ca=tau_ca.float().mean().item(), tau_dm=tau_dm.float().mean().item(),
@@ -487,16 +491,18 @@ class DecoupledDMDTrainer:
             terms.delta_dm = distribution_matching(terms.x0_real_dm, self._x0("fake", x_dm, tau_dm, cond))
         return terms
 
-    def _generator_loss(self, x_gen: Tensor, delta_total: Tensor | None) -> tuple[Tensor, dict[str, float]]:
-        """The proxy loss of line 42 (plus the Eq. 7 regulariser where chosen), and its logged parts."""
+    def _generator_loss(self, x_gen: Tensor, delta_total: Tensor | None,
+                        step_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
+        """The proxy loss of line 42 (plus the Eq. 7 regulariser where chosen), and its logged parts; both are
+        x0-space losses, scaled by the student step's weight (`generator_step_weighting`)."""
         config, logs = self.config, {}
         loss = x_gen.new_zeros((), dtype=torch.float32)
         if delta_total is not None:
-            loss = loss + proxy_loss(x_gen, delta_total, config.dmd_loss_weight)
+            loss = loss + step_weight * proxy_loss(x_gen, delta_total, config.dmd_loss_weight)
         if config.regularizer == "mean_variance":
             kl = mean_variance_kl(x_gen, config.mean_variance_target_mean, config.mean_variance_target_var)
             logs["loss_mean_variance_kl"] = kl.item()
-            loss = loss + config.mean_variance_weight * kl
+            loss = loss + step_weight * config.mean_variance_weight * kl
         logs["loss_generator"] = loss.item()
         return loss, logs
 

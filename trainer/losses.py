@@ -14,6 +14,7 @@ from .schedules import append_dims
 
 UPDATE_NORMALIZATIONS = ("per_term", "per_term_cfg", "shared", "none")
 REGULARIZERS = ("dm", "mean_variance", "none")
+GENERATOR_STEP_WEIGHTINGS = ("x0", "prediction")
 
 
 def classifier_free_guidance(x0_cond: Tensor, x0_uncond: Tensor, guidance_scale: float) -> Tensor:
@@ -86,6 +87,26 @@ def normalize_update(
 def dm_reference_is_cfg(mode: str) -> bool:
     """Whether the DM term's normaliser needs the CFG prediction at tau_DM (one unconditional call there)."""
     return mode == "per_term_cfg"
+
+
+def generator_step_weights(prediction_loss_weights: Tensor, mode: str) -> Tensor:
+    """Per-student-step weights of the proxy loss, from w(t_k) = ||d x0 / d prediction||^-2 at each step's level
+    (`NoiseSchedule.denoising_loss_weight`: alpha^2 / sigma^2 for eps, 1 / sigma^2 for v and flow).
+
+    'x0' (Algorithm 1): every step's x0-space update counts alike, weights 1. The student's gradient is then
+    the update times d x0 / d prediction = 1 / sqrt(w(t)), which for an eps model on SDXL's schedule is 14.6 at
+    timestep 999 and 0.69 at 249: the first step's gradients are about 20x the last one's, fill Adam's second
+    moment and leave the clean steps (detail) to learn slowly. 'prediction': weight sqrt(w(t_k)), so that each
+    step moves the network's own output by its update, divided by the weights' mean over the grid (a neutral
+    overall scale for gradient clipping). The fixed point per step is the same; only the steps' relative
+    weighting changes.
+    """
+    if mode == "x0":
+        return torch.ones_like(prediction_loss_weights)
+    if mode == "prediction":
+        scale = prediction_loss_weights.double().sqrt()
+        return (scale / scale.mean()).to(prediction_loss_weights.dtype)
+    raise ValueError(f"unknown generator_step_weighting {mode!r}; expected one of {GENERATOR_STEP_WEIGHTINGS}")
 
 
 def proxy_loss(x: Tensor, update: Tensor, weight: float = 1.0) -> Tensor:
