@@ -43,9 +43,13 @@ WORLD_DEMO_SETTINGS = {
     # model that learns ten times faster than the student (TTUR): at equal rates the student hops between
     # background greys and its teacher-Frechet swings several-fold from checkpoint to checkpoint; the student EMA
     # (0.97) damps what is left of that swing (checkpoints 50-200 of one run: mean 743 against 1163, worst 1010
-    # against 2720; even at update 200), so a demo stopped early or run on another seed is not a lottery
+    # against 2720; even at update 200), so a demo stopped early or run on another seed lands near the swing's
+    # mean, not at a random phase. DMD's regression loss (weight 1, 128 teacher pairs) pins which
+    # noise lands on which background grey: with it the student is closest to the teacher after about 50 updates
+    # (323 and 327 on two seeds, against 942 and 821 without it) and drifts darker after (docs/demo.md)
     "texture": dict(BASE_SETTINGS, renoise_schedule="decoupled-hybrid", student_timesteps=[999, 749, 499, 249],
-                    learning_rate=3e-5, fake_learning_rate=3e-4, max_train_steps=200, student_ema_decay=0.97),
+                    learning_rate=3e-5, fake_learning_rate=3e-4, max_train_steps=50, student_ema_decay=0.97,
+                    regression_loss_weight=1.0, regression_pairs=128, regression_teacher_steps=25),
 }
 GRID_SEEDS = (0, 1)
 COMPARISON_STEPS = 8  # the teacher with CFG at 8 steps (16 NFE): what the 4-step student must match
@@ -65,6 +69,8 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     values = dict(WORLD_DEMO_SETTINGS[world.name], seed=seed, **(settings or {}))
     if max_train_steps is not None:
         values["max_train_steps"] = max_train_steps
+    if values.get("regression_loss_weight") and teacher_steps < values["regression_teacher_steps"]:
+        values["regression_teacher_steps"] = max(2, teacher_steps)  # --teacher_steps caps every teacher sampling
     if eval_per_prompt is None:  # about 500 evaluation samples
         eval_per_prompt = max(1, 500 // len(world.grid_prompts()))
     evaluator = Evaluator(reference_file, world=world)
@@ -161,7 +167,7 @@ def demo_main(argv: list[str] | None = None) -> int:
                              f"{WORLD_DEMO_SETTINGS['texture']['max_train_steps']}, mnist {DEMO_SETTINGS['max_train_steps']})")
     parser.add_argument("--eval_per_prompt", type=int, default=None,
                         help="evaluation samples per grid prompt (default: about 500 in all)")
-    parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher row of the grid")
+    parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher row of the grid (and at most those of the regression loss's teacher samples)")
     parser.add_argument("--train_batch_size", type=int, default=None,
                         help=f"prompts per generator update (default {DEMO_SETTINGS['train_batch_size']})")
     parser.add_argument("--seed", type=int, default=0)

@@ -54,6 +54,9 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
     ("guidance_scale", 0.5, "guidance_scale: 0.5 must be >= 1"),
     ("cfg_augmentation", "maybe", "cfg_augmentation: 'maybe' is not a valid bool"),
     ("output_name", "../escape", "plain file name"),
+    ("regression_loss_weight", -1.0, "regression_loss_weight"),
+    ("lr_scheduler", "exponential", "lr_scheduler: 'exponential' is not allowed"),
+    ("generator_step_weighting", "eps", "generator_step_weighting: 'eps' is not allowed"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -64,6 +67,14 @@ def test_dm_only_needs_the_dm_regularizer():
     assert config_from_dict({"cfg_augmentation": False}).regularizer == "dm"
     with pytest.raises(ConfigError, match="cfg_augmentation"):
         config_from_dict({"cfg_augmentation": "false", "regularizer": "none"})
+
+
+def test_regression_pairs_and_steps_are_checked_only_when_the_loss_is_on():
+    assert config_from_dict({"regression_pairs": 0}).regression_pairs == 0  # off: not used
+    with pytest.raises(ConfigError, match="regression_pairs: 0 must be >= 1"):
+        config_from_dict({"regression_loss_weight": 1.0, "regression_pairs": 0})
+    with pytest.raises(ConfigError, match="regression_teacher_steps: 1 must be >= 2"):
+        config_from_dict({"regression_loss_weight": 1.0, "regression_teacher_steps": 1})
 
 
 def test_resolution_forms():

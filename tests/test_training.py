@@ -229,6 +229,53 @@ def test_lr_scheduler_decays_the_student_and_keeps_the_fake_constant(tiny_model_
     assert [rate["fake"] for rate in rates] == pytest.approx([2e-3] * 4)
 
 
+def test_regression_loss_pairs_are_the_teachers_cfg_samples_and_its_gradient_is_weight_times_mse(tiny_model_dir,
+                                                                                                   tmp_path):
+    from decoupled_dmd.trainer.sampling import cfg_sample
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, regression_loss_weight=2.0, regression_pairs=3,
+                           regression_teacher_steps=3, train_batch_size=2, guidance_scale=4.0)
+    prompts, noise, target = trainer._make_regression_pairs()
+    assert len(prompts) == 3 and set(prompts) <= set(PROMPTS) and noise.shape == target.shape == (3, *trainer.latent_shape)
+    # an independent route: the adapter's own denoiser (the student adapter is still zero) and fresh encodings
+    adapter = trainer.adapter
+    expected = cfg_sample(adapter.denoiser(), noise, adapter.encode_prompts(prompts), adapter.encode_prompts([""] * 3),
+                          4.0, 3)
+    assert torch.allclose(target, expected.float(), rtol=1e-4, atol=1e-4)  # other batch sizes: float error
+    again = make_trainer(tiny_model_dir, tmp_path / "again", regression_loss_weight=2.0, regression_pairs=3,
+                         regression_teacher_steps=3, train_batch_size=2, guidance_scale=4.0)._make_regression_pairs()
+    assert again[0] == prompts and torch.equal(again[1], noise) and torch.equal(again[2], target)  # resume rebuilds
+
+    state = trainer.random.generator.get_state()
+    loss = trainer._regression_backward()
+    grads = {id(p): p.grad.clone() for p in trainer.roles.trainable_parameters("student")}
+    trainer.random.generator.set_state(state)
+    indices = torch.randint(3, (2,), generator=trainer.random.generator).tolist()
+    for p in trainer.roles.trainable_parameters("student"):
+        p.grad = None
+    x0 = trainer._x0("student", noise[indices], trainer._level(trainer.levels[0], 2),
+                     trainer._conditioning([prompts[i] for i in indices]), train=True)
+    reference = torch.nn.functional.mse_loss(x0.float(), target[indices])
+    (2.0 * reference).backward()
+    assert loss == pytest.approx(reference.item(), rel=1e-6) and loss > 0
+    for p in trainer.roles.trainable_parameters("student"):
+        assert torch.allclose(grads[id(p)], p.grad, atol=1e-7)
+
+    # _optimize adds its loss's gradient to the regression's (accumulate) instead of starting afresh
+    parameters = trainer.roles.trainable_parameters("student")
+    for p in parameters:
+        p.grad = torch.full_like(p, 0.5)
+    zero_loss = sum((p * 0).sum() for p in parameters)
+    expected_norm = 0.5 * math.sqrt(sum(p.numel() for p in parameters))
+    assert trainer._optimize("student", zero_loss, accumulate=True) == pytest.approx(expected_norm, rel=1e-5)
+    for p in parameters:
+        p.grad = torch.full_like(p, 0.5)
+    assert trainer._optimize("student", sum((p * 0).sum() for p in parameters)) == 0.0
+
+    logs = trainer.generator_step()
+    assert logs["loss_regression"] > 0 and logs["grad_norm_student"] > 0
+
+
 @pytest.mark.parametrize("overrides, present, absent", [
     (dict(renoise_schedule="coupled-shared"), ["ca_magnitude", "dm_magnitude", "loss_fake"], []),
     (dict(renoise_schedule="decoupled-full", update_normalization="shared"), ["dm_magnitude"], []),
@@ -237,6 +284,7 @@ def test_lr_scheduler_decays_the_student_and_keeps_the_fake_constant(tiny_model_
     (dict(regularizer="mean_variance"), ["loss_mean_variance_kl"], ["dm_magnitude", "loss_fake"]),
     (dict(cfg_augmentation=False), ["dm_magnitude", "loss_fake"], ["ca_magnitude"]),
     (dict(fake_loss_target="x0", uncond_mode="zeros", gradient_checkpointing=True), ["loss_fake"], []),
+    (dict(regression_loss_weight=0.5, regression_pairs=2, regression_teacher_steps=2), ["loss_regression"], []),
 ])
 def test_every_method_variant_trains(tiny_model_dir, tmp_path, overrides, present, absent):
     trainer = make_trainer(tiny_model_dir, tmp_path, max_train_steps=1, **overrides)

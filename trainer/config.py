@@ -112,6 +112,16 @@ class TrainConfig:
         "scale), DM by mean|x - x0_cond(tau_DM)| (per_term) or by DMD2's mean|x - x0_cfg(tau_DM)| (per_term_cfg, one "
         "more teacher call); both by the CA scale (shared, DMD2 with coupled levels); or none.",
         UPDATE_NORMALIZATIONS, section="method")
+    regression_loss_weight: float = _key(
+        0.0, "DMD's regression loss (Yin et al. 2024; MSE in x0 here, not LPIPS): the student's first step from a "
+        "fixed noise is pulled towards the teacher's own CFG sample from that noise (deterministic DDIM, "
+        "regression_teacher_steps), over regression_pairs pairs made once before the first update. It anchors which "
+        "noise lands in which mode, what neither the prompt nor a score difference pins down (the texture world's "
+        "unnamed background grey). One more student forward and backward per update. 0 = off.", section="method")
+    regression_pairs: int = _key(128, "Noise -> teacher-sample pairs of the regression loss (made once: "
+                                 "pairs x regression_teacher_steps x 2 teacher calls).", section="method")
+    regression_teacher_steps: int = _key(25, "DDIM steps of the teacher's CFG samples for the regression loss.",
+                                         section="method")
     generator_step_weighting: str = _key(
         "x0", "How the student's steps weigh against each other in its loss: x0 (Algorithm 1: each step's update "
         "alike in x0 space, so an eps model's first step gets ~20x the gradient of its last on SDXL's schedule) or "
@@ -265,6 +275,8 @@ def validate(config: TrainConfig) -> None:
                             ("mean_variance_weight", 1e4, "the default is 1"),
                             ("network_dim", 1024, "LoRA ranks are 4 .. 256"),
                             ("timestep_shift", 100.0, "flow models use 1 .. 6"),
+                            ("regression_pairs", 100_000, "DMD made 12M at SD scale; a few hundred anchor a LoRA"),
+                            ("regression_teacher_steps", 1000, "25 .. 50 DDIM steps are plenty"),
                             ("train_batch_size", 4096, "")):
         value = getattr(config, key)
         if value is not None and value > upper:
@@ -272,7 +284,8 @@ def validate(config: TrainConfig) -> None:
     if not 0 <= config.seed < 2**32:
         _fail("seed", f"{config.seed} must be in 0 .. {2**32 - 1}")
     for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
-                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight", "memory_limit_gb"):
+                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight", "memory_limit_gb",
+                "regression_loss_weight"):
         positive(key, allow_zero=True)
     for key in ("adam_beta1", "adam_beta2", "student_ema_decay"):
         if not 0.0 <= getattr(config, key) < 1.0:
@@ -291,6 +304,11 @@ def validate(config: TrainConfig) -> None:
         _fail("student_timesteps", f"the last step {timesteps[-1]} must be above min_timestep {config.min_timestep}")
     if not config.cfg_augmentation and config.regularizer != "dm":
         _fail("cfg_augmentation", "false needs regularizer = 'dm' (the DM-only ablation); otherwise nothing trains the student")
+    if config.regression_loss_weight > 0:
+        if config.regression_pairs < 1:
+            _fail("regression_pairs", f"{config.regression_pairs} must be >= 1 with regression_loss_weight > 0")
+        if config.regression_teacher_steps < 2:
+            _fail("regression_teacher_steps", f"{config.regression_teacher_steps} must be >= 2 (the teacher's DDIM steps)")
     if config.regularizer == "dm" and config.fake_updates_per_step < 1:
         _fail("fake_updates_per_step", "must be >= 1 with regularizer = 'dm': the fake model has to follow the student")
     if config.resolution not in ("", None):

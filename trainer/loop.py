@@ -43,7 +43,7 @@ from .losses import (
 )
 from .networks import FullRoles, LoraRoles, Roles, nonfinite_tensors
 from .outputs import free_path, own_output_dir, remove_stale_staging, save_image_grid
-from .sampling import few_step_sample, student_levels
+from .sampling import cfg_sample, few_step_sample, student_levels
 from .schedules import (
     learning_rate_factor,
     renoise_levels_shared,
@@ -198,6 +198,7 @@ class DecoupledDMDTrainer:
         self.meter = CostMeter(config.train_batch_size, config.gradient_checkpointing,
                                torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
         self._uncond_cache: dict[int, Conditioning] = {}
+        self._regression_pairs: tuple[list[str], Tensor, Tensor] | None = None  # made before the first update
         self.graphs = GraphedCalls() if uses_cuda_graphs(config, adapter, accelerator.device.type) else None
         self.batch_teacher_rows = True  # one teacher call per update; False (two calls) only to measure the gain
         self._generator_sample: tuple[Conditioning, Tensor] | None = None
@@ -416,6 +417,7 @@ class DecoupledDMDTrainer:
         """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8): one student update."""
         config = self.config
         cond, step_index, noise = self._draw_batch()                              # line 6
+        regression = self._regression_backward() if config.regression_loss_weight > 0 else None
         with self.meter.phase("generator_simulation"):
             z_t = self._generator_input(cond, step_index, noise)                 # line 7
         t = self._level(self.levels[step_index], noise.shape[0])
@@ -430,7 +432,9 @@ class DecoupledDMDTrainer:
         delta_total = sum(deltas) if deltas else None                            # line 27
         with self.meter.phase("generator_update"):
             loss, logs = self._generator_loss(x_gen, delta_total, float(self.step_weights[step_index]))  # 42-43
-            logs["grad_norm_student"] = self._optimize("student", loss)
+            if regression is not None:
+                logs["loss_regression"] = regression
+            logs["grad_norm_student"] = self._optimize("student", loss, accumulate=regression is not None)
         self._generator_sample = (cond, x_gen.detach().float())
         logs.update(tau_ca=tau_ca.float().mean().item(), tau_dm=tau_dm.float().mean().item(),
                     student_step=float(step_index))
@@ -440,6 +444,51 @@ class DecoupledDMDTrainer:
             logs["dm_magnitude"] = delta_dm.abs().mean().item()
         logs.update(per_image_statistics(x_gen.detach()))
         return logs
+
+    def _regression_backward(self) -> float:
+        """DMD's regression loss (Yin et al. 2024, `regression_loss_weight`): backward of weight * MSE between the
+        student's first step on a batch of fixed noises and the teacher's CFG samples from those noises. Runs
+        before the generator's own sample and leaves its gradient in the student's .grad for `_optimize` to add
+        to (one trained call alive at a time: the memory plan's peak holds). Returns the unweighted loss."""
+        if self._regression_pairs is None:
+            with self.meter.phase("regression_pairs"):
+                self._regression_pairs = self._make_regression_pairs()
+        prompts, noise, target = self._regression_pairs
+        batch = self.config.train_batch_size
+        indices = torch.randint(len(prompts), (batch,), generator=self.random.generator).tolist()
+        device = self.accelerator.device
+        with self.meter.phase("generator_regression"):
+            cond = self._conditioning([prompts[i] for i in indices])
+            x0 = self._x0("student", noise[indices].to(device), self._level(self.levels[0], batch), cond, train=True)
+            loss = torch.nn.functional.mse_loss(x0.float(), target[indices].to(device).float())
+            optimizer = self.optimizers["student"]
+            optimizer.zero_grad(set_to_none=True)
+            self.roles.module("student")
+            self.accelerator.backward(self.config.regression_loss_weight * loss)
+            self.meter.backward("student")
+        return loss.item()
+
+    @torch.no_grad()
+    def _make_regression_pairs(self) -> tuple[list[str], Tensor, Tensor]:
+        """(prompts, noises, teacher CFG samples) of the regression loss, on the CPU: drawn from their own
+        generator seeded by `seed`, so a resumed run (and every process) rebuilds the same pairs."""
+        config = self.config
+        generator = torch.Generator().manual_seed(config.seed + 0x5EED)
+        count = config.regression_pairs
+        indices = torch.randint(len(self.prompts), (count,), generator=generator).tolist()
+        prompts = [self.prompts[i] for i in indices]
+        noise = torch.randn((count, *self.latent_shape), generator=generator)
+        teacher, samples = self.denoiser("teacher"), []
+        started = time.perf_counter()
+        for start in range(0, count, config.train_batch_size):
+            chunk = prompts[start:start + config.train_batch_size]
+            with self.accelerator.autocast():
+                samples.append(cfg_sample(teacher, noise[start:start + len(chunk)].to(self.accelerator.device),
+                                          self._conditioning(chunk), self._uncond(len(chunk)), self.guidance_scale,
+                                          config.regression_teacher_steps).float().cpu())
+        logger.info("regression loss: %d teacher samples (%d DDIM steps with CFG) in %.1f s", count,
+                    config.regression_teacher_steps, time.perf_counter() - started)
+        return prompts, noise, torch.cat(samples)
 
     def _renoise_levels(self, t: Tensor) -> tuple[Tensor, Tensor, bool]:
         """(tau_CA, tau_DM, shared) for the student level t, from the configured schedule (Table 1)."""
@@ -506,10 +555,12 @@ class DecoupledDMDTrainer:
         logs["loss_generator"] = loss.item()
         return loss, logs
 
-    def _optimize(self, role: str, loss: Tensor) -> float:
-        """Backward, clip, step; a non-finite gradient (identical on every process) skips the update."""
+    def _optimize(self, role: str, loss: Tensor, accumulate: bool = False) -> float:
+        """Backward, clip, step; a non-finite gradient (identical on every process) skips the update.
+        `accumulate`: add to the gradient already in .grad (the regression loss's) instead of starting afresh."""
         optimizer, accelerator = self.optimizers[role], self.accelerator
-        optimizer.zero_grad(set_to_none=True)
+        if not accumulate:
+            optimizer.zero_grad(set_to_none=True)
         self.roles.module(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
         accelerator.backward(loss)
         self.meter.backward(role)
