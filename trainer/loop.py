@@ -480,12 +480,16 @@ class DecoupledDMDTrainer:
         noise = torch.randn((count, *self.latent_shape), generator=generator)
         teacher, samples = self.denoiser("teacher"), []
         started = time.perf_counter()
-        for start in range(0, count, config.train_batch_size):
-            chunk = prompts[start:start + config.train_batch_size]
-            with self.accelerator.autocast():
-                samples.append(cfg_sample(teacher, noise[start:start + len(chunk)].to(self.accelerator.device),
-                                          self._conditioning(chunk), self._uncond(len(chunk)), self.guidance_scale,
-                                          config.regression_teacher_steps).float().cpu())
+        graphs, self.graphs = self.graphs, None  # one-off calls: eager, so no CUDA graphs outside the planned pool
+        try:
+            for start in range(0, count, config.train_batch_size):
+                chunk = prompts[start:start + config.train_batch_size]
+                with self.accelerator.autocast():
+                    samples.append(cfg_sample(teacher, noise[start:start + len(chunk)].to(self.accelerator.device),
+                                              self._conditioning(chunk), self._uncond(len(chunk)),
+                                              self.guidance_scale, config.regression_teacher_steps).float().cpu())
+        finally:
+            self.graphs = graphs
         logger.info("regression loss: %d teacher samples (%d DDIM steps with CFG) in %.1f s", count,
                     config.regression_teacher_steps, time.perf_counter() - started)
         return prompts, noise, torch.cat(samples)
