@@ -167,7 +167,9 @@ def demo_main(argv: list[str] | None = None) -> int:
                              f"{WORLD_DEMO_SETTINGS['texture']['max_train_steps']}, mnist {DEMO_SETTINGS['max_train_steps']})")
     parser.add_argument("--eval_per_prompt", type=int, default=None,
                         help="evaluation samples per grid prompt (default: about 500 in all)")
-    parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher row of the grid (and at most those of the regression loss's teacher samples)")
+    parser.add_argument("--teacher_steps", type=int, default=50,
+                        help="steps of the teacher row of the grid (and at most those of the regression loss's "
+                             "teacher samples)")
     parser.add_argument("--train_batch_size", type=int, default=None,
                         help=f"prompts per generator update (default {DEMO_SETTINGS['train_batch_size']})")
     parser.add_argument("--seed", type=int, default=0)

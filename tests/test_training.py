@@ -247,7 +247,7 @@ def test_regression_loss_pairs_are_the_teachers_cfg_samples_and_its_gradient_is_
     assert again[0] == prompts and torch.equal(again[1], noise) and torch.equal(again[2], target)  # resume rebuilds
 
     state = trainer.random.generator.get_state()
-    loss = trainer._regression_backward()
+    loss = trainer._regression_backward()["loss_regression"]
     grads = {id(p): p.grad.clone() for p in trainer.roles.trainable_parameters("student")}
     trainer.random.generator.set_state(state)
     indices = torch.randint(3, (2,), generator=trainer.random.generator).tolist()

@@ -417,7 +417,7 @@ class DecoupledDMDTrainer:
         """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8): one student update."""
         config = self.config
         cond, step_index, noise = self._draw_batch()                              # line 6
-        regression = self._regression_backward() if config.regression_loss_weight > 0 else None
+        regression = self._regression_backward() if config.regression_loss_weight > 0 else {}
         with self.meter.phase("generator_simulation"):
             z_t = self._generator_input(cond, step_index, noise)                 # line 7
         t = self._level(self.levels[step_index], noise.shape[0])
@@ -432,9 +432,8 @@ class DecoupledDMDTrainer:
         delta_total = sum(deltas) if deltas else None                            # line 27
         with self.meter.phase("generator_update"):
             loss, logs = self._generator_loss(x_gen, delta_total, float(self.step_weights[step_index]))  # 42-43
-            if regression is not None:
-                logs["loss_regression"] = regression
-            logs["grad_norm_student"] = self._optimize("student", loss, accumulate=regression is not None)
+            logs.update(regression)
+            logs["grad_norm_student"] = self._optimize("student", loss, accumulate=bool(regression))
         self._generator_sample = (cond, x_gen.detach().float())
         logs.update(tau_ca=tau_ca.float().mean().item(), tau_dm=tau_dm.float().mean().item(),
                     student_step=float(step_index))
@@ -445,11 +444,11 @@ class DecoupledDMDTrainer:
         logs.update(per_image_statistics(x_gen.detach()))
         return logs
 
-    def _regression_backward(self) -> float:
+    def _regression_backward(self) -> dict[str, float]:
         """DMD's regression loss (Yin et al. 2024, `regression_loss_weight`): backward of weight * MSE between the
         student's first step on a batch of fixed noises and the teacher's CFG samples from those noises. Runs
         before the generator's own sample and leaves its gradient in the student's .grad for `_optimize` to add
-        to (one trained call alive at a time: the memory plan's peak holds). Returns the unweighted loss."""
+        to (one trained call alive at a time: the memory plan's peak holds). Returns the unweighted loss's log."""
         if self._regression_pairs is None:
             with self.meter.phase("regression_pairs"):
                 self._regression_pairs = self._make_regression_pairs()
@@ -461,12 +460,8 @@ class DecoupledDMDTrainer:
             cond = self._conditioning([prompts[i] for i in indices])
             x0 = self._x0("student", noise[indices].to(device), self._level(self.levels[0], batch), cond, train=True)
             loss = torch.nn.functional.mse_loss(x0.float(), target[indices].to(device).float())
-            optimizer = self.optimizers["student"]
-            optimizer.zero_grad(set_to_none=True)
-            self.roles.module("student")
-            self.accelerator.backward(self.config.regression_loss_weight * loss)
-            self.meter.backward("student")
-        return loss.item()
+            self._backward("student", self.config.regression_loss_weight * loss)
+        return {"loss_regression": loss.item()}
 
     @torch.no_grad()
     def _make_regression_pairs(self) -> tuple[list[str], Tensor, Tensor]:
@@ -559,15 +554,19 @@ class DecoupledDMDTrainer:
         logs["loss_generator"] = loss.item()
         return loss, logs
 
+    def _backward(self, role: str, loss: Tensor, accumulate: bool = False) -> None:
+        """`role`'s gradient of `loss` into its .grad: afresh, or added to what is there (`accumulate`)."""
+        if not accumulate:
+            self.optimizers[role].zero_grad(set_to_none=True)
+        self.roles.module(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
+        self.accelerator.backward(loss)
+        self.meter.backward(role)
+
     def _optimize(self, role: str, loss: Tensor, accumulate: bool = False) -> float:
         """Backward, clip, step; a non-finite gradient (identical on every process) skips the update.
         `accumulate`: add to the gradient already in .grad (the regression loss's) instead of starting afresh."""
         optimizer, accelerator = self.optimizers[role], self.accelerator
-        if not accumulate:
-            optimizer.zero_grad(set_to_none=True)
-        self.roles.module(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
-        accelerator.backward(loss)
-        self.meter.backward(role)
+        self._backward(role, loss, accumulate)
         parameters = self.roles.trainable_parameters(role)
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = float(accelerator.clip_grad_norm_(parameters, max_norm))
