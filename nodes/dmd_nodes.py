@@ -12,6 +12,7 @@ import os
 
 from ..trainer.adapters import comfy as comfy_adapter
 from ..trainer.config import (
+    LR_SCHEDULERS,
     MIXED_PRECISIONS,
     OPTIMIZERS,
     REGULARIZERS,
@@ -76,6 +77,10 @@ SETTINGS_WIDGETS = {
     "optimizer": ("optimizer_type", None),
     "save_every": ("save_every_n_steps", None),
     "resume": ("resume", lambda v: "latest" if v else ""),
+    "student_ema_decay": ("student_ema_decay", None),
+    "lr_scheduler": ("lr_scheduler", None),
+    "regression_loss_weight": ("regression_loss_weight", None),
+    "regression_pairs": ("regression_pairs", None),
 }
 # Settings widgets that are not a config key of their own: how the Train node uses them.
 SETTINGS_EXTRA = ("fake_lr_ratio", "timesteps", "preview_prompts")
@@ -294,7 +299,8 @@ class LoadTeacher:
 
 class Settings:
     DESCRIPTION = ("The expert settings of Decoupled DMD: re-noising schedule, regulariser, update normalisation, fake "
-                   "model, timestep range, precision, memory, saving and resuming. Plug into the Train node's "
+                   "model, timestep range, precision, memory, saving and resuming, weight averaging, learning-rate "
+                   "schedule and the regression loss. Plug into the Train node's "
                    "`settings`; without this node the Train node uses these defaults (chosen by dmd-benchmark: see "
                    "the README).")
     CATEGORY = TRAIN_CATEGORY
@@ -358,6 +364,26 @@ class Settings:
             "preview_prompts": ("STRING", {"multiline": True, "default": "",
                                            "tooltip": "Fixed prompts for previews, one per line; empty = the first "
                                                       "4 training prompts."}),
+        }, "optional": {  # added after release: optional, so graphs saved without them load with these defaults
+            "student_ema_decay": ("FLOAT", {
+                "default": default("student_ema_decay"), "min": 0.0, "max": 0.9999, "step": 0.001, "round": False,
+                "tooltip": "Average of the student's weights over the last updates; previews and the saved LoRA use "
+                           "it. 0 = off; 0.97 averages about the last 30 updates. Steadies a student whose previews "
+                           "swing from one save to the next."}),
+            "lr_scheduler": (list(LR_SCHEDULERS), {
+                "default": default("lr_scheduler"),
+                "tooltip": "The student's learning rate over the run: constant, or a linear / cosine decay to 0 at "
+                           "max_train_steps. The fake model's rate stays constant."}),
+            "regression_loss_weight": ("FLOAT", {
+                "default": default("regression_loss_weight"), "min": 0.0, "max": 100.0, "step": 0.1,
+                "tooltip": "DMD's regression loss: the student's first step from fixed noises is pulled towards the "
+                           "teacher's own CFG samples from those noises, which keeps each noise's overall look (e.g. "
+                           "its background) in place. Costs regression_pairs teacher samples of 25 steps before the "
+                           "first update. 0 = off; 1 in the demo."}),
+            "regression_pairs": ("INT", {
+                "default": default("regression_pairs"), "min": 1, "max": 4096,
+                "tooltip": "Noise -> teacher-sample pairs of the regression loss, made once before the first "
+                           "update (only with regression_loss_weight > 0)."}),
         }}
 
     @classmethod
@@ -374,7 +400,9 @@ class Settings:
     @classmethod
     def defaults(cls) -> dict:
         """The Settings node's output with every widget at its default: what the Train node uses without one."""
-        widgets = {name: spec[1]["default"] for name, spec in cls.INPUT_TYPES()["required"].items()}
+        inputs = cls.INPUT_TYPES()
+        widgets = {name: spec[1]["default"] for section in ("required", "optional")
+                   for name, spec in inputs[section].items()}
         return cls().settings(**widgets)[0]
 
     def settings(self, **widgets):

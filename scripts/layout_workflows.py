@@ -15,7 +15,7 @@ import os
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 TITLE, GAP, WIDTH = 30, 40, 360
-HEIGHTS = {"DecoupledDMD_Train": 640, "DecoupledDMD_Settings": 600, "PreviewImage": 420, "SaveImage": 420}  # what they need
+HEIGHTS = {"DecoupledDMD_Train": 640, "DecoupledDMD_Settings": 700, "PreviewImage": 420, "SaveImage": 420}  # what they need
 IMAGE_NODES = ("PreviewImage", "SaveImage")
 
 

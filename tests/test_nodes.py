@@ -235,6 +235,29 @@ def test_every_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_config(
     assert values["mixed_precision"] == "fp16" and "preview_prompts" not in values and "timesteps" not in values
 
 
+def test_settings_added_after_release_are_optional_and_an_old_graph_gets_the_trainers_defaults():
+    """A graph saved before the averaging, lr schedule and regression widgets existed (API format: those inputs
+    absent) still validates and trains with the trainer's defaults; set, they reach the config."""
+    from decoupled_dmd.nodes.dmd_nodes import train_config_values
+    from decoupled_dmd.trainer.config import KEYS, config_from_dict
+
+    added = {"student_ema_decay", "lr_scheduler", "regression_loss_weight", "regression_pairs"}
+    spec = Settings.INPUT_TYPES()
+    assert set(spec["optional"]) == added and not added & set(spec["required"])
+    widgets, expert = _defaults(Train), _defaults(Settings)
+    old_graph = {k: v for k, v in expert.items() if k not in added}
+    values = train_config_values(dict(widgets, output_name="x"), Settings().settings(**old_graph)[0])
+    assert not added & set(values)
+    config = config_from_dict(dict(values, output_dir="out"))
+    assert {k: getattr(config, k) for k in added} == {k: KEYS[k].default for k in added}
+    assert config.student_ema_decay == 0.0 and config.regression_loss_weight == 0.0  # both off by default
+    chosen = Settings().settings(**dict(expert, student_ema_decay=0.97, lr_scheduler="cosine",
+                                        regression_loss_weight=1.0, regression_pairs=16))[0]
+    config = config_from_dict(dict(train_config_values(dict(widgets, output_name="x"), chosen), output_dir="out"))
+    assert (config.student_ema_decay, config.lr_scheduler, config.regression_loss_weight,
+            config.regression_pairs) == (0.97, "cosine", 1.0, 16)
+
+
 def test_the_train_node_holds_the_everyday_settings_and_guidance_has_no_magic_zero():
     """Issue 13: the Train node is short (what a creator sets each run); guidance shows its value or `auto`."""
     rows = [name for name, spec in _inputs(Train).items() if isinstance(spec[0], list) or spec[0] in WIDGET_TYPES]

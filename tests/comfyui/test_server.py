@@ -226,6 +226,31 @@ def test_a_student_can_start_from_a_lora_in_models_loras(comfy_server, trained):
     assert comfy_server.base not in metadata["decoupled_dmd.config"]
 
 
+def test_the_settings_added_after_release_reach_the_trainer(comfy_server):
+    """The Settings node's optional inputs (weight averaging, lr schedule, DMD's regression loss) train in a real
+    ComfyUI: the run logs the regression loss and the average, and the student's metadata records them."""
+    import tomllib
+
+    from decoupled_dmd.trainer.ema import ema_decay_at
+
+    name = "ci_expert"
+    graph = _train_graph(name, max_train_steps=2, student_ema_decay=0.9, lr_scheduler="cosine",
+                         regression_loss_weight=1.0, regression_pairs=2)
+    entry = comfy_server.run({node_id: graph[node_id] for node_id in ("1", "2", *training_nodes(graph), "4")})
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    with open(os.path.join(comfy_server.base, "output", "decoupled_dmd", name, "logs", "metrics.jsonl"),
+              encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss_regression"] > 0 for r in records), records
+    assert [r["ema_decay"] for r in records] == pytest.approx([ema_decay_at(0.9, n) for n in (0, 1)])
+    with safe_open(os.path.join(comfy_server.base, "models", "loras", f"{name}_lora.safetensors"), "pt") as handle:
+        config = tomllib.loads(handle.metadata()["decoupled_dmd.config"])
+    flat = {k: v for section in config.values() for k, v in section.items()}  # kohya-style sections
+    assert (flat["student_ema_decay"], flat["lr_scheduler"], flat["regression_loss_weight"],
+            flat["regression_pairs"]) == (0.9, "cosine", 1.0, 2)
+
+
 def _random_speed_lora(source: str, target: str, rank: int) -> None:
     """A random-weight kohya LoRA of another rank on the same modules as `source` (a speed LoRA's stand-in)."""
     import torch
