@@ -276,6 +276,32 @@ def test_regression_loss_pairs_are_the_teachers_cfg_samples_and_its_gradient_is_
     assert logs["loss_regression"] > 0 and logs["grad_norm_student"] > 0
 
 
+def test_regression_pairs_are_made_before_the_first_update_with_progress_and_a_stop_there_writes_nothing(
+        tiny_model_dir, tmp_path):
+    """Minutes on SDXL: the pairs come before the first update's clock and cost, say how far they are (the
+    Train node's progress text), and Cancel during them ends the run before anything is written."""
+    from decoupled_dmd.trainer.loop import TrainerCallbacks
+
+    phases = []
+    stop_at = {"sample": 2}
+    callbacks = TrainerCallbacks(on_phase=phases.append,
+                                 should_stop=lambda: sum("teacher sample" in p for p in phases) >= stop_at["sample"])
+    options = dict(regression_loss_weight=1.0, regression_pairs=5, regression_teacher_steps=2, max_train_steps=1)
+    trainer = make_trainer(tiny_model_dir, tmp_path, callbacks=callbacks, **options)
+    assert trainer.train() is None
+    assert [p.split(" (")[0] for p in phases if "teacher sample" in p] == \
+        ["regression loss: teacher sample 1 of 5", "regression loss: teacher sample 3 of 5"]  # batch 2
+    written = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith((".safetensors", ".jsonl"))]
+    assert trainer._regression_pairs is None and trainer.step == 0 and written == []
+
+    phases.clear()
+    stop_at["sample"] = 99
+    trainer = make_trainer(tiny_model_dir, tmp_path / "full", callbacks=callbacks, **options)
+    assert trainer.train() is not None and len(trainer._regression_pairs[0]) == 5
+    logs = jsonl(tmp_path / "full" / "out" / "logs" / "metrics.jsonl")[-1]
+    assert logs.get("seconds_regression_pairs", 0.0) == 0.0  # not charged to the first update (lazily made: it was)
+
+
 @pytest.mark.parametrize("overrides, present, absent", [
     (dict(renoise_schedule="coupled-shared"), ["ca_magnitude", "dm_magnitude", "loss_fake"], []),
     (dict(renoise_schedule="decoupled-full", update_normalization="shared"), ["dm_magnitude"], []),

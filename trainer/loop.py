@@ -464,9 +464,10 @@ class DecoupledDMDTrainer:
         return {"loss_regression": loss.item()}
 
     @torch.no_grad()
-    def _make_regression_pairs(self) -> tuple[list[str], Tensor, Tensor]:
+    def _make_regression_pairs(self) -> tuple[list[str], Tensor, Tensor] | None:
         """(prompts, noises, teacher CFG samples) of the regression loss, on the CPU: drawn from their own
-        generator seeded by `seed`, so a resumed run (and every process) rebuilds the same pairs."""
+        generator seeded by `seed`, so a resumed run (and every process) rebuilds the same pairs. Minutes on SDXL:
+        reports its progress as a phase and returns None when a stop is requested before it is done."""
         config = self.config
         generator = torch.Generator().manual_seed(config.seed + 0x5EED)
         count = config.regression_pairs
@@ -478,6 +479,11 @@ class DecoupledDMDTrainer:
         graphs, self.graphs = self.graphs, None  # one-off calls: eager, so no CUDA graphs outside the planned pool
         try:
             for start in range(0, count, config.train_batch_size):
+                if self.callbacks.should_stop():
+                    logger.info("stop requested while making the regression loss's teacher samples")
+                    return None
+                self.callbacks.on_phase(f"regression loss: teacher sample {start + 1} of {count} "
+                                        f"({config.regression_teacher_steps} steps with CFG each, once per run)")
                 chunk = prompts[start:start + config.train_batch_size]
                 with self.accelerator.autocast():
                     samples.append(cfg_sample(teacher, noise[start:start + len(chunk)].to(self.accelerator.device),
@@ -645,6 +651,9 @@ class DecoupledDMDTrainer:
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
                         # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
                         disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
+        if config.regression_loss_weight > 0 and self._regression_pairs is None and self.step < config.max_train_steps:
+            # once per run, before seconds_per_step's clock and outside every update's cost (logged on its own)
+            self._regression_pairs = self._make_regression_pairs()  # None: stopped, the loop below ends at once
         started, first_step, save_due = time.time(), self.step, False
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():

@@ -243,6 +243,7 @@ def test_the_settings_added_after_release_reach_the_trainer(comfy_server):
         records = [json.loads(line) for line in handle]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss_regression"] > 0 for r in records), records
+    assert "Decoupled DMD: regression loss: teacher sample 1 of 2" in comfy_server.log()  # progress before step 1
     assert [r["ema_decay"] for r in records] == pytest.approx([ema_decay_at(0.9, n) for n in (0, 1)])
     with safe_open(os.path.join(comfy_server.base, "models", "loras", f"{name}_lora.safetensors"), "pt") as handle:
         config = tomllib.loads(handle.metadata()["decoupled_dmd.config"])
