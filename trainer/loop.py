@@ -468,6 +468,8 @@ class DecoupledDMDTrainer:
         """(prompts, noises, teacher CFG samples) of the regression loss, on the CPU: drawn from their own
         generator seeded by `seed`, so a resumed run (and every process) rebuilds the same pairs. Minutes on SDXL:
         reports its progress as a phase and returns None when a stop is requested before it is done."""
+        from tqdm.auto import tqdm
+
         config = self.config
         generator = torch.Generator().manual_seed(config.seed + 0x5EED)
         count = config.regression_pairs
@@ -478,7 +480,9 @@ class DecoupledDMDTrainer:
         started = time.perf_counter()
         graphs, self.graphs = self.graphs, None  # one-off calls: eager, so no CUDA graphs outside the planned pool
         try:
-            for start in range(0, count, config.train_batch_size):
+            for start in tqdm(range(0, count, config.train_batch_size), desc="regression loss: teacher samples",
+                              unit="batch", disable=not self.accelerator.is_local_main_process or
+                              bool(os.environ.get("TQDM_DISABLE"))):
                 if self.callbacks.should_stop():
                     logger.info("stop requested while making the regression loss's teacher samples")
                     return None
@@ -648,12 +652,12 @@ class DecoupledDMDTrainer:
         if accelerator.is_main_process:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
                                                                if isinstance(v, (int, float, str, bool))})
-        progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
-                        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
-                        disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
         if config.regression_loss_weight > 0 and self._regression_pairs is None and self.step < config.max_train_steps:
             # once per run, before seconds_per_step's clock and outside every update's cost (logged on its own)
             self._regression_pairs = self._make_regression_pairs()  # None: stopped, the loop below ends at once
+        progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
+                        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
+                        disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
         started, first_step, save_due = time.time(), self.step, False
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():
