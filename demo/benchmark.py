@@ -353,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune", action="store_true",
                         help="also run the fine-tune benchmark (finetune.py): a vega-style fine-tune of the texture "
                              "teacher distilled from scratch and from the base's student LoRA, against that LoRA "
-                             "applied untrained; 9 LoRA runs, 112 min on 2 cores shared with other work)")
+                             "applied untrained; 9 LoRA runs, 66 min on 2 cores)")
     parser.add_argument("--finetune_mode", default="full", choices=("full", "tiny"),
                         help="tiny: a seconds-long run of every code path (tests)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a gate fails")

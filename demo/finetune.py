@@ -32,15 +32,18 @@ STYLE = "vega"
 STUDENT_STEPS = 4
 # LoRA students (student and fake model are adapters on one frozen base, as the product trains SDXL). Chosen
 # with a probe on the base world (docs/demo.md): LoRA updates move less than full copies, so the rates are 10x
-# the full-copy benchmark's 3e-5 / 3e-4.
+# the full-copy benchmark's 3e-5 / 3e-4. DMD's regression loss (the demo's recipe) holds each noise's background
+# grey in place, which the DM term alone leaves swinging: with it every arm lands lower and the warm start loses
+# its early bump (docs/demo.md, the fine-tune section's two tables).
 SETTINGS = dict(training_mode="lora", network_dim=16, network_alpha=16.0, learning_rate=3e-4,
-                fake_learning_rate=3e-3)
+                fake_learning_rate=3e-3, regression_loss_weight=1.0)
 MODES = {
     "full": dict(seeds=3, base_steps=120, scratch_steps=120, warm_steps=60, eval_every=20, warm_eval_every=5,
                  eval_per_prompt=16, finetune_steps=500, reference_per_prompt=32, reference_steps=50),
     # the test's: seconds, and every code path
     "tiny": dict(seeds=1, base_steps=2, scratch_steps=2, warm_steps=2, eval_every=1, warm_eval_every=1,
-                 eval_per_prompt=1, finetune_steps=2, reference_per_prompt=2, reference_steps=4, train_batch_size=2),
+                 eval_per_prompt=1, finetune_steps=2, reference_per_prompt=2, reference_steps=4, train_batch_size=2,
+                 regression_pairs=2, regression_teacher_steps=2),
 }
 ARMS = {
     "base": "base student (base teacher, from scratch)",
@@ -93,8 +96,9 @@ def _job(arm: str, seed: int, steps: int, eval_every: int, world, output_dir: st
 
     settings = dict(SETTINGS, **overrides, seed=seed, max_train_steps=steps,
                     student_timesteps=get_world(world).student_timesteps(STUDENT_STEPS))
-    if mode.get("train_batch_size"):
-        settings["train_batch_size"] = mode["train_batch_size"]
+    for key in ("train_batch_size", "regression_pairs", "regression_teacher_steps"):  # the tiny mode's
+        if mode.get(key):
+            settings[key] = mode[key]
     if network_weights:
         settings["network_weights"] = network_weights
     return {"name": arm, "steps": STUDENT_STEPS, "seed": seed, "world": world, "settings": settings,
@@ -207,10 +211,11 @@ def gates(summary: dict) -> list[dict]:
     return out
 
 
-def markdown(summary: dict, mode: dict, floor: float | None) -> str:
+def markdown(summary: dict, mode: dict, floor: float | None, overrides: dict | None = None) -> str:
     lines = ["## Distil your own fine-tune (texture world, `vega` style)", "",
              f"Base teacher: the shipped texture teacher. Fine-tune: it trained {mode['finetune_steps']} more steps "
-             f"on the vega style (sepia backgrounds, crisper texture marks). LoRA students (`{SETTINGS}`), "
+             f"on the vega style (sepia backgrounds, crisper texture marks). LoRA students "
+             f"(`{dict(SETTINGS, **(overrides or {}))}`), "
              f"{STUDENT_STEPS} steps, {mode['seeds']} seeds; base and (ii) {mode['scratch_steps']} updates, (iii) "
              f"{mode['warm_steps']}. A value is the mean of a run's evaluations in its last third, then mean ± std "
              f"over seeds; (i) is (iii) before its first update. Everything is scored against the fine-tune: its "
@@ -254,8 +259,15 @@ def plot(results: list[dict], summary: dict, path: str, floor: float | None) -> 
             if data["name"] not in colours:
                 continue
             points = [(h["step"], h[key]) for h in data["history"] if key in h]
-            axis.plot(*zip(*points), color=colours[data["name"]], alpha=0.7,
-                      label=ARMS[data["name"]] if data["seed"] == 0 else None)
+            axis.plot(*zip(*points), color=colours[data["name"]], alpha=0.35, linewidth=0.8)
+        for arm, curve in summary["curves"].items():  # the seed mean, which the goal is read on
+            points = [(c["step"], c[key]) for c in curve if key in c]
+            if arm in colours and points:
+                axis.plot(*zip(*points), color=colours[arm], linewidth=2.2, label=f"{ARMS[arm]} (seed mean)")
+        final = summary["rows"].get("scratch", {}).get(key)
+        if final and key == "frechet":
+            axis.axhline(final[0], color="tab:blue", linestyle="-.", linewidth=1,
+                         label="(ii)'s final quality (mean of its last third)")
         transplanted = summary["rows"].get("transplanted", {}).get(key)
         if transplanted:
             axis.axhline(transplanted[0], color="tab:red", linestyle="--", label=ARMS["transplanted"])
@@ -299,7 +311,7 @@ def run_finetune_benchmark(output_dir: str, mode: dict, jobs: int = 2, overrides
                                                             "overrides": overrides or {}, "summary": summary,
                                                             "noise_floor": floor, "world": finetune_world})
     plot(results, summary, os.path.join(output_dir, "finetune.png"), floor)
-    text = markdown(summary, mode, floor)
+    text = markdown(summary, mode, floor, overrides)
     base_row = summary["base_on_base_world"]
     if base_row:
         text += (f"\nThe base students on the base world (their own teacher's CFG samples): Frechet "

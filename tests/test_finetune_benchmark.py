@@ -91,6 +91,11 @@ def test_tiny_finetune_benchmark_runs_every_arm(tmp_path):
     base = json.loads((out / "finetune" / "runs" / "base" / "seed0" / "result.json").read_text())
     warm = json.loads((out / "finetune" / "runs" / "warm" / "seed0" / "result.json").read_text())
     assert warm["settings"]["network_weights"] == base["student_file"]
+    # every arm trains with DMD's regression loss (the tiny mode makes 2 pairs of 2 teacher steps)
+    assert all(r["settings"]["regression_loss_weight"] == 1.0 and r["settings"]["regression_pairs"] == 2
+               for r in (base, warm))
+    metrics = (out / "finetune" / "runs" / "warm" / "seed0" / "training" / "logs" / "metrics.jsonl").read_text()
+    assert all(json.loads(line)["loss_regression"] > 0 for line in metrics.splitlines())
     with safe_open(warm["student_file"], "pt") as handle:
         metadata = handle.metadata()
     assert metadata["decoupled_dmd.network_weights_sha256"] == file_sha256(base["student_file"])
