@@ -449,9 +449,8 @@ class DecoupledDMDTrainer:
         student's first step on a batch of fixed noises and the teacher's CFG samples from those noises. Runs
         before the generator's own sample and leaves its gradient in the student's .grad for `_optimize` to add
         to (one trained call alive at a time: the memory plan's peak holds). Returns the unweighted loss's log."""
-        if self._regression_pairs is None:
-            with self.meter.phase("regression_pairs"):
-                self._regression_pairs = self._make_regression_pairs()
+        if not self._ensure_regression_pairs():  # stopped while making them: the loop ends at its next check
+            return {}
         prompts, noise, target = self._regression_pairs
         batch = self.config.train_batch_size
         indices = torch.randint(len(prompts), (batch,), generator=self.random.generator).tolist()
@@ -462,6 +461,18 @@ class DecoupledDMDTrainer:
             loss = torch.nn.functional.mse_loss(x0.float(), target[indices].to(device).float())
             self._backward("student", self.config.regression_loss_weight * loss)
         return {"loss_regression": loss.item()}
+
+    def _ensure_regression_pairs(self) -> bool:
+        """Make the regression loss's pairs once (`_train` does it before the first update, outside every update's
+        cost; a direct `train_step` on the first call); False when a stop came before they were done."""
+        if self._regression_pairs is None:
+            with self.meter.phase("regression_pairs"):
+                self._regression_pairs = self._make_regression_pairs()
+        return self._regression_pairs is not None
+
+    def _progress_disabled(self) -> bool:
+        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
+        return not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
 
     @torch.no_grad()
     def _make_regression_pairs(self) -> tuple[list[str], Tensor, Tensor] | None:
@@ -481,8 +492,7 @@ class DecoupledDMDTrainer:
         graphs, self.graphs = self.graphs, None  # one-off calls: eager, so no CUDA graphs outside the planned pool
         try:
             for start in tqdm(range(0, count, config.train_batch_size), desc="regression loss: teacher samples",
-                              unit="batch", disable=not self.accelerator.is_local_main_process or
-                              bool(os.environ.get("TQDM_DISABLE"))):
+                              unit="batch", disable=self._progress_disabled()):
                 if self.callbacks.should_stop():
                     logger.info("stop requested while making the regression loss's teacher samples")
                     return None
@@ -652,12 +662,10 @@ class DecoupledDMDTrainer:
         if accelerator.is_main_process:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
                                                                if isinstance(v, (int, float, str, bool))})
-        if config.regression_loss_weight > 0 and self._regression_pairs is None and self.step < config.max_train_steps:
-            # once per run, before seconds_per_step's clock and outside every update's cost (logged on its own)
-            self._regression_pairs = self._make_regression_pairs()  # None: stopped, the loop below ends at once
+        if config.regression_loss_weight > 0 and self.step < config.max_train_steps:
+            self._ensure_regression_pairs()  # before seconds_per_step's clock; stopped: the loop below ends at once
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
-                        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
-                        disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))
+                        disable=self._progress_disabled())
         started, first_step, save_due = time.time(), self.step, False
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():

@@ -12,9 +12,10 @@ def set_train_inputs(graph: dict, train_id: str = "3", add_settings: bool = True
 
     spec = Train.INPUT_TYPES()
     on_train = set(spec["required"]) | set(spec.get("optional", {}))
-    expert_spec = Settings.INPUT_TYPES()["required"]  # a new Settings node: its optional inputs left out
+    settings_spec = Settings.INPUT_TYPES()
+    expert_spec = settings_spec["required"]  # a new Settings node: its optional inputs left out
     expert = {k: v for k, v in values.items() if k not in on_train}
-    unknown = set(expert) - set(expert_spec) - set(Settings.INPUT_TYPES().get("optional", {}))
+    unknown = set(expert) - set(expert_spec) - set(settings_spec.get("optional", {}))
     if unknown:
         raise KeyError(f"neither a Train nor a Settings input: {sorted(unknown)}")
     graph[train_id]["inputs"].update({k: v for k, v in values.items() if k in on_train})
