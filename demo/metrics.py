@@ -77,18 +77,31 @@ class Evaluator:
     over-sharpened); per-image mean, variance and saturation.
     """
 
-    def __init__(self, reference_file: str | None = None, classifier=None, world="mnist"):
+    def __init__(self, reference_file: str | None = None, classifier=None, world="mnist", split: str = "validation"):
         from .worlds import get_world
 
         self.world = get_world(world)
         reference_file = self.world.reference_file if reference_file is None else reference_file
         self.classifier = classifier or self.world.load_classifier()
         self.reference = None
+        self.reference_features: np.ndarray | None = None  # per-sample features of a split reference
+        self.split = split
         self._real: dict = {}
         if reference_file and os.path.isfile(reference_file):
             from safetensors.torch import load_file
 
-            self.reference = {k: v.double().numpy() for k, v in load_file(reference_file).items()}
+            stored = {k: v.double().numpy() for k, v in load_file(reference_file).items()}
+            if f"{split}_features" in stored:  # a protocol reference: one feature set per split (protocol.py)
+                from .protocol import SPLITS, get_split
+
+                get_split(split)
+                other = next(name for name in SPLITS if name != split)
+                self.reference_features = stored[f"{split}_features"]
+                self._floor_features = stored[f"{other}_features"]
+                mu, sigma = feature_statistics(torch.from_numpy(self.reference_features))
+                self.reference = {"mu": mu, "sigma": sigma}
+            else:
+                self.reference = stored
 
     @torch.no_grad()
     def classify(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -140,9 +153,17 @@ class Evaluator:
         return metrics
 
     def noise_floor(self, count: int) -> float | None:
-        """Frechet distance of `count` teacher samples of another seed to the reference (nearest size shipped)."""
+        """Frechet distance of `count` teacher samples of another seed to the reference (nearest size shipped;
+        a protocol reference: a prompt-balanced `count` of the other split's reference samples)."""
         if self.reference is None:
             return None
+        if self.reference_features is not None:
+            features = self._floor_features
+            groups = len(self.world.grid_prompts())
+            per, total = max(1, min(count, len(features)) // groups), len(features) // groups
+            index = np.array([p * total + i for p in range(groups) for i in range(per)])
+            mu, sigma = feature_statistics(torch.from_numpy(features[index]))
+            return frechet_distance(mu, sigma, self.reference["mu"], self.reference["sigma"])
         sizes = self.reference["floor_sizes"]
         return float(self.reference["floor_values"][int(np.abs(sizes - count).argmin())])
 

@@ -151,12 +151,15 @@ class DigitClassifier(nn.Module):
 
 
 class TextureClassifier(nn.Module):
-    """The texture world's attribute classifier: a CNN on 32x32 RGB in [-1, 1], 64-d features (Frechet
-    distance), one head per attribute (colour, texture, shape, and the unnamed background)."""
+    """The texture world's instrument: a CNN on 32x32 RGB in [-1, 1] with one head per attribute (colour,
+    texture, shape, and the unnamed background) and a layout head (the shape's centre and radius, the colour
+    jitter: texture.LAYOUT_PARAMETERS), so its 64-d features (the Frechet distance's) carry every factor the
+    world varies, not only the four class labels."""
 
     feature_dim = 64
 
     def __init__(self):
+        from .texture import LAYOUT_PARAMETERS
         from .texture import SCENE_ATTRIBUTES as ATTRIBUTES
 
         super().__init__()
@@ -169,6 +172,7 @@ class TextureClassifier(nn.Module):
             nn.Flatten(), nn.Linear(64 * 4 * 4, self.feature_dim), nn.SiLU())
         self.attribute_heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(values))
                                               for name, values in ATTRIBUTES.items()})
+        self.layout_head = nn.Linear(self.feature_dim, len(LAYOUT_PARAMETERS))
 
     def features(self, images: Tensor) -> Tensor:
         return self.body(images.float().clamp(-1.0, 1.0))

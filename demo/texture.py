@@ -132,25 +132,58 @@ def all_prompts() -> list[str]:
 
 
 def evaluation_prompts() -> list[str]:
-    """The 16 evaluation prompts: every colour with every texture, the shapes in rotation."""
+    """The 16 held-out prompts: every colour with every texture, the shape (colour + texture) mod 3. No student
+    is trained on them (`training_prompts`), yet each of their attribute values is trained in other
+    combinations: the protocol's held-out combinations (protocol.py)."""
     return [make_prompt({"colour": colour, "texture": texture, "shape": index % 3})
             for index, (colour, texture) in enumerate(itertools.product(range(4), range(4)))]
 
 
-def render(attributes: dict[str, Tensor], generator: torch.Generator, style: str = "base") -> Tensor:
-    """Images (B, 3, 32, 32) in [-1, 1] for per-sample attribute indices (SCENE_ATTRIBUTES: the background
-    too) in a `Style` of STYLES; position, size and colour jitter drawn from `generator`."""
-    look = get_style(style)
-    count = len(attributes["colour"])
+def training_prompts() -> list[str]:
+    """The 32 prompts students are trained on: every combination but the held-out ones (`evaluation_prompts`)."""
+    held_out = set(evaluation_prompts())
+    return [prompt for prompt in all_prompts() if prompt not in held_out]
+
+
+LAYOUT_PARAMETERS = ("cx", "cy", "radius", "jitter_r", "jitter_g", "jitter_b")
+
+
+def draw_layout(count: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """What an image varies beyond its attributes: the shape's centre and radius (pixels) and a colour jitter
+    (count, 3), drawn from `generator` in a fixed order."""
     cx = 12.5 + 7.0 * torch.rand(count, generator=generator)
     cy = 12.5 + 7.0 * torch.rand(count, generator=generator)
     radius = 9.0 + 3.0 * torch.rand(count, generator=generator)
-    jitter = (COLOUR_JITTER * torch.randn(count, 3, 1, 1, generator=generator)).clamp(-0.04, 0.04)
+    jitter = (COLOUR_JITTER * torch.randn(count, 3, generator=generator)).clamp(-0.04, 0.04)
+    return {"cx": cx, "cy": cy, "radius": radius, "jitter": jitter}
+
+
+def layout_targets(layout: dict[str, Tensor]) -> Tensor:
+    """The layout as (count, 6) numbers of about unit scale (LAYOUT_PARAMETERS' order), for a regression head."""
+    return torch.cat([((layout["cx"] - 16.0) / 3.5)[:, None], ((layout["cy"] - 16.0) / 3.5)[:, None],
+                      ((layout["radius"] - 10.5) / 1.5)[:, None], layout["jitter"] / COLOUR_JITTER], dim=1)
+
+
+def render(attributes: dict[str, Tensor], generator: torch.Generator, style: str = "base") -> Tensor:
+    """Images (B, 3, 32, 32) in [-1, 1] for per-sample attribute indices (SCENE_ATTRIBUTES: the background
+    too) in a `Style` of STYLES; position, size and colour jitter drawn from `generator` (`draw_layout`)."""
+    return render_layout(attributes, draw_layout(len(attributes["colour"]), generator), style)
+
+
+def render_layout(attributes: dict[str, Tensor], layout: dict[str, Tensor], style: str = "base",
+                  texture_contrast: Tensor | None = None) -> Tensor:
+    """Images for attribute indices and a `draw_layout` layout; `texture_contrast` (count,) overrides the
+    style's contrast per image (the instrument's classifier trains on a range of contrasts)."""
+    look = get_style(style)
+    count = len(attributes["colour"])
+    cx, cy, radius = layout["cx"], layout["cy"], layout["radius"]
+    jitter = layout["jitter"].view(-1, 3, 1, 1)
     colours = torch.tensor([COLOURS[c] for c in ATTRIBUTES["colour"]])[attributes["colour"]].view(-1, 3, 1, 1)
     backgrounds = torch.tensor([look.backgrounds[b] for b in SCENE_ATTRIBUTES["background"]])[attributes["background"]]
     patterns = torch.stack([texture_pattern(t) for t in ATTRIBUTES["texture"]])[attributes["texture"]]
+    contrast = look.texture_contrast if texture_contrast is None else texture_contrast.view(-1, 1, 1)
     # zero-mean marks: a texture keeps the shape colour's mean brightness, so only fine structure tells it
-    modulation = 1.0 - look.texture_contrast * (patterns - patterns.mean(dim=(1, 2), keepdim=True))
+    modulation = 1.0 - contrast * (patterns - patterns.mean(dim=(1, 2), keepdim=True))
     mask = torch.zeros(count, IMAGE_SIZE, IMAGE_SIZE)
     for index, name in enumerate(ATTRIBUTES["shape"]):
         rows = attributes["shape"] == index
@@ -184,3 +217,37 @@ def render_prompts(prompts: list[str], seed: int = 0, style: str = "base") -> Te
     attributes = {name: torch.tensor([p[name] for p in parsed]) for name in ATTRIBUTES}
     attributes["background"] = torch.randint(len(SCENE_ATTRIBUTES["background"]), (len(prompts),), generator=generator)
     return render(attributes, generator, style)
+
+
+# Where each texture's marks put their energy in a 32x32 power spectrum (integer frequency indices): dots every
+# 2 px at (16, 0), (0, 16) and (16, 16) in equal parts, of which only (16, 16) is read (a straight shape edge
+# leaks into the first two, hardly into the corner); stripes along x + y with period 4 on the diagonal (8, 8) only; 2-px checks
+# on both diagonals, (8, 8) and (8, 24). A power spectrum does not change when the marks shift, so this reading
+# holds at any phase.
+SPECTRUM_BANDS = {"dots": ((16, 16),), "diagonal": ((8, 8), (24, 24)),
+                  "antidiagonal": ((8, 24), (24, 8))}
+
+
+def texture_spectrum(images: Tensor) -> Tensor:
+    """Per image, the share of its fine-structure power (what a 3x3 box blur removes, channels summed) in each
+    of SPECTRUM_BANDS' bands, and that power's mean square: (B, 4) = dots, diagonal, antidiagonal, energy."""
+    x = images.float().clamp(-1.0, 1.0)
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    residual = (x - blurred).sum(dim=1)
+    power = torch.fft.fft2(residual).abs().pow(2)
+    total = power.flatten(1).sum(1).clamp_min(1e-12)
+    shares = [sum(power[:, u, v] for u, v in band) / total for band in SPECTRUM_BANDS.values()]
+    return torch.stack([*shares, residual.pow(2).flatten(1).mean(1)], dim=1)
+
+
+def read_texture(images: Tensor, solid_energy: float = 2e-3) -> Tensor:
+    """A classifier-free reading of each image's texture (ATTRIBUTES['texture'] indices) from its spectrum:
+    solid when the fine structure is weak or has no texture band; else dotted, striped (one diagonal) or
+    checkered (both), by the strongest band. The instrument's cross-check on its texture head."""
+    spectrum = texture_spectrum(images)
+    dots, diagonal, antidiagonal, energy = spectrum.unbind(1)
+    checks = torch.minimum(diagonal, antidiagonal) * 2.0
+    stripes = (diagonal - antidiagonal).clamp_min(0.0) + (antidiagonal - diagonal).clamp_min(0.0)
+    scores = torch.stack([torch.full_like(dots, 0.02), stripes, 3.0 * dots, checks], dim=1)
+    reading = scores.argmax(dim=1)
+    return torch.where(energy < solid_energy, torch.zeros_like(reading), reading)

@@ -175,9 +175,10 @@ class TextureWorld(World):
         return dict(ATTRIBUTES)
 
     def prompts(self) -> list[str]:
-        from .texture import all_prompts
+        """The 32 training combinations; the 16 held-out ones (`grid_prompts`) are never trained on."""
+        from .texture import training_prompts
 
-        return all_prompts()
+        return training_prompts()
 
     def grid_prompts(self) -> list[str]:
         from .texture import evaluation_prompts

@@ -1,6 +1,6 @@
 """Retrain the texture world's attribute classifier (seeded; a few minutes on 2 CPU cores).
 
-    python scripts/train_texture_classifier.py [--steps 1200]
+    python scripts/train_texture_classifier.py [--steps 3000]
 
 Writes demo/texture_classifier.safetensors with its per-attribute accuracy on fresh images in the metadata.
 """
@@ -17,7 +17,7 @@ from decoupled_dmd.demo.training import texture_classifier_accuracy, train_textu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=TEXTURE_CLASSIFIER_FILE)
