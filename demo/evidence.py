@@ -110,11 +110,9 @@ def score_rows(evaluator: Evaluator, rows: dict[str, Tensor], prompts: list[str]
         top1 = np.ones(len(prompts), dtype=bool)
         for attribute, asked in labels.items():
             top1 &= (probabilities[attribute].argmax(1) == asked).numpy()
-        metrics.update(texture_spectrum_accuracy=float(spectrum_hits.mean()),
-                       accuracy_texture_interval=paired_bootstrap_mean(texture_hits),
+        metrics.update(accuracy_texture_interval=paired_bootstrap_mean(texture_hits),
                        texture_spectrum_accuracy_interval=paired_bootstrap_mean(spectrum_hits),
-                       top1_interval=paired_bootstrap_mean(top1), n=len(images),
-                       per_texture_accuracy=_per_texture(texture_hits, labels["texture"]))
+                       top1_interval=paired_bootstrap_mean(top1), n=len(images))
         out[name] = metrics
     draws = paired_bootstrap_frechet(features, evaluator.reference_features, resamples)
     for name, values in draws.items():
@@ -125,13 +123,6 @@ def score_rows(evaluator: Evaluator, rows: dict[str, Tensor], prompts: list[str]
             out[name][f"frechet_minus_{compare_to}_interval"] = interval(difference)
             out[name][f"closer_than_{compare_to}"] = float((difference < 0).mean())
     return out
-
-
-def _per_texture(hits: np.ndarray, asked: Tensor) -> dict[str, float]:
-    from .texture import ATTRIBUTES
-
-    return {name: float(hits[(asked == index).numpy()].mean()) for index, name in enumerate(ATTRIBUTES["texture"])
-            if (asked == index).any()}
 
 
 def solver_rows(world, split_name: str, per_prompt: int = N_PER_PROMPT, solver_steps: dict | None = None,
@@ -165,6 +156,19 @@ def solver_rows(world, split_name: str, per_prompt: int = N_PER_PROMPT, solver_s
     return rows
 
 
+def parse_solvers(text: str) -> dict[str, tuple[int, ...]]:
+    """'dpmpp_2m:2,4,8;ddim:4' -> {'dpmpp_2m': (2, 4, 8), 'ddim': (4,)}, or a ValueError saying the form."""
+    from .solvers import SOLVERS
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, counts = part.partition(":")
+        if name not in SOLVERS or not counts:
+            raise ValueError(f"--solvers part {part!r}: write solver:steps,steps with a solver of {', '.join(SOLVERS)}")
+        out[name] = tuple(int(c) for c in counts.split(","))
+    return out
+
+
 def calls_of(row: str) -> int | None:
     """The network calls a row name states ('... (8 calls)')."""
     if "(" not in row or "calls)" not in row:
@@ -182,6 +186,9 @@ def evidence_main(argv: list[str] | None = None) -> int:
     sol.add_argument("--split", default="validation", choices=tuple(SPLITS))
     sol.add_argument("--output", default="output/evidence")
     sol.add_argument("--samples_dir", default=None, help="keep / reuse the raw samples here")
+    sol.add_argument("--solvers", default=None,
+                     help="which solvers and step counts, e.g. 'dpmpp_2m:2,4,8;ddim:4' (default: "
+                          + "; ".join(f"{k}:{','.join(map(str, v))}" for k, v in SOLVER_STEPS.items()) + ")")
     for p in (ref, sol):
         p.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -200,17 +207,22 @@ def evidence_main(argv: list[str] | None = None) -> int:
     if cached and os.path.isfile(cached):
         rows = torch.load(cached)
     else:
-        rows = solver_rows(world, args.split)
+        rows = solver_rows(world, args.split, solver_steps=parse_solvers(args.solvers) if args.solvers else None)
         if cached:
             os.makedirs(args.samples_dir, exist_ok=True)
             torch.save(rows, cached)
     evaluator = Evaluator(world=world, split=args.split)
     prompts = world.evaluation_prompts(N_PER_PROMPT)
     scores = score_rows(evaluator, rows, prompts)
+    for name, metrics in scores.items():
+        metrics["calls"] = calls_of(name)
     result = {"protocol": get_split(args.split).record(prompts, world.prompts(), {k: len(v) for k, v in rows.items()}),
               "noise_floor": evaluator.noise_floor(len(prompts)), "rows": scores}
     with open(os.path.join(args.output, f"solvers_{args.split}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
+    from .plots import save_quality_against_calls
+
+    save_quality_against_calls(scores, os.path.join(args.output, f"solvers_{args.split}.png"), result["noise_floor"])
     for name, metrics in scores.items():
         low, high = metrics["frechet_interval"]
         print(f"{name:48s} Frechet {metrics['frechet']:7.2f} [{low:6.2f}, {high:6.2f}]  texture "

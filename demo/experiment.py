@@ -21,11 +21,12 @@ from ..trainer.config import config_from_dict
 from ..trainer.loop import DecoupledDMDTrainer, TrainerCallbacks
 from .metrics import Evaluator, image_statistics
 from .models import teacher_info
+from .protocol import VALIDATION
 from .worlds import get_world
 
 logger = logging.getLogger(__name__)
 
-EVAL_SEED = 4242
+EVAL_SEED = VALIDATION.noise_seed  # every evaluation during training is for choosing: validation noises (protocol.py)
 
 
 # Settings every demo and benchmark run shares unless overridden (chosen with the benchmark; docs/demo.md).

@@ -105,9 +105,12 @@ class Evaluator:
 
     @torch.no_grad()
     def classify(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        """({attribute: probabilities (B, classes)}, features (B, 64))."""
+        """({attribute: probabilities (B, classes)}, features (B, 64)): the features the Frechet distance
+        compares (standardised where the classifier has a standardisation)."""
         features = torch.cat([self.classifier.features(chunk) for chunk in images.float().split(500)])
-        return {k: torch.softmax(v, dim=1) for k, v in self.classifier.heads(features).items()}, features
+        probabilities = {k: torch.softmax(v, dim=1) for k, v in self.classifier.heads(features).items()}
+        standardize = getattr(self.classifier, "standardize", None)
+        return probabilities, (standardize(features) if standardize else features)
 
     def real_statistics(self, prompts: list[str], seed: int = REAL_SEEDS[0]) -> dict:
         """Feature statistics and fine-structure energy of real images for `prompts` (cached)."""
@@ -137,6 +140,15 @@ class Evaluator:
             metrics[f"accuracy_{name}"] = hits.float().mean().item()
             correct &= hits
         metrics["adherence"] = float(np.mean([metrics[f"adherence_{name}"] for name in labels]))
+        if "texture" in labels:  # per texture value, and the classifier-free spectrum reading (texture.read_texture)
+            from .texture import read_texture
+
+            asked = labels["texture"]
+            hits = probabilities["texture"].argmax(1) == asked
+            for index, value in enumerate(self.world.attributes["texture"]):
+                if (asked == index).any():
+                    metrics[f"accuracy_texture_{value}"] = hits[asked == index].float().mean().item()
+            metrics["texture_spectrum_accuracy"] = (read_texture(images) == asked).float().mean().item()
         metrics["top1"] = correct.float().mean().item()
         mu, sigma = feature_statistics(features)
         if self.reference is not None:

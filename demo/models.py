@@ -173,9 +173,24 @@ class TextureClassifier(nn.Module):
         self.attribute_heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(values))
                                               for name, values in ATTRIBUTES.items()})
         self.layout_head = nn.Linear(self.feature_dim, len(LAYOUT_PARAMETERS))
+        # each feature's mean and std on real renders (`calibrate`): the Frechet distance is taken on standardised
+        # features, so no handful of high-variance directions decides it (effective rank 13, raw 6)
+        self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
+        self.register_buffer("feature_std", torch.ones(self.feature_dim))
 
     def features(self, images: Tensor) -> Tensor:
         return self.body(images.float().clamp(-1.0, 1.0))
+
+    def standardize(self, features: Tensor) -> Tensor:
+        """Features in units of their spread on real renders (what the Frechet distance compares)."""
+        return (features - self.feature_mean) / self.feature_std
+
+    @torch.no_grad()
+    def calibrate(self, images: Tensor) -> None:
+        """Set the standardisation from real renders (B, 3, 32, 32)."""
+        features = torch.cat([self.features(chunk) for chunk in images.split(500)])
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(features.std(0).clamp_min(1e-6))
 
     def heads(self, features: Tensor) -> dict[str, Tensor]:
         return {name: head(features) for name, head in self.attribute_heads.items()}

@@ -131,3 +131,47 @@ def save_metric_curves(series: dict[str, list[list[dict]]], metrics: list[tuple[
     plt.close(figure)
     return path
 
+
+
+QUALITY_PANELS = (("frechet", "Frechet to the 50-step CFG teacher"), ("accuracy_texture", "texture accuracy"))
+
+
+def save_quality_against_calls(rows: dict[str, dict], path: str, floor: float | None = None,
+                               metrics: tuple[tuple[str, str], ...] = QUALITY_PANELS) -> str:
+    """Quality against network calls: one line per sampler ('<sampler> <k> steps (<n> calls)' rows), students
+    (rows whose name starts with 'student') as points; Frechet with its bootstrap interval, on log axes."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    lines: dict[str, list[tuple[int, dict]]] = {}
+    for name, row in rows.items():
+        if "calls" not in row:
+            continue
+        sampler = name.split(" ")[0] if not name.startswith("student") else name
+        lines.setdefault(sampler, []).append((row["calls"], row))
+    for axis, (key, label) in zip(axes[0], metrics):
+        for sampler, points in sorted(lines.items()):
+            points.sort(key=lambda point: point[0])
+            calls = [c for c, _ in points]
+            values = [row[key] for _, row in points]
+            student = sampler.startswith("student")
+            style = dict(marker="*", markersize=14, linestyle="none") if student else dict(marker="o")
+            drawn = axis.plot(calls, values, label=sampler, **style)[0]
+            interval = f"{key}_interval"
+            if all(interval in row for _, row in points):
+                low = [row[interval][0] for _, row in points]
+                high = [row[interval][1] for _, row in points]
+                axis.fill_between(calls, low, high, alpha=0.15, color=drawn.get_color())
+        if key == "frechet":
+            axis.set_yscale("log")
+            if floor:
+                axis.axhline(floor, color="grey", linestyle=":", label="noise floor")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("network calls per image")
+        axis.set_title(label, fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

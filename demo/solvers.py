@@ -69,6 +69,7 @@ def teacher_solver_samples(adapter, scheduler_config: dict, prompts: list[str], 
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         cond, uncond = adapter.encode_prompts(chunk), adapter.encode_prompts([""] * len(chunk))
-        out.append(solver_sample(denoiser, make_scheduler(solver, scheduler_config), noise[start:start + len(chunk)], cond,
-                                 uncond, guidance_scale, steps))
+        scheduler = make_scheduler(solver, scheduler_config)
+        out.append(solver_sample(denoiser, scheduler, noise[start:start + len(chunk)], cond, uncond, guidance_scale,
+                                 steps))
     return torch.cat(out)

@@ -221,9 +221,9 @@ def render_prompts(prompts: list[str], seed: int = 0, style: str = "base") -> Te
 
 # Where each texture's marks put their energy in a 32x32 power spectrum (integer frequency indices): dots every
 # 2 px at (16, 0), (0, 16) and (16, 16) in equal parts, of which only (16, 16) is read (a straight shape edge
-# leaks into the first two, hardly into the corner); stripes along x + y with period 4 on the diagonal (8, 8) only; 2-px checks
-# on both diagonals, (8, 8) and (8, 24). A power spectrum does not change when the marks shift, so this reading
-# holds at any phase.
+# leaks into the first two, hardly into the corner); stripes along x + y with period 4 on the diagonal (8, 8)
+# only; 2-px checks on both diagonals, (8, 8) and (8, 24). A power spectrum does not change when the marks
+# shift, so this reading holds at any phase.
 SPECTRUM_BANDS = {"dots": ((16, 16),), "diagonal": ((8, 8), (24, 24)),
                   "antidiagonal": ((8, 24), (24, 8))}
 

@@ -92,7 +92,11 @@ def train_texture_classifier(steps: int = 3000, batch_size: int = 128, learning_
         layout_loss = nn.functional.mse_loss(model.layout_head(features), layout_targets(layout))
         return sum(nn.functional.cross_entropy(logits[name], attributes[name]) for name in logits) + layout_loss
 
-    return _fit(model, loss_of_batch, steps, learning_rate, log_every)
+    model = _fit(model, loss_of_batch, steps, learning_rate, log_every)
+    from .texture import sample_world
+
+    model.calibrate(sample_world(4000, seed=99)[0])
+    return model
 
 
 def augment_texture_images(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3,

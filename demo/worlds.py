@@ -58,6 +58,9 @@ class World:
     classifier_kind: type = models.DigitClassifier
     attributes: dict[str, tuple[str, ...]] = {}
     settings: dict = {}  # TrainConfig values this world's runs use over experiment.BASE_SETTINGS
+    # the teacher's sampler in the demo's comparison rows: a solvers.SOLVERS name, or None for the trainer's own
+    # cfg_sample (Euler in x0 space, which is flow matching's Euler exactly)
+    solver: str | None = None
 
     def prompts(self) -> list[str]:
         """The prompts students are trained on."""
@@ -151,6 +154,7 @@ class TextureWorld(World):
     base ones; the fine-tune benchmark builds a `vega` teacher and reference of its own and names them."""
 
     name = "texture"
+    solver = "dpmpp_2m"  # the closest to the 50-step teacher at 4 to 16 calls (docs/evidence.md)
     classifier_file = models.TEXTURE_CLASSIFIER_FILE
     classifier_kind = models.TextureClassifier
     # Eq. 7's targets: the real images' per-image mean and variance (4,000 images of seed 99)

@@ -37,10 +37,10 @@ def main() -> None:
                               width=args.width, extra_info={"guidance_scale": args.guidance_scale, "world": "texture",
                                                             "data": "the texture world, fresh images every step"})
     if not args.skip_reference:
-        from decoupled_dmd.demo.metrics import build_reference
+        from decoupled_dmd.demo.evidence import build_reference  # the protocol's reference: one set per split
+        from decoupled_dmd.demo.worlds import TextureWorld
 
-        build_reference(args.output, guidance_scale=args.guidance_scale, world="texture",
-                        per_prompt=args.reference_per_prompt)
+        build_reference(TextureWorld(teacher_dir=args.output), per_prompt=args.reference_per_prompt)
 
 
 if __name__ == "__main__":

@@ -81,13 +81,19 @@ def test_dmd_demo_writes_its_results_folder(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["train_steps"] == 2 and summary["student_timesteps"] == flow_timesteps_matching_sdxl(4)
     assert summary["settings"]["renoise_schedule"] == DEMO_SETTINGS["renoise_schedule"]
-    for row in ("student", "teacher_few_steps_cfg", "teacher_8_steps_cfg", "teacher_same_nfe_cfg", "teacher_50_steps_cfg"):
+    for row in ("student", "teacher_equal_calls", "teacher_double_calls", "teacher_4x_calls", "teacher_50_steps_cfg"):
         metrics = summary["metrics"][row]
         for key in ("adherence", "top1", "frechet", "image_mean", "image_var", "saturation"):
             assert np.isfinite(metrics[key]), (row, key)
         assert 0 <= metrics["adherence"] <= 1
     assert summary["metrics"]["noise_floor_frechet"] > 0
-    assert summary["metrics"]["teacher_same_nfe_cfg"]["steps"] == 2 and summary["world"] == "mnist"
+    calls = {row: summary["metrics"][row]["calls"] for row in ("student", "teacher_equal_calls", "teacher_double_calls",
+                                                               "teacher_4x_calls")}
+    assert calls == {"student": 4, "teacher_equal_calls": 4, "teacher_double_calls": 8, "teacher_4x_calls": 16}
+    assert summary["metrics"]["teacher_equal_calls"]["steps"] == 2 and summary["world"] == "mnist"
+    protocol = summary["protocol"]  # MNIST has no held-out prompts: the record says so
+    assert protocol["split"] == "test" and protocol["held_out"] is False
+    assert set(protocol["n_per_row"].values()) == {10}
     assert np.isfinite(summary["metrics"]["student"]["frechet_real"])
     with np.load(out / "samples.npz") as samples:
         assert samples["student"].shape == (10, 1, 28, 28) and len(samples["prompts"]) == 10

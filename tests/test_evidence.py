@@ -174,3 +174,53 @@ def test_diffusers_ddim_on_the_denoiser_contract_equals_a_hand_ddim():
         assert sample.shape == noise.shape and torch.isfinite(sample).all(), solver
     with pytest.raises(ValueError, match="choose one of ddim, euler, dpmpp_2m"):
         make_scheduler("heun", config)
+
+
+# --- the shipped instrument and reference -------------------------------------------------------------------------
+def test_the_shipped_instrument_reads_perturbed_renders_and_standardises_its_features():
+    from decoupled_dmd.demo.metrics import Evaluator
+    from decoupled_dmd.demo.training import augment_texture_images
+
+    evaluator = Evaluator(reference_file="", world="texture")
+    images, prompts, _ = sample_world(300, seed=4321)
+    perturbed = augment_texture_images(images, torch.Generator().manual_seed(5))
+    metrics = evaluator(perturbed, prompts)
+    for name in ATTRIBUTES:
+        assert metrics[f"accuracy_{name}"] > 0.95, name
+    _, features = evaluator.classify(images)  # standardised on real renders: about zero mean, unit spread
+    assert features.mean(0).abs().mean() < 0.25 and 0.7 < features.std(0).mean() < 1.3
+
+
+def test_the_shipped_reference_was_built_by_the_shipped_instrument_under_the_protocol():
+    import json
+
+    from safetensors import safe_open
+
+    from decoupled_dmd.demo.evidence import file_sha256
+    from decoupled_dmd.demo.metrics import Evaluator
+    from decoupled_dmd.demo.worlds import get_world
+
+    world = get_world("texture")
+    with safe_open(world.reference_file, "pt") as handle:
+        metadata = handle.metadata()
+        shapes = {k: tuple(handle.get_tensor(k).shape) for k in handle.keys()}
+    # retraining the classifier without rebuilding the reference would compare two different feature spaces
+    assert metadata["classifier_sha256"] == file_sha256(world.classifier_file)
+    assert json.loads(metadata["prompts"]) == evaluation_prompts()
+    assert json.loads(metadata["reference_seeds"]) == {"validation": VALIDATION.reference_seed,
+                                                       "test": TEST.reference_seed}
+    assert shapes == {"validation_features": (512, 64), "test_features": (512, 64)}
+    assert float(metadata["effective_rank"]) > 10
+    validation, test = Evaluator(world="texture"), Evaluator(world="texture", split="test")
+    assert not np.allclose(validation.reference["mu"], test.reference["mu"])
+    assert validation.noise_floor(512) == pytest.approx(test.noise_floor(512), rel=0.2)
+    assert validation.noise_floor(256) > validation.noise_floor(512) > 0  # a smaller set sits further off
+
+
+def test_solver_lists_parse_and_rows_state_their_calls():
+    from decoupled_dmd.demo.evidence import calls_of, parse_solvers
+
+    assert parse_solvers("dpmpp_2m:2,4,8; ddim:4") == {"dpmpp_2m": (2, 4, 8), "ddim": (4,)}
+    with pytest.raises(ValueError, match="write solver:steps"):
+        parse_solvers("heun:4")
+    assert calls_of("dpmpp_2m 4 steps (8 calls)") == 8 and calls_of("student") is None

@@ -137,7 +137,7 @@ def test_shipped_texture_classifier_reads_every_attribute_of_fresh_images():
 
 
 @pytest.mark.skipif(not os.path.isdir(TEXTURE.teacher_dir), reason="texture teacher not shipped")
-def test_dmd_demo_on_the_texture_world_writes_the_four_row_grid_and_the_8_step_comparison(tmp_path):
+def test_dmd_demo_on_the_texture_world_writes_the_grid_and_the_protocols_comparison(tmp_path):
     import json
 
     from decoupled_dmd.demo.run import demo_main
@@ -149,10 +149,20 @@ def test_dmd_demo_on_the_texture_world_writes_the_four_row_grid_and_the_8_step_c
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["world"] == "texture" and summary["student_timesteps"] == [999, 749, 499, 249]
     metrics = summary["metrics"]
-    for row in ("student", "teacher_few_steps_cfg", "teacher_8_steps_cfg", "teacher_same_nfe_cfg"):
-        for key in ("adherence", "accuracy_texture", "frechet", "frechet_real", "hf_energy_ratio"):
+    for row in ("student", "teacher_equal_calls", "teacher_double_calls", "teacher_4x_calls"):
+        for key in ("adherence", "accuracy_texture", "texture_spectrum_accuracy", "frechet", "frechet_real",
+                    "hf_energy_ratio"):
             assert np.isfinite(metrics[row][key]), (row, key)
+        low, high = metrics[row]["frechet_interval"]
+        assert low <= high and metrics[row]["n"] == 16
+    assert metrics["teacher_double_calls"]["sampler"] == "dpmpp_2m, cfg 3" and metrics["teacher_4x_calls"]["calls"] == 16
+    assert "closer_than_student" in metrics["teacher_equal_calls"]
     assert metrics["noise_floor_frechet_real"] > 0
+    from decoupled_dmd.demo.protocol import check_protocol
+
+    protocol = summary["protocol"]  # held-out prompts, test seeds, equal n: a script can check it
+    assert protocol["split"] == "test" and protocol["held_out"] and check_protocol(protocol) == []
+    assert summary["settings"]["seed"] == 0
     with np.load(out / "samples.npz") as samples:
         assert samples["student"].shape == (16, 3, 32, 32)
     from PIL import Image
