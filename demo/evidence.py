@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .metrics import TEACHER_STEPS, Evaluator, teacher_samples
 from .protocol import SPLITS, get_split
-from .stats import effective_rank, interval, paired_bootstrap_frechet, paired_bootstrap_mean
+from .stats import effective_rank, interval, paired_bootstrap_frechet, paired_bootstrap_mean, recentre
 
 logger = logging.getLogger("decoupled_dmd.evidence")
 
@@ -116,10 +116,11 @@ def score_rows(evaluator: Evaluator, rows: dict[str, Tensor], prompts: list[str]
         out[name] = metrics
     draws = paired_bootstrap_frechet(features, evaluator.reference_features, resamples)
     for name, values in draws.items():
-        out[name]["frechet_interval"] = interval(values)
+        out[name]["frechet_interval"] = interval(recentre(values, out[name]["frechet"]))
         if compare_to and name != compare_to:
-            difference = values - draws[compare_to]
-            out[name][f"frechet_minus_{compare_to}"] = float(out[name]["frechet"] - out[compare_to]["frechet"])
+            estimate = float(out[name]["frechet"] - out[compare_to]["frechet"])
+            difference = recentre(values - draws[compare_to], estimate)
+            out[name][f"frechet_minus_{compare_to}"] = estimate
             out[name][f"frechet_minus_{compare_to}_interval"] = interval(difference)
             out[name][f"closer_than_{compare_to}"] = float((difference < 0).mean())
     return out

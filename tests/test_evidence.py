@@ -224,3 +224,13 @@ def test_solver_lists_parse_and_rows_state_their_calls():
     with pytest.raises(ValueError, match="write solver:steps"):
         parse_solvers("heun:4")
     assert calls_of("dpmpp_2m 4 steps (8 calls)") == 8 and calls_of("student") is None
+
+
+def test_recentred_bootstrap_draws_hold_the_estimate():
+    from decoupled_dmd.demo.stats import interval, recentre
+
+    draws = np.array([3.0, 3.2, 3.5, 4.0, 2.9])
+    centred = recentre(draws, 1.7)
+    assert np.median(centred) == pytest.approx(1.7) and np.ptp(centred) == pytest.approx(np.ptp(draws))
+    low, high = interval(centred)
+    assert low < 1.7 < high
