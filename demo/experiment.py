@@ -145,9 +145,10 @@ def make_config(output_dir: str, prompt_file: str, settings: dict, teacher_dir: 
 
 def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int = 0, eval_per_prompt: int = 20,
                      evaluator: Evaluator | None = None, teacher_dir: str | None = None,
-                     keep_trainer: bool = False, should_stop=None, world="mnist"):
+                     keep_trainer: bool = False, should_stop=None, world="mnist", track: bool = True):
     """Distil a world's teacher with `settings` (TrainConfig keys over BASE_SETTINGS and the world's own);
-    evaluate as it trains.
+    evaluate as it trains (and, with `track`, before the first update and after the last, with the same-input
+    comparison; `dmd-demo` scores its student itself and skips them).
 
     Returns a `RunResult` (and the trainer when `keep_trainer`).
     """
@@ -176,10 +177,12 @@ def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int
                                                              should_stop=should_stop or (lambda: False)))
     holder["trainer"] = trainer
     started = time.time()
-    result.history.append({"step": 0, **evaluate_student(trainer, evaluator, prompts)})
+    if track:
+        result.history.append({"step": 0, **evaluate_student(trainer, evaluator, prompts)})
     result.student_file = trainer.train()
-    result.history.append({"step": trainer.step, **evaluate_student(trainer, evaluator, prompts)})
-    result.same_input = same_input_comparison(trainer, evaluator, prompts)
+    if track:
+        result.history.append({"step": trainer.step, **evaluate_student(trainer, evaluator, prompts)})
+        result.same_input = same_input_comparison(trainer, evaluator, prompts)
     result.seconds = time.time() - started
     log_file = os.path.join(trainer.logging_dir, "metrics.jsonl")
     if os.path.isfile(log_file):

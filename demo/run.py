@@ -75,11 +75,11 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     evaluator = Evaluator(reference_file, world=world, split=split.name)
     training_dir = os.path.join(output_dir, "training")
     shutil.rmtree(training_dir, ignore_errors=True)  # a fresh run: the trainer would resume nothing anyway
-    logger.info("training: %d generator updates of a %d-step student (the bar below), then about a minute "
+    logger.info("training: %d generator updates of a %d-step student (the bar below), then two to three minutes "
                 "of evaluation", values["max_train_steps"], len(values["student_timesteps"]))
     result, trainer = run_distillation("demo", values, training_dir, eval_every=0, eval_per_prompt=eval_per_prompt,
                                        evaluator=evaluator, teacher_dir=teacher_dir, keep_trainer=True,
-                                       should_stop=should_stop, world=world)
+                                       should_stop=should_stop, world=world, track=False)
     train_seconds = time.time() - started
     guidance = trainer.guidance_scale
     steps = len(trainer.levels)
