@@ -198,10 +198,12 @@ def evaluation_prompts(per_prompt: int, world="mnist") -> list[str]:
 
 @torch.no_grad()
 def teacher_samples(adapter, prompts: list[str], seed: int, guidance_scale: float, steps: int = TEACHER_STEPS,
-                    batch_size: int = 250, denoiser=None) -> Tensor:
+                    batch_size: int = 250, denoiser=None, sampler=None) -> Tensor:
     """Teacher CFG samples, unclipped (Euler in x0 space; guidance 1 is the unguided teacher).
 
     `denoiser`: the teacher as the trainer runs it (LoRA adapters off); default the adapter's own backbone.
+    `sampler(denoiser, noise, cond, uncond, guidance_scale, steps)`: default the trainer's `cfg_sample`
+    (solvers.py passes diffusers' schedulers).
     """
     from ..trainer.sampling import cfg_sample
 
@@ -213,7 +215,8 @@ def teacher_samples(adapter, prompts: list[str], seed: int, guidance_scale: floa
         chunk = prompts[start:start + batch_size]
         cond = adapter.encode_prompts(chunk)
         uncond = adapter.encode_prompts([""] * len(chunk))
-        out.append(cfg_sample(denoiser, noise[start:start + len(chunk)], cond, uncond, guidance_scale, steps))
+        out.append((sampler or cfg_sample)(denoiser, noise[start:start + len(chunk)], cond, uncond, guidance_scale,
+                                           steps))
     return torch.cat(out)
 
 

@@ -62,14 +62,9 @@ def teacher_solver_samples(adapter, scheduler_config: dict, prompts: list[str], 
     """The teacher's samples for `prompts` with `solver` at `steps` steps (unclipped), noises from `seed`
     (the same noises as `metrics.teacher_samples` and the student's evaluation draw); `scheduler_config` is
     the teacher's diffusers scheduler config."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(prompts), *adapter.latent_shape(*adapter.default_resolution)), generator=generator)
-    denoiser = denoiser or adapter.denoiser()
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        cond, uncond = adapter.encode_prompts(chunk), adapter.encode_prompts([""] * len(chunk))
-        scheduler = make_scheduler(solver, scheduler_config)
-        out.append(solver_sample(denoiser, scheduler, noise[start:start + len(chunk)], cond, uncond, guidance_scale,
-                                 steps))
-    return torch.cat(out)
+    from .metrics import teacher_samples
+
+    def sampler(denoiser, noise: Tensor, cond: Conditioning, uncond: Conditioning, guidance: float, count: int):
+        return solver_sample(denoiser, make_scheduler(solver, scheduler_config), noise, cond, uncond, guidance, count)
+
+    return teacher_samples(adapter, prompts, seed, guidance_scale, steps, batch_size, denoiser, sampler=sampler)

@@ -138,7 +138,8 @@ def test_fast_role_switch_is_the_public_peft_switch(tiny_model_dir, tmp_path):
 
 def test_batched_fake_samples_equal_one_by_one_for_a_one_step_student(tiny_model_dir, tmp_path):
     # with one student step there is no re-noising inside the simulation: both ways draw the same prompts and
-    # noise in the same order, so the samples must agree (float tolerance: one batch of 6 rows vs 3 of 2)
+    # noise in the same order, so the samples must agree (float tolerance: one batch of 6 rows vs 3 of 2, whose
+    # convolutions may take other kernels: 1.4e-5 apart at one thread; a wrong draw order is O(1) apart)
     trainer = make_trainer(tiny_model_dir, tmp_path, student_timesteps=[999], fake_updates_per_step=3)
     trainer.random.generator.manual_seed(11)
     with torch.no_grad():
@@ -152,7 +153,7 @@ def test_batched_fake_samples_equal_one_by_one_for_a_one_step_student(tiny_model
             one_by_one.append((cond, trainer._x0("student", noise, level, cond).float()))
     for (cond_a, x_a), (cond_b, x_b) in zip(batched, one_by_one):
         assert torch.equal(cond_a["encoder_hidden_states"], cond_b["encoder_hidden_states"])
-        torch.testing.assert_close(x_a, x_b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_a, x_b, rtol=1e-4, atol=1e-4)
 
 
 def test_batched_fake_samples_cost_one_call_per_step_and_the_same_work(tiny_model_dir, tmp_path):
