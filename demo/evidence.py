@@ -26,7 +26,14 @@ from torch import Tensor
 
 from .metrics import TEACHER_STEPS, Evaluator, teacher_samples
 from .protocol import SPLITS, get_split
-from .stats import effective_rank, interval, paired_bootstrap_frechet, paired_bootstrap_mean, recentre
+from .stats import (
+    effective_rank,
+    frechet_from_features,
+    interval,
+    paired_bootstrap_frechet,
+    paired_bootstrap_mean,
+    recentre,
+)
 
 logger = logging.getLogger("decoupled_dmd.evidence")
 
@@ -72,7 +79,7 @@ def build_reference(world="texture", per_prompt: int = N_PER_PROMPT, steps: int 
         tensors[f"{name}_features"] = evaluator.classify(images)[1].float().contiguous()
         summary[name] = evaluator(images, prompts)
     validation, test = (tensors[f"{n}_features"].double().numpy() for n in ("validation", "test"))
-    floor = _frechet(validation, test)
+    floor = frechet_from_features(validation, test)
     metadata = {"guidance_scale": str(guidance), "teacher_steps": str(steps), "sampler": "ddim (cfg_sample)",
                 "per_prompt": str(per_prompt), "prompts": json.dumps(list(dict.fromkeys(prompts))),
                 "reference_seeds": json.dumps({n: s.reference_seed for n, s in SPLITS.items()}),
@@ -83,36 +90,21 @@ def build_reference(world="texture", per_prompt: int = N_PER_PROMPT, steps: int 
     return {"metadata": metadata, "teacher_50_steps": summary}
 
 
-def _frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from .stats import frechet_from_features
-
-    return frechet_from_features(a, b)
-
-
 def score_rows(evaluator: Evaluator, rows: dict[str, Tensor], prompts: list[str], compare_to: str | None = None,
                resamples: int = 200) -> dict:
     """Every row's metrics with intervals: Frechet to the split's reference (paired bootstrap), texture accuracy
     by the head and by the spectrum reader, top-1 (bootstrap); with `compare_to`, each row's Frechet minus that
     row's on the same draws (its interval, and how often the row is the closer)."""
-    from .texture import read_texture
-
     if evaluator.reference_features is None:
         raise ValueError("score_rows needs a protocol reference (per-split features): run "
                          "`python -m decoupled_dmd.demo.evidence reference`")
-    labels = evaluator.world.labels(prompts)
     features, out = {}, {}
     for name, images in rows.items():
-        probabilities, feats = evaluator.classify(images)
-        features[name] = feats.double().numpy()
-        metrics = evaluator(images, prompts)
-        texture_hits = (probabilities["texture"].argmax(1) == labels["texture"]).numpy()
-        spectrum_hits = (read_texture(images) == labels["texture"]).numpy()
-        top1 = np.ones(len(prompts), dtype=bool)
-        for attribute, asked in labels.items():
-            top1 &= (probabilities[attribute].argmax(1) == asked).numpy()
-        metrics.update(accuracy_texture_interval=paired_bootstrap_mean(texture_hits),
-                       texture_spectrum_accuracy_interval=paired_bootstrap_mean(spectrum_hits),
-                       top1_interval=paired_bootstrap_mean(top1), n=len(images))
+        metrics, per_sample = evaluator.score(images, prompts)
+        features[name] = per_sample["features"].double().numpy()
+        metrics.update(accuracy_texture_interval=paired_bootstrap_mean(per_sample["texture"].numpy()),
+                       texture_spectrum_accuracy_interval=paired_bootstrap_mean(per_sample["texture_spectrum"].numpy()),
+                       top1_interval=paired_bootstrap_mean(per_sample["top1"].numpy()), n=len(images))
         out[name] = metrics
     draws = paired_bootstrap_frechet(features, evaluator.reference_features, resamples)
     for name, values in draws.items():

@@ -129,26 +129,34 @@ class Evaluator:
         return frechet_distance(first["mu"], first["sigma"], second["mu"], second["sigma"])
 
     def __call__(self, images: Tensor, prompts: list[str]) -> dict[str, float]:
+        return self.score(images, prompts)[0]
+
+    def score(self, images: Tensor, prompts: list[str]) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """The metrics, and what they were averaged from per sample (for bootstrap intervals): `features`,
+        `top1` and, on worlds with a texture, `texture` (the head right) and `texture_spectrum` (the
+        classifier-free reader right)."""
         labels = self.world.labels(prompts)
         probabilities, features = self.classify(images)
         rows = torch.arange(len(prompts))
         metrics: dict[str, float] = {}
+        per_sample: dict[str, Tensor] = {"features": features}
         correct = torch.ones(len(prompts), dtype=torch.bool)
         for name, asked in labels.items():
             metrics[f"adherence_{name}"] = probabilities[name][rows, asked].mean().item()
             hits = probabilities[name].argmax(1) == asked
             metrics[f"accuracy_{name}"] = hits.float().mean().item()
             correct &= hits
-        metrics["adherence"] = float(np.mean([metrics[f"adherence_{name}"] for name in labels]))
-        if "texture" in labels:  # per texture value, and the classifier-free spectrum reading (texture.read_texture)
-            from .texture import read_texture
+            if name == "texture":  # per texture value, and the classifier-free spectrum reading (texture.read_texture)
+                from .texture import read_texture
 
-            asked = labels["texture"]
-            hits = probabilities["texture"].argmax(1) == asked
-            for index, value in enumerate(self.world.attributes["texture"]):
-                if (asked == index).any():
-                    metrics[f"accuracy_texture_{value}"] = hits[asked == index].float().mean().item()
-            metrics["texture_spectrum_accuracy"] = (read_texture(images) == asked).float().mean().item()
+                for index, value in enumerate(self.world.attributes["texture"]):
+                    if (asked == index).any():
+                        metrics[f"accuracy_texture_{value}"] = hits[asked == index].float().mean().item()
+                per_sample["texture"] = hits
+                per_sample["texture_spectrum"] = read_texture(images) == asked
+                metrics["texture_spectrum_accuracy"] = per_sample["texture_spectrum"].float().mean().item()
+        metrics["adherence"] = float(np.mean([metrics[f"adherence_{name}"] for name in labels]))
+        per_sample["top1"] = correct
         metrics["top1"] = correct.float().mean().item()
         mu, sigma = feature_statistics(features)
         if self.reference is not None:
@@ -162,7 +170,7 @@ class Evaluator:
             if abs(real["tint"]) > 0.05:  # a graded style (texture.STYLES): how much of its colour cast is there
                 metrics["tint_ratio"] = tint / real["tint"]
         metrics.update(image_statistics(images))
-        return metrics
+        return metrics, per_sample
 
     def noise_floor(self, count: int) -> float | None:
         """Frechet distance of `count` teacher samples of another seed to the reference (nearest size shipped;
