@@ -49,20 +49,21 @@ def run_job(job: dict) -> dict:
     return data
 
 
-def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
-    """Run `jobs` `workers` at a time (spawned processes, one thread each); 1 runs them in this process."""
+def run_jobs(jobs: list[dict], workers: int, function=run_job) -> list[dict]:
+    """Run `function` (a module-level function of one job) on `jobs`, `workers` at a time (spawned processes,
+    one thread each); 1 runs them in this process."""
     from tqdm.auto import tqdm
 
     results = []
     if workers <= 1:
         for job in tqdm(jobs, desc="benchmark runs"):
-            results.append(run_job(job))
+            results.append(function(job))
         return results
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, maxtasksperchild=1) as pool:
-        for data in tqdm(pool.imap(run_job, [dict(job, threads=1) for job in jobs]), total=len(jobs),
+        for data in tqdm(pool.imap(function, [dict(job, threads=1) for job in jobs]), total=len(jobs),
                          desc="benchmark runs"):
             results.append(data)
     return results

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
 from decoupled_dmd.trainer.api import apply_student, read_student_metadata
-from decoupled_dmd.trainer.config import config_from_dict
+from decoupled_dmd.trainer.config import ConfigError, config_from_dict
 from decoupled_dmd.trainer.loop import DecoupledDMDTrainer, TrainerCallbacks, list_states
 from decoupled_dmd.trainer.networks import LoraRoles
 
@@ -365,3 +365,37 @@ def test_a_flow_teacher_trains_with_a_timestep_shift(tiny_model_dir, tmp_path):
     logs = trainer.train_step()
     assert all(math.isfinite(logs[k]) for k in ("loss_generator", "tau_ca", "tau_dm"))
     assert 0.0 < logs["tau_dm"] <= 0.98 + 1e-9
+
+
+def test_regression_only_control_steps_on_the_regression_gradient_alone(tiny_model_dir, tmp_path):
+    """The control that says what Decoupled DMD adds to DMD's regression loss: no CA, no DM, no fake model and
+    no teacher call in an update; the student moves by exactly one Adam step on weight x the regression MSE."""
+    with pytest.raises(ConfigError, match="regression-only control"):
+        config_from_dict({"cfg_augmentation": False, "regularizer": "none"})  # nothing would train the student
+    trainer = make_trainer(tiny_model_dir, tmp_path, cfg_augmentation=False, regularizer="none",
+                           regression_loss_weight=2.0, regression_pairs=3, regression_teacher_steps=2,
+                           max_grad_norm=0.0)
+    assert trainer.config.regression_only and "fake" not in trainer.optimizers
+    trainer._ensure_regression_pairs()
+    parameters = trainer.roles.trainable_parameters("student")
+    before = [p.detach().clone() for p in parameters]
+    state = trainer.random.generator.get_state()
+    calls = []
+    teacher_x0 = trainer._x0
+    trainer._x0 = lambda role, *a, **k: calls.append(role) or teacher_x0(role, *a, **k)
+    logs = trainer.train_step()
+    trainer._x0 = teacher_x0
+    assert calls == ["student"]  # one trained call, no teacher or fake call
+    assert logs["loss_generator"] == pytest.approx(2.0 * logs["loss_regression"]) and "gen_std" in logs
+    after = [p.detach().clone() for p in parameters]
+    # the same step by hand: the regression gradient alone, and Adam's first step, lr * g / (|g| + eps)
+    trainer.random.generator.set_state(state)
+    for p, value in zip(parameters, before):
+        p.data.copy_(value)
+        p.grad = None
+    trainer._regression_backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters)
+    for p, value, moved in zip(parameters, before, after):
+        grad = torch.zeros_like(value) if p.grad is None else p.grad
+        expected = value - 1e-3 * grad / (grad.abs() + 1e-8)
+        assert torch.allclose(moved, expected, atol=1e-6), "the student moved by something besides the regression"

@@ -201,6 +201,11 @@ class TrainConfig:
     def uses_fake_model(self) -> bool:
         return self.regularizer == "dm"
 
+    @property
+    def regression_only(self) -> bool:
+        """Neither DMD term, only DMD's regression loss: the control that says what the method adds to it."""
+        return not self.cfg_augmentation and self.regularizer == "none" and self.regression_loss_weight > 0
+
     def resolution_hw(self) -> tuple[int, int] | None:
         """(height, width) from `resolution`, or None for the model's default."""
         if self.resolution in ("", None):
@@ -302,8 +307,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(str(error)) from None
     if timesteps[-1] <= config.min_timestep:
         _fail("student_timesteps", f"the last step {timesteps[-1]} must be above min_timestep {config.min_timestep}")
-    if not config.cfg_augmentation and config.regularizer != "dm":
-        _fail("cfg_augmentation", "false needs regularizer = 'dm' (the DM-only ablation); otherwise nothing trains the student")
+    if not config.cfg_augmentation and config.regularizer != "dm" and not config.regression_only:
+        _fail("cfg_augmentation", "false needs regularizer = 'dm' (the DM-only ablation), or regularizer = 'none' with "
+              "regression_loss_weight > 0 (the regression-only control); otherwise nothing trains the student")
     if config.regression_loss_weight > 0:
         if config.regression_pairs < 1:
             _fail("regression_pairs", f"{config.regression_pairs} must be >= 1 with regression_loss_weight > 0")

@@ -416,6 +416,12 @@ class DecoupledDMDTrainer:
     def generator_step(self) -> dict[str, float]:
         """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8): one student update."""
         config = self.config
+        if config.regression_only:  # the control: no generator sample, no teacher call, the regression loss alone
+            logs = self._regression_backward(statistics=True)
+            if logs:
+                logs["loss_generator"] = config.regression_loss_weight * logs["loss_regression"]
+                logs["grad_norm_student"] = self._optimize("student", None, accumulate=True)
+            return logs
         cond, step_index, noise = self._draw_batch()                              # line 6
         regression = self._regression_backward() if config.regression_loss_weight > 0 else {}
         with self.meter.phase("generator_simulation"):
@@ -444,7 +450,7 @@ class DecoupledDMDTrainer:
         logs.update(per_image_statistics(x_gen.detach()))
         return logs
 
-    def _regression_backward(self) -> dict[str, float]:
+    def _regression_backward(self, statistics: bool = False) -> dict[str, float]:
         """DMD's regression loss (Yin et al. 2024, `regression_loss_weight`): backward of weight * MSE between the
         student's first step on a batch of fixed noises and the teacher's CFG samples from those noises. Runs
         before the generator's own sample and leaves its gradient in the student's .grad for `_optimize` to add
@@ -460,7 +466,8 @@ class DecoupledDMDTrainer:
             x0 = self._x0("student", noise[indices].to(device), self._level(self.levels[0], batch), cond, train=True)
             loss = torch.nn.functional.mse_loss(x0.float(), target[indices].to(device).float())
             self._backward("student", self.config.regression_loss_weight * loss)
-        return {"loss_regression": loss.item()}
+        # `statistics`: the first step's image statistics (the regression-only control has no generator sample)
+        return {"loss_regression": loss.item(), **(per_image_statistics(x0) if statistics else {})}
 
     def _ensure_regression_pairs(self) -> bool:
         """Make the regression loss's pairs once (`_train` does it before the first update, outside every update's
@@ -582,11 +589,13 @@ class DecoupledDMDTrainer:
         self.accelerator.backward(loss)
         self.meter.backward(role)
 
-    def _optimize(self, role: str, loss: Tensor, accumulate: bool = False) -> float:
+    def _optimize(self, role: str, loss: Tensor | None, accumulate: bool = False) -> float:
         """Backward, clip, step; a non-finite gradient (identical on every process) skips the update.
-        `accumulate`: add to the gradient already in .grad (the regression loss's) instead of starting afresh."""
+        `accumulate`: add to the gradient already in .grad (the regression loss's) instead of starting afresh;
+        `loss` None: step on that gradient alone (the regression-only control)."""
         optimizer, accelerator = self.optimizers[role], self.accelerator
-        self._backward(role, loss, accumulate)
+        if loss is not None:
+            self._backward(role, loss, accumulate)
         parameters = self.roles.trainable_parameters(role)
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = float(accelerator.clip_grad_norm_(parameters, max_norm))
