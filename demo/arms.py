@@ -323,6 +323,26 @@ def markdown(table: dict, split: str, baseline: str, teacher: dict | None = None
     return "\n".join(lines) + "\n"
 
 
+STEP_ARMS = ("1 step", "2 steps", "shipped", "8 steps")  # the shipped student has 4 steps
+
+
+def quality_rows(table: dict, solver_rows: dict[str, dict]) -> dict[str, dict]:
+    """The teacher's solver rows (`evidence solvers` JSON) and one student line over the step-count arms (mean
+    and sample SD over seeds, one network call a step), for plots.save_quality_against_calls."""
+    rows = {name: row for name, row in solver_rows.items() if row.get("calls")}
+    for arm in STEP_ARMS:
+        if arm not in table:
+            continue
+        row = table[arm]
+        point = {"calls": row["steps"], "line": f"student (mean +- SD over {row['n_seeds']} training seeds)"}
+        for figure in FIGURES:
+            point[figure] = row[figure]["mean"]
+            if row[figure]["sd"] is not None:
+                point[f"{figure}_sd"] = row[figure]["sd"]
+        rows[f"student {row['steps']} steps ({row['steps']} calls)"] = point
+    return rows
+
+
 def arms_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decoupled_dmd.demo.arms", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,6 +358,8 @@ def arms_main(argv: list[str] | None = None) -> int:
     report.add_argument("--teacher_samples", default=None,
                         help="solvers_<split>.pt of `evidence solvers --samples_dir`: compare each run with its rows")
     report.add_argument("--teacher_rows", default="dpmpp_2m 4 steps (8 calls),dpmpp_2m 8 steps (16 calls)")
+    report.add_argument("--solvers_json", default=None,
+                        help="solvers_<split>.json of `evidence solvers`: plot quality against calls with the students")
     for p in (run, report):
         p.add_argument("--output_dir", default="output/arms")
     args = parser.parse_args(argv)
@@ -367,6 +389,16 @@ def arms_main(argv: list[str] | None = None) -> int:
     _write_text(os.path.join(args.output_dir, f"report_{args.split}.md"), text)
     _write_json(os.path.join(args.output_dir, f"report_{args.split}.json"),
                 {"split": args.split, "table": table, "against_teacher": teacher})
+    if args.solvers_json:
+        from .plots import save_quality_against_calls
+
+        with open(args.solvers_json, encoding="utf-8") as handle:
+            solvers = json.load(handle)
+        keep = ("dpmpp_2m", "ddim", "euler", "unipc")
+        rows = quality_rows(table, {k: v for k, v in solvers["rows"].items() if k.split(" ")[0] in keep})
+        path = save_quality_against_calls(rows, os.path.join(args.output_dir, f"quality_vs_calls_{args.split}.png"),
+                                          solvers.get("noise_floor"))
+        print(f"plot: {path}")
     print(text)
     return 0
 

@@ -138,15 +138,16 @@ QUALITY_PANELS = (("frechet", "Frechet to the 50-step CFG teacher"), ("accuracy_
 
 def save_quality_against_calls(rows: dict[str, dict], path: str, floor: float | None = None,
                                metrics: tuple[tuple[str, str], ...] = QUALITY_PANELS) -> str:
-    """Quality against network calls: one line per sampler ('<sampler> <k> steps (<n> calls)' rows), students
-    (rows whose name starts with 'student') as points; Frechet with its bootstrap interval, on log axes."""
+    """Quality against network calls: one line per sampler ('<sampler> <k> steps (<n> calls)' rows; students,
+    rows whose name starts with 'student', as stars); Frechet with its bootstrap interval (a band), or with
+    `<metric>_sd` (a student's spread over training seeds) as error bars, on log axes."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
     lines: dict[str, list[tuple[int, dict]]] = {}
     for name, row in rows.items():
         if "calls" not in row:
             continue
-        sampler = name.split(" ")[0] if not name.startswith("student") else name
+        sampler = row.get("line", name.split(" ")[0])
         lines.setdefault(sampler, []).append((row["calls"], row))
     for axis, (key, label) in zip(axes[0], metrics):
         for sampler, points in sorted(lines.items()):
@@ -154,10 +155,13 @@ def save_quality_against_calls(rows: dict[str, dict], path: str, floor: float | 
             calls = [c for c, _ in points]
             values = [row[key] for _, row in points]
             student = sampler.startswith("student")
-            style = dict(marker="*", markersize=14, linestyle="none") if student else dict(marker="o")
+            style = dict(marker="*", markersize=14, linestyle="--") if student else dict(marker="o")
             drawn = axis.plot(calls, values, label=sampler, **style)[0]
             interval = f"{key}_interval"
-            if all(interval in row for _, row in points):
+            if all(f"{key}_sd" in row for _, row in points):
+                axis.errorbar(calls, values, yerr=[row[f"{key}_sd"] for _, row in points], fmt="none", capsize=4,
+                              color=drawn.get_color())
+            elif all(interval in row for _, row in points):
                 low = [row[interval][0] for _, row in points]
                 high = [row[interval][1] for _, row in points]
                 axis.fill_between(calls, low, high, alpha=0.15, color=drawn.get_color())

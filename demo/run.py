@@ -27,7 +27,9 @@ from .experiment import (
 )
 from .metrics import Evaluator, teacher_samples
 from .plots import save_labelled_grid, save_training_curves
+from .models import teacher_info
 from .protocol import check_training_seed, get_split
+from .teacher_rows import TeacherRows
 from .worlds import flow_timesteps_matching_sdxl, get_world
 
 logger = logging.getLogger("decoupled_dmd.demo")
@@ -54,12 +56,14 @@ GRID_SEEDS = (10_100, 10_101)  # validation seeds: the grid is a picture to look
 
 def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_prompt: int | None = None,
              seed: int = 0, teacher_dir: str | None = None, teacher_steps: int = 50, settings: dict | None = None,
-             reference_file: str | None = None, should_stop=None, world="mnist", split: str = "test") -> dict:
+             reference_file: str | None = None, should_stop=None, world="mnist", split: str = "test",
+             background_teacher: bool = True) -> dict:
     """Train the demo student and write the results folder; returns the metrics written to metrics.json.
 
     `should_stop` (checked between updates) ends training early; the results are then those of the student
     trained so far. `split` is the protocol's evaluation split (protocol.py): test for the figures a run
-    reports, validation for every choice made with them."""
+    reports, validation for every choice made with them. `background_teacher`: sample the teacher's rows in a
+    second process while the student trains (teacher_rows.py)."""
     started = time.time()
     world = get_world(world)
     teacher_dir = teacher_dir or world.teacher_dir
@@ -75,41 +79,46 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     evaluator = Evaluator(reference_file, world=world, split=split.name)
     training_dir = os.path.join(output_dir, "training")
     shutil.rmtree(training_dir, ignore_errors=True)  # a fresh run: the trainer would resume nothing anyway
-    logger.info("training: %d generator updates of a %d-step student (the bar below), then two to three minutes "
-                "of evaluation", values["max_train_steps"], len(values["student_timesteps"]))
-    result, trainer = run_distillation("demo", values, training_dir, eval_every=0, eval_per_prompt=eval_per_prompt,
-                                       evaluator=evaluator, teacher_dir=teacher_dir, keep_trainer=True,
-                                       should_stop=should_stop, world=world, track=False)
-    train_seconds = time.time() - started
-    guidance = trainer.guidance_scale
-    steps = len(trainer.levels)
-    if trainer.step < values["max_train_steps"]:
-        logger.info("stopped at update %d of %d: the student and a resumable state are in %s; evaluating this "
-                    "student (Ctrl-C again to quit now)", trainer.step, values["max_train_steps"], training_dir)
     prompts = world.evaluation_prompts(eval_per_prompt)
-    logger.info("evaluating: sampling %d student and teacher images, then the grid, curves and metrics", len(prompts))
+    steps = len(values["student_timesteps"])
+    guidance = float(values.get("guidance_scale") or teacher_info(teacher_dir).get("guidance_scale", 3.0))
+    solver_name, nfe_steps, columns = world.solver or "euler", max(1, steps // 2), world.grid_prompts()
 
     # The evaluation set: each held-out prompt `eval_per_prompt` times, one noise draw (the split's) shared by
-    # all rows; the teacher at equal, double and four times the student's network calls (CFG: two a step).
-    teacher = trainer.denoiser("teacher")  # the base with the LoRA adapters off, as the trainer runs it
-    student = sample_student(trainer, prompts, split.noise_seed)[-1]
-    nfe_steps = max(1, steps // 2)
-
-    def teacher_at(count: int, seed: int = split.noise_seed, chosen: list[str] = prompts, solver=world.solver):
-        if solver is None:
-            return teacher_samples(trainer.adapter, chosen, seed, guidance, steps=count, denoiser=teacher)
-        from ..trainer.adapters.diffusers import read_scheduler_config
-        from .solvers import teacher_solver_samples
-
-        return teacher_solver_samples(trainer.adapter, read_scheduler_config(teacher_dir, True), chosen, seed,
-                                      guidance, solver, count, denoiser=teacher)
-
-    solver_name = world.solver or "euler"
-    rows, described = {"student": student}, {"student": {"steps": steps, "calls": steps, "sampler": "student"}}
+    # all rows; the teacher at equal, double and four times the student's network calls (CFG: two a step),
+    # and the grid's teacher pictures: none depends on the student, so they are sampled while it trains.
+    described = {"student": {"steps": steps, "calls": steps, "sampler": "student"}}
+    spec_rows = {}
     for key, factor in (("teacher_equal_calls", 1), ("teacher_double_calls", 2), ("teacher_4x_calls", 4)):
         count = max(1, steps * factor // 2)
-        rows[key] = teacher_at(count)
+        spec_rows[key] = {"prompts": prompts, "seed": split.noise_seed, "steps": count, "solver": world.solver}
         described[key] = {"steps": count, "calls": 2 * count, "sampler": f"{solver_name}, cfg {guidance:g}"}
+    for grid_seed in GRID_SEEDS:
+        for count, solver in ((teacher_steps, None), (nfe_steps, world.solver), (steps, world.solver)):
+            spec_rows[f"grid {grid_seed} {count} {solver}"] = {"prompts": columns, "seed": grid_seed, "steps": count,
+                                                               "solver": solver}
+    teacher_rows = TeacherRows({"teacher_dir": teacher_dir, "guidance": guidance, "rows": spec_rows},
+                               background=background_teacher).start()
+    try:
+        logger.info("training: %d generator updates of a %d-step student (the bar below), then about a minute "
+                    "of evaluation", values["max_train_steps"], steps)
+        result, trainer = run_distillation("demo", values, training_dir, eval_every=0,
+                                           eval_per_prompt=eval_per_prompt, evaluator=evaluator,
+                                           teacher_dir=teacher_dir, keep_trainer=True, should_stop=should_stop,
+                                           world=world, track=False)
+        train_seconds = time.time() - started
+        if trainer.step < values["max_train_steps"]:
+            logger.info("stopped at update %d of %d: the student and a resumable state are in %s; evaluating this "
+                        "student (Ctrl-C again to quit now)", trainer.step, values["max_train_steps"], training_dir)
+        logger.info("evaluating: sampling %d student images, then the grid, curves and metrics", len(prompts))
+        student = sample_student(trainer, prompts, split.noise_seed)[-1]
+        sampled = teacher_rows.result()
+    finally:
+        teacher_rows.close()
+    if abs(trainer.guidance_scale - guidance) > 1e-9 or len(trainer.levels) != steps:
+        raise RuntimeError(f"the teacher rows were sampled at cfg {guidance:g} for {steps} steps, the trainer ran cfg "
+                           f"{trainer.guidance_scale:g} for {len(trainer.levels)}")
+    rows = {"student": student, **{key: sampled[key] for key in described if key != "student"}}
     if evaluator.reference_features is not None:
         from .evidence import score_rows
 
@@ -131,16 +140,15 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
 
     # The grid: same prompts (columns) and seeds for the four rows of each seed.
     grid_rows = []
-    columns = world.grid_prompts()
     for grid_seed in GRID_SEEDS:
         student_grid = sample_student(trainer, columns, grid_seed)[-1]
         grid_rows += [
             (f"teacher {teacher_steps} steps\ncfg {guidance:g}, seed {grid_seed}",
-             teacher_at(teacher_steps, grid_seed, columns, solver=None)),
+             sampled[f"grid {grid_seed} {teacher_steps} None"]),
             (f"teacher {solver_name} {nfe_steps} st.\n({2 * nfe_steps} calls), seed {grid_seed}",
-             teacher_at(nfe_steps, grid_seed, columns)),
+             sampled[f"grid {grid_seed} {nfe_steps} {world.solver}"]),
             (f"teacher {solver_name} {steps} st.\n({2 * steps} calls), seed {grid_seed}",
-             teacher_at(steps, grid_seed, columns)),
+             sampled[f"grid {grid_seed} {steps} {world.solver}"]),
             (f"student {steps} steps\n({steps} calls), seed {grid_seed}", student_grid)]
     save_labelled_grid(grid_rows, os.path.join(output_dir, "grid.png"),
                        column_titles=[world.column_title(p) for p in columns])
@@ -235,13 +243,13 @@ def demo_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.warning("dmd-demo: stopped; whatever training saved is in %s",
                        os.path.join(os.path.abspath(args.output_dir), "training"))
-        return 130
+        return stop.exit_code
     finally:
         stop.restore()
     for line in headline(summary):
         logger.info("%s", line)
     logger.info("results in %s (%.0f s)", os.path.abspath(args.output_dir), summary["total_seconds"])
-    return 130 if stop.requested else 0
+    return stop.exit_code if stop.requested else 0
 
 
 if __name__ == "__main__":

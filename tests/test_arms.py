@@ -99,3 +99,23 @@ def test_a_run_trains_scores_both_splits_and_resumes_from_its_file(tmp_path):
     assert arms.run_arm(job)["seconds"] == data["seconds"]  # read back, not trained again
     loaded = arms.load_results(str(tmp_path))
     assert list(loaded) == ["shipped"] and list(loaded["shipped"]) == [0]
+
+
+def test_quality_rows_put_the_students_on_one_line_with_their_seed_spread(tmp_path):
+    from decoupled_dmd.demo.plots import save_quality_against_calls
+
+    results = {arm: {s: dict(_fake_result(arm, s, 10.0 / steps + s, 0.8), steps=steps) for s in range(3)}
+               for arm, steps in (("1 step", 1), ("shipped", 4), ("CA only", 4))}
+    table = arms.summarise(results, "test")
+    solvers = {"dpmpp_2m 4 steps (8 calls)": {"calls": 8, "frechet": 6.0, "frechet_interval": [5.0, 7.0],
+                                              "accuracy_texture": 0.8},
+               "dpmpp_2m 8 steps (16 calls)": {"calls": 16, "frechet": 2.0, "frechet_interval": [1.5, 2.5],
+                                               "accuracy_texture": 0.84}}
+    rows = arms.quality_rows(table, solvers)
+    students = {k: v for k, v in rows.items() if k.startswith("student")}
+    assert sorted(v["calls"] for v in students.values()) == [1, 4]  # the step arms only, not the controls
+    one = rows["student 1 steps (1 calls)"]
+    assert one["frechet"] == pytest.approx(11.0) and one["frechet_sd"] == pytest.approx(1.0)
+    assert len({v["line"] for v in students.values()}) == 1
+    path = save_quality_against_calls(rows, str(tmp_path / "plot.png"), floor=1.2)
+    assert os.path.getsize(path) > 10_000

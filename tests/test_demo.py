@@ -142,3 +142,32 @@ def test_student_trajectory_is_the_trainers_sampler_step_by_step():
         final = few_step_sample(adapter.denoiser(), noise, levels, cond, generator=torch.Generator().manual_seed(1))
         first = adapter.denoiser()(noise, torch.full((2,), levels[0], dtype=torch.float64), cond)
     assert len(steps) == 3 and torch.equal(steps[-1], final) and torch.equal(steps[0], first)
+
+
+def test_teacher_rows_from_the_second_process_equal_those_sampled_here_and_a_failed_process_falls_back():
+    import torch
+
+    from decoupled_dmd.demo.teacher_rows import TeacherRows, sample_rows
+    from decoupled_dmd.demo.worlds import get_world
+
+    world = get_world("mnist")
+    prompts = world.grid_prompts()[:3]
+    spec = {"teacher_dir": world.teacher_dir, "guidance": 3.0,
+            "rows": {"ddim": {"prompts": prompts, "seed": 5, "steps": 2, "solver": None},
+                     "dpm": {"prompts": prompts, "seed": 6, "steps": 2, "solver": "dpmpp_2m"}}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = sample_rows(spec)
+        background = TeacherRows(spec).start()
+        assert background.process is not None
+        rows = background.result()
+        assert set(rows) == {"ddim", "dpm"} and all(torch.equal(rows[k], here[k]) for k in here)
+        assert not os.path.exists(background._folder)  # its file is cleaned up
+        failed = TeacherRows(spec).start()
+        failed.process.terminate()
+        failed.process.join()
+        assert all(torch.equal(v, here[k]) for k, v in failed.result().items())  # sampled here instead
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads

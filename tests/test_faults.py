@@ -531,3 +531,48 @@ def test_the_run_says_what_it_is_doing_and_whether_it_continues(tiny_model_dir, 
     said.clear()
     trainer_for(tiny_model_dir, tmp_path, callbacks=callbacks, resume="latest", max_train_steps=3).train()
     assert said[-1].startswith("continuing the run") and said[-1].endswith("at step 2 of 3")
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM") or os.name == "nt", reason="POSIX signals")
+def test_sigterm_saves_a_state_exits_143_and_the_run_resumes_bit_for_bit(tiny_model_dir, tmp_path):
+    """What machines send (docker stop, Slurm, a cloud instance going away) is handled like the first Ctrl-C:
+    the update finishes, a resumable state is saved, the exit code is 128 + 15; resuming it to step k + 2 gives
+    the student a straight run of k + 2 steps gives."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+
+    def command(out, *extra):
+        return [sys.executable, "-c", "import sys; from decoupled_dmd.trainer.cli import distill_main; "
+                "sys.exit(distill_main(sys.argv[1:]))", "--pretrained_model_name_or_path", tiny_model_dir("tiny-sd15"),
+                "--prompt_file", str(prompts), "--output_dir", str(out), "--log_with", "none", "--network_dim", "4",
+                "--fake_updates_per_step", "1", "--train_batch_size", "1", "--student_timesteps", "999,499", *extra]
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    process = subprocess.Popen(command(tmp_path / "stopped", "--max_train_steps", "100000"), env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "stopped" / "logs" / "metrics.jsonl"
+    started = time.time()
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.time() - started < 240:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
+    state = list_states(str(tmp_path / "stopped"))[-1]
+    done = int(state.rsplit("-", 1)[1])
+    assert done >= 2
+
+    resumed = subprocess.run(command(tmp_path / "stopped", "--max_train_steps", str(done + 2), "--resume", state),
+                             env=environment, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(command(tmp_path / "straight", "--max_train_steps", str(done + 2)), env=environment,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_file(str(tmp_path / "stopped" / "dmd_student.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "dmd_student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

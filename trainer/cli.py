@@ -61,19 +61,21 @@ def distill_main(argv: list[str] | None = None) -> int:
     except TrainingFailed as error:
         log.error("%s", error)
         return 1
-    except KeyboardInterrupt:  # the second Ctrl-C: stop at once
+    except KeyboardInterrupt:  # the second Ctrl-C (or signal): stop at once
         log.warning("stopped at once; the last saved state and student are kept, nothing else was written")
-        return 130
+        return stop.exit_code
     except OSError as error:
         if not is_disk_full(error):
             raise
         log.error("%s", error.strerror)
         return 1
+    finally:
+        stop.restore()
     if path is None:
         log.info("nothing written: stopped before the first update")
-        return 130
+        return stop.exit_code
     log.info("student written to %s", path)
-    return 130 if stop.requested else 0
+    return stop.exit_code if stop.requested else 0
 
 
 def sample_main(argv: list[str] | None = None) -> int:
@@ -182,21 +184,38 @@ def _check_sample_args(args) -> tuple[list[str], tuple[int, int] | None, list[in
 
 
 class StopOnInterrupt:
-    """First Ctrl-C: finish the current step, save, exit. Second Ctrl-C: stop at once (last save is kept)."""
+    """First Ctrl-C (SIGINT), SIGTERM or SIGHUP: finish the current step, save, exit. A second one: stop at once
+    (the last save is kept). SIGTERM is what machines send (docker stop, Slurm, a closing terminal sends SIGHUP);
+    `exit_code` is the shell's convention for the signal that came, 128 + its number (130 for Ctrl-C)."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.signal_number: int | None = None
+        self._previous = {}
+        for number in self.SIGNALS:
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us catch
+                pass
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signal_number or signal.SIGINT)
 
     def restore(self) -> None:
-        """Put back the SIGINT handler that was there before (a host process keeps its own)."""
-        signal.signal(signal.SIGINT, self._previous)
+        """Put back the handlers that were there before (a host process keeps its own)."""
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        logging.getLogger("decoupled_dmd").warning("interrupt: stopping after this step and saving a resumable state")
+        self.requested, self.signal_number = True, signum
+        name = signal.Signals(signum).name
+        logging.getLogger("decoupled_dmd").warning("%s: stopping after this step and saving a resumable state "
+                                                   "(send it again to stop at once)", name)
 
     def __call__(self) -> bool:
         return self.requested
