@@ -64,16 +64,16 @@ def save_training_curves(entries: list[dict], path: str, title: str = "") -> str
               ("student output variance, per student step", ["gen_var"]),
               ("re-noise levels", ["tau_ca", "tau_dm"])]
     for entry in entries:
-        if "gen_std" in entry:
+        if entry.get("gen_std") is not None:  # null: a non-finite value (trainer.outputs.metrics_line)
             entry["gen_var"] = entry["gen_std"] ** 2
     steps = [entry["step"] for entry in entries]
     figure, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     window = max(1, len(entries) // 25)
     for axis, (name, keys) in zip(axes.flat, panels):
         for key in keys:
-            values = [entry.get(key) for entry in entries]
-            if not values or any(v is None for v in values):
+            if not entries or any(key not in entry for entry in entries):
                 continue
+            values = [math.nan if entry[key] is None else entry[key] for entry in entries]
             if key == "gen_var" and all("student_step" in entry for entry in entries):
                 # one line per student step: a late step that washes out or saturates its images shows here
                 for index in sorted({int(entry["student_step"]) for entry in entries}):

@@ -576,3 +576,31 @@ def test_sigterm_saves_a_state_exits_143_and_the_run_resumes_bit_for_bit(tiny_mo
     a = load_file(str(tmp_path / "stopped" / "dmd_student.safetensors"))
     b = load_file(str(tmp_path / "straight" / "dmd_student.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_metrics_log_is_strict_json_and_state_files_are_not_private(tiny_model_dir, tmp_path):
+    """NaN and Infinity are not JSON (browsers, jq and pandas reject them): a non-finite value is logged as null
+    and every reader copes; a state's files get the modes open() gives (0644 under the usual umask), not 0600."""
+    import math
+
+    from decoupled_dmd.trainer.curves import curves_image
+    from decoupled_dmd.trainer.outputs import metrics_line
+
+    line = metrics_line({"step": 3, "loss_generator": math.nan, "grad_norm_student": math.inf, "gen_std": 0.5})
+    assert json.loads(line) == {"step": 3, "loss_generator": None, "grad_norm_student": None, "gen_std": 0.5}
+    assert "NaN" not in line and "Infinity" not in line
+    records = [json.loads(line), {"step": 4, "loss_generator": 1.0, "grad_norm_student": 2.0, "gen_std": None}]
+    assert curves_image(records).size[0] > 0  # nulls are gaps, not a crash
+    from decoupled_dmd.demo.plots import save_training_curves
+
+    save_training_curves(records, str(tmp_path / "curves.png"))
+
+    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=1)
+    trainer.train()
+    state = list_states(str(tmp_path / "out"))[-1]
+    for root, folders, files in os.walk(state):
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == FILE_MODE, name
+    with open(tmp_path / "out" / "logs" / "metrics.jsonl", encoding="utf-8") as handle:
+        for text in handle:
+            json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))

@@ -46,7 +46,8 @@ def curves_image(records: list[dict], width: int = 768, panel_height: int = 200)
         top = index * panel_height
         box = (margin_left, top + margin, width - margin, top + panel_height - margin)
         draw.rectangle(box, outline=(160, 160, 160))
-        series = {k: [(r["step"], r[k]) for r in records if k in r and math.isfinite(r[k])] for k in keys}
+        series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+                  for k in keys}
         values = [v for points in series.values() for _, v in points]
         steps = [s for points in series.values() for s, _ in points]
         label = title + ("" if values else " (no data yet)")

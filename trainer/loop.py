@@ -42,7 +42,7 @@ from .losses import (
     weighted_denoising_loss,
 )
 from .networks import FullRoles, LoraRoles, Roles, nonfinite_tensors
-from .outputs import free_path, own_output_dir, remove_stale_staging, save_image_grid
+from .outputs import free_path, metrics_line, own_output_dir, remove_stale_staging, save_image_grid
 from .sampling import cfg_sample, few_step_sample, student_levels
 from .schedules import (
     learning_rate_factor,
@@ -730,7 +730,7 @@ class DecoupledDMDTrainer:
         if self.accelerator.is_main_process:
             os.makedirs(self.logging_dir, exist_ok=True)
             with open(os.path.join(self.logging_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": self.step, **logs}) + "\n")
+                handle.write(metrics_line({"step": self.step, **logs}) + "\n")
 
     # --- previews, saving, resuming --------------------------------------------------------------------------
     def student_in_use(self):

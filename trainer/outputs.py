@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import socket
@@ -206,3 +207,11 @@ def save_image_grid(images: Tensor, path: str, columns: int | None = None) -> st
     """Save (B, 3, H, W) images in [0, 1] as one PNG grid, atomically."""
     grid = image_grid(images, columns)
     return atomic_write(path, lambda staging: grid.save(staging, format="PNG"), overwrite=True)
+
+
+def metrics_line(record: dict) -> str:
+    """One line of metrics.jsonl in strict JSON: a non-finite number (a diverging run logs them) is written as
+    null, since NaN and Infinity are not JSON and strict readers (browsers, jq, pandas) reject the file."""
+    clean = {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+             for key, value in record.items()}
+    return json.dumps(clean, allow_nan=False)

@@ -42,12 +42,26 @@ def save_state(trainer) -> str:
                                   + (repr(kept[-1]) if kept else "none")) from error
         raise
     if accelerator.is_main_process:
+        _open_modes(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_states(output_dir)[:-trainer.config.keep_last_n_states]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _open_modes(folder: str) -> None:
+    """The modes open() and mkdir() would give (0644 / 0755 under the usual umask): some writers (accelerate's
+    random states) start from 0600, which locks a state away from the other users of a shared machine."""
+    from .outputs import FILE_MODE
+
+    for root, folders, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), FILE_MODE)
+        for name in folders:
+            os.chmod(os.path.join(root, name), FILE_MODE | ((FILE_MODE & 0o444) >> 2))
+    os.chmod(folder, FILE_MODE | ((FILE_MODE & 0o444) >> 2))
 
 
 def _write_state(trainer, staging: str) -> None:
