@@ -604,3 +604,34 @@ def test_the_metrics_log_is_strict_json_and_state_files_are_not_private(tiny_mod
     with open(tmp_path / "out" / "logs" / "metrics.jsonl", encoding="utf-8") as handle:
         for text in handle:
             json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+
+
+def test_folders_where_files_belong_and_invisible_prompts_are_named_before_loading(tmp_path, no_loading):
+    folder = tmp_path / "prompts_folder"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a folder; give a text file"):
+        api.distill(config_from_dict(settings(tmp_path, prompt_file=str(folder))))
+    invisible = tmp_path / "invisible.txt"
+    invisible.write_text("\u200b\n\ufeff \u200d\n\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        api.distill(config_from_dict(settings(tmp_path, prompt_file=str(invisible))))
+    assert api.prompt_lines("a cat\u200b\n\u200b\u2060\n  \u3000 \nred house") == ["a cat\u200b", "red house"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red house\n")
+    named = tmp_path / "model.safetensors"
+    named.mkdir()
+    with pytest.raises(ConfigError, match="is a folder named like a checkpoint file"):
+        api.distill(config_from_dict(settings(tmp_path, pretrained_model_name_or_path=str(named),
+                                              prompt_file=str(prompts))))
+    with pytest.raises(ConfigError, match="network_weights: .* is a folder"):
+        api.distill(config_from_dict(settings(tmp_path, network_weights=str(named), prompt_file=str(prompts))))
+
+
+def test_a_config_error_is_one_line_and_a_pointer_to_help_not_the_usage_block(tmp_path):
+    for argv, says in ((["--student_timesteps", "[249, 499]"], "strictly decreasing"),
+                       (["--student_timesteps", "999,,499"], "empty entry"), (["--no_such_flag"], "unrecognized")):
+        result = subprocess.run([sys.executable, "-m", "decoupled_dmd.trainer.cli", *argv], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and says in result.stderr
+        assert "usage:" not in result.stderr and len(result.stderr.strip().splitlines()) == 2, result.stderr
+        assert "--help lists every option" in result.stderr

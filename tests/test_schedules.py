@@ -529,10 +529,11 @@ def test_parse_student_timesteps_is_the_one_reader_of_a_written_grid():
     assert parse_student_timesteps([999, 499.0]) == [999, 499]
     for bad, words in (("999,abc", "whole numbers"), ([999, 499.5], "whole numbers"), ([True], "whole numbers"),
                        ("", "strictly decreasing"), ("249,999", "strictly decreasing"), ("999,999", "strictly"),
-                       ([999, -1], "non-negative")):
+                       ([999, -1], "non-negative"), ("999,,499", "empty entry"), (",999", "empty entry")):
         with pytest.raises(ValueError, match=words):
             parse_student_timesteps(bad, "timesteps")
     assert parse_student_timesteps([5, -3], minimum=None) == [5, -3]
+    assert parse_student_timesteps("[999, 499]") == parse_student_timesteps("999,499,") == [999, 499]
 
 
 # --- timestep shift (flow teachers: SD3, Flux, Lumina, Z-Image) -------------------------------------------------

@@ -20,7 +20,15 @@ logger = logging.getLogger(__name__)
 def prompt_lines(text: str) -> list[str]:
     """The one rule for prompts written as text (a file, a node's text box): one per line, blank lines and
     # comments skipped."""
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in text.splitlines() if _visible(line) and not line.lstrip().startswith("#")]
+
+
+def _visible(line: str) -> bool:
+    """Whether a line has a character that shows: a line of zero-width spaces, BOMs or other format and
+    control characters is as blank as an empty one (the text encoder would see an empty prompt)."""
+    import unicodedata
+
+    return any(unicodedata.category(ch)[0] not in "CZ" for ch in line)
 
 
 def read_text(path: str, what: str) -> str:
@@ -41,6 +49,8 @@ def read_prompts(source, what: str = "prompt_file") -> list[str]:
         return [str(p) for p in source if str(p).strip()]
     if not source:
         return []
+    if os.path.isdir(source):
+        raise ConfigError(f"{what}: {source!r} is a folder; give a text file with one prompt per line")
     if not os.path.isfile(source):
         raise ConfigError(f"{what}: {source!r} does not exist; give a text file with one prompt per line")
     prompts = prompt_lines(read_text(source, what))
@@ -89,6 +99,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def teacher_source_problem(name_or_path: str) -> str | None:
     """Why the teacher cannot be found (a path that does not exist is never tried as a Hugging Face id)."""
+    if name_or_path and os.path.isdir(name_or_path) and name_or_path.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return (f"pretrained_model_name_or_path: {name_or_path!r} is a folder named like a checkpoint file; give "
+                "the .safetensors file itself (or a diffusers model folder)")
     if not name_or_path or name_or_path.startswith("builtin:") or os.path.exists(name_or_path):
         return None
     looks_like_path = (os.path.isabs(name_or_path) or name_or_path.startswith(("~", ".")) or "\\" in name_or_path
@@ -137,7 +150,8 @@ def preflight(config: TrainConfig, with_teacher: bool = True) -> None:
         if schedule is not None:
             checked_timestep_bounds(config, schedule)
     if config.network_weights and not os.path.isfile(config.network_weights):
-        raise ConfigError(f"network_weights: {config.network_weights!r} does not exist; give a .safetensors LoRA file")
+        found = "is a folder" if os.path.isdir(config.network_weights) else "does not exist"
+        raise ConfigError(f"network_weights: {config.network_weights!r} {found}; give a .safetensors LoRA file")
     check_resumable(config, find_state(config),
                     not_yet=("network_dim", "lora_target_modules") if config.network_weights else ())
 

@@ -21,8 +21,16 @@ class _HelpFormatter(argparse.HelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
+class ShortErrorParser(argparse.ArgumentParser):
+    """An error is the one line that matters and where to find the rest, not the whole usage block first
+    (dmd-distill has about 80 options: argparse's usage ran to 40 lines above the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists every option)\n")
+
+
 def _distill_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         prog="dmd-distill", formatter_class=_HelpFormatter,
         description="Distil a diffusion teacher into a few-step student with Decoupled DMD. Every config key "
                     "is also a flag (--key value) that overrides the TOML file.")
@@ -79,7 +87,7 @@ def distill_main(argv: list[str] | None = None) -> int:
 
 
 def sample_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dmd-sample", description="Sample a distilled student (or its teacher).")
+    parser = ShortErrorParser(prog="dmd-sample", description="Sample a distilled student (or its teacher).")
     parser.add_argument("--model", required=True,
                         help="a distilled all-in-one checkpoint, or the base model: a single-file .safetensors "
                              "checkpoint, a diffusers folder, a hub id or builtin:<tiny>")

@@ -435,6 +435,8 @@ def _coerce(key: str, value):
             if not isinstance(value, str):
                 raise ValueError
             return value
+    except ConfigError:
+        raise  # already says what is wrong (a ConfigError is a ValueError: the line below would hide it)
     except (TypeError, ValueError):
         pass
     raise ConfigError(f"{key}: {value!r} is not a valid {kind.__name__}; default is {default!r}")

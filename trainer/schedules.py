@@ -305,7 +305,15 @@ def parse_student_timesteps(value, name: str = "student_timesteps", minimum: int
     or semicolons) or a sequence of whole numbers, strictly decreasing (noisy to clean) and >= `minimum`.
     ValueError naming `name` otherwise. `check_student_timesteps` then checks it against a model's range."""
     example = "e.g. 999,749,499,249"
-    items = [v for v in str(value).replace(";", ",").split(",") if v.strip()] if isinstance(value, str) else value
+    if isinstance(value, str):
+        items = str(value).strip().strip("[]").replace(";", ",").split(",")  # '[999, 499]' as TOML writes it
+        if items and not items[-1].strip():
+            items = items[:-1]  # one trailing comma is harmless
+        if any(not item.strip() for item in items):
+            raise ValueError(f"{name} {value!r}: an empty entry between commas; write whole numbers separated by "
+                             f"commas, {example}")
+    else:
+        items = value
     try:
         values = [int(v) for v in items]
     except (TypeError, ValueError):
