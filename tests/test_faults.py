@@ -635,3 +635,21 @@ def test_a_config_error_is_one_line_and_a_pointer_to_help_not_the_usage_block(tm
         assert result.returncode == 2 and says in result.stderr
         assert "usage:" not in result.stderr and len(result.stderr.strip().splitlines()) == 2, result.stderr
         assert "--help lists every option" in result.stderr
+
+
+def test_diffusers_empty_float32_list_warning_is_not_shown(tiny_model_dir):
+    """'There are modules in UNet2DConditionModel that should be kept in float32: []' came twice a run."""
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    source = logging.getLogger("diffusers.models.modeling_utils")  # diffusers does not propagate to the root
+    source.addHandler(handler)
+    try:
+        adapter = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15"))
+        adapter.network.to(dtype=torch.bfloat16)
+        source.warning("should be kept in float32: ['norm']")
+    finally:
+        source.removeHandler(handler)
+    assert not any("kept in float32: []" in m for m in seen) and any("float32: ['norm']" in m for m in seen)
