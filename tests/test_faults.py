@@ -54,7 +54,7 @@ def sha(path):
     ("max_grad_norm", float("nan"), "finite"), ("fake_updates_per_step", 1000, "beyond 100"),
     ("network_alpha", float("inf"), "finite"), ("network_dim", 100000, "beyond"),
     ("seed", -1, "0 .. 4294967295"), ("seed", 2**32, "0 .. 4294967295"),
-    ("max_nonfinite_updates", 0, "> 0"),
+    ("max_nonfinite_updates", 0, "> 0"), ("network_alpha", 65, "beyond 16 x network_dim (4)"),
 ])
 def test_non_finite_or_absurd_numbers_are_refused_by_name(tmp_path, key, value, says):
     with pytest.raises(ConfigError, match=key) as error:
@@ -284,10 +284,11 @@ def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_good_state(t
 
 
 def test_a_run_with_no_successful_update_writes_no_student_and_fails(tiny_model_dir, tmp_path):
-    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=2)
+    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=2, network_alpha=32)  # alpha / dim = 8
     poison(trainer)
-    with pytest.raises(TrainingFailed, match="0 succeeded"):
+    with pytest.raises(TrainingFailed, match="0 succeeded") as error:
         trainer.train()
+    assert "network_alpha 32 over network_dim 4 (every LoRA update scaled 8x)" in str(error.value)
     assert not (tmp_path / "out" / "dmd_student.safetensors").exists()
     assert list_states(str(tmp_path / "out")) == []
 

@@ -33,6 +33,9 @@ class ConfigError(ValueError):
     """A configuration value or key the user must change; the message says what to write instead."""
 
 
+MAX_ALPHA_RATIO = 16  # network_alpha / network_dim beyond this is a typo, not a setting (LoRA scale 16x)
+
+
 def _key(default, help: str, choices: tuple | None = None, section: str = "training"):
     meta = {"help": help, "choices": choices, "section": section}
     if isinstance(default, list):
@@ -286,6 +289,10 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value is not None and value > upper:
             _fail(key, f"{value!r} is beyond {upper:g}{'; ' + why if why else ''}")
+    if config.network_alpha > MAX_ALPHA_RATIO * config.network_dim:
+        _fail("network_alpha", f"{config.network_alpha!r} is beyond {MAX_ALPHA_RATIO} x network_dim "
+              f"({config.network_dim}): the LoRA's updates are scaled by alpha / dim = "
+              f"{config.network_alpha / config.network_dim:g}; kohya and DMD2 use alpha <= dim (alpha = dim: 1)")
     if not 0 <= config.seed < 2**32:
         _fail("seed", f"{config.seed} must be in 0 .. {2**32 - 1}")
     for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",

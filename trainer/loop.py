@@ -712,9 +712,14 @@ class DecoupledDMDTrainer:
         kept = f"the last good state is {states[-1]!r}" if states else "no state was written"
         what = what or (f"{self.nonfinite_streak} updates in a row had a non-finite gradient "
                         f"({self.successful_updates} succeeded in all)")
+        config = self.config
+        scale = config.network_alpha / config.network_dim if config.training_mode == "lora" else 1.0
+        alpha = (f"network_alpha {config.network_alpha:g} over network_dim {config.network_dim} (every LoRA update "
+                 f"scaled {scale:g}x), " if scale > 2 else "")
         return (f"training stopped at step {self.step}: {what}, so no student was written for them. Likely "
-                "causes: a learning rate or loss weight too high, guidance_scale too high, fp16 overflow (use bf16), "
-                f"or a damaged teacher; {kept}. Lower the learning rate or fix the cause, then resume or start over")
+                f"causes: {alpha}a learning rate or loss weight too high, guidance_scale too high, fp16 overflow (use "
+                f"bf16), or a damaged teacher; {kept}. Lower the learning rate or fix the cause, then resume or "
+                "start over")
 
     def _reduce(self, logs: dict[str, float]) -> dict[str, float]:
         """Average every logged number over processes, in one collective."""
