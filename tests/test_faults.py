@@ -654,3 +654,25 @@ def test_diffusers_empty_float32_list_warning_is_not_shown(tiny_model_dir):
     finally:
         source.removeHandler(handler)
     assert not any("kept in float32: []" in m for m in seen) and any("float32: ['norm']" in m for m in seen)
+
+
+def test_dmd_sample_refuses_a_student_on_another_base_unless_forced(tiny_model_dir, tmp_path, student_file, capsys):
+    """The student's metadata records its base's sha256: on other weights of the same family (here the tiny
+    teacher with one weight changed) it is refused with what to do; --force applies it anyway."""
+    from safetensors.torch import load_file, save_file
+
+    from decoupled_dmd.trainer.cli import sample_main
+
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_model_dir("tiny-sd15"), other)
+    unet = next(p for p in (other / "unet").iterdir() if p.suffix == ".safetensors")
+    weights = load_file(str(unet))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 0.01
+    save_file(weights, str(unet))
+    argv = ["--model", str(other), "--student", student_file, "--prompt", "x", "--output", str(tmp_path / "s.png")]
+    sample_fails(argv, capsys, "was distilled from")
+    assert not (tmp_path / "s.png").exists()
+    assert sample_main(argv + ["--force"]) == 0 and (tmp_path / "s.png").is_file()
+    assert sample_main(["--model", tiny_model_dir("tiny-sd15"), "--student", student_file, "--prompt", "x",
+                        "--output", str(tmp_path / "own.png")]) == 0  # its own base: no question asked

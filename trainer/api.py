@@ -220,8 +220,11 @@ def _distill(config: TrainConfig, callbacks: TrainerCallbacks | None, adapter: M
     return trainer.train()
 
 
-def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
+def apply_student(adapter: ModelAdapter, student_path: str, force: bool = False) -> list[int]:
     """Load a saved student into the adapter's backbone in place; returns its trained timesteps.
+
+    A student whose metadata records its base's sha256 is refused on a base with another one (its images would
+    be another model's) unless `force` (a fine-tune of that base, knowingly).
 
     LoRA files (kohya `lora_unet_*` or peft names) are injected as a peft adapter; a full UNet file replaces the
     weights; an all-in-one checkpoint is already the model (load it as the teacher) and only gives its timesteps.
@@ -240,6 +243,15 @@ def apply_student(adapter: ModelAdapter, student_path: str) -> list[int]:
     if family and family != adapter.family:
         raise ConfigError(f"{os.path.basename(student_path)} is a student of a {family} model; --model is "
                           f"{adapter.family}: give the base it was distilled from")
+    recorded = metadata.get("decoupled_dmd.base_sha256")
+    if recorded and not force:
+        actual = adapter.identity().get("sha256")
+        if actual and actual != recorded:
+            raise ConfigError(
+                f"{os.path.basename(student_path)} was distilled from "
+                f"{metadata.get('decoupled_dmd.base_model') or 'another base'} (sha256 {recorded[:12]}...); this "
+                f"model's weights are sha256 {actual[:12]}...: give the base it was distilled from, or force it "
+                "(dmd-sample --force) to apply it to another model, such as a fine-tune of that base")
     tensors = load_file(student_path)
     network = adapter.network
     ldm_keys = adapter.unet_ldm_keys or {}

@@ -101,6 +101,9 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", help="1024 or 1024,768 (width,height); default: the model's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="samples.png", help="PNG grid to write")
+    parser.add_argument("--force", action="store_true",
+                        help="apply --student to a model other than the base it was distilled from (its metadata "
+                             "records the base's sha256), such as a fine-tune of that base")
     args = parser.parse_args(argv)
     try:
         prompts, resolution, typed_timesteps, saved_timesteps = _check_sample_args(args)
@@ -115,7 +118,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         adapter = load_teacher(args.model, tokenizer_path=args.tokenizer_path)
         timesteps = None
         if args.student or not args.teacher_steps:
-            timesteps = apply_student(adapter, args.student or args.model)
+            timesteps = apply_student(adapter, args.student or args.model, force=args.force)
         timesteps = typed_timesteps or timesteps
         if timesteps is not None:
             try:
