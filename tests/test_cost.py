@@ -486,3 +486,21 @@ def test_a_capture_records_the_weight_casts_itself():
         for _ in range(2):
             graphs("student", fn, torch.randn(2, 4), level, cond)
     assert recorded == [1]
+
+
+def test_on_a_cpu_a_plan_beyond_the_machines_ram_is_refused_before_loading(tiny_model_dir, tmp_path, prompt_file,
+                                                                         monkeypatch):
+    """Like a GPU's free memory: resolution 8192 printed a 242 GiB peak on a 23 GiB machine and started anyway."""
+    import decoupled_dmd.trainer.api as api
+    import decoupled_dmd.trainer.memory_plan as memory_plan
+
+    available = memory_plan.available_ram_bytes()
+    assert available is not None and available > 2**28  # this Linux machine reads its RAM
+    monkeypatch.setattr(api, "load_teacher", lambda *a, **k: pytest.fail("loaded although the plan does not fit"))
+    monkeypatch.setattr(memory_plan, "available_ram_bytes", lambda: 2**20)  # a machine with 1 MiB to spare
+    config = config_from_dict(dict(pretrained_model_name_or_path=tiny_model_dir("tiny-sd15"), prompt_file=prompt_file,
+                                   output_dir=str(tmp_path / "out"), resolution=64))
+    with pytest.raises(MemoryPlanError, match="or on a CPU the RAM available"):
+        distill(config)
+    assert memory_plan.memory_limit_bytes(config, "cpu") == 2**20
+    assert memory_plan.memory_limit_bytes(config_from_dict(dict(memory_limit_gb=2.0)), "cpu") == 2 * 2**30

@@ -185,7 +185,7 @@ class TrainConfig:
     memory_limit_gb: float = _key(
         0.0, "GiB the run may use on its device. Before loading weights the memory plan (printed) estimates the "
         "peak; a run that would not fit stops there, naming the settings that would make it fit. 0 = the GPU's "
-        "free memory (no check on a CPU).")
+        "free memory, or on a CPU the RAM available.")
     save_every_n_steps: int = _key(0, "Save the student and a resumable state every N steps; 0 = only at the end.")
     keep_last_n_states: int = _key(2, "Resumable states kept in output_dir (older ones are deleted).")
     max_nonfinite_updates: int = _key(

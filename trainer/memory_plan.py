@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -369,13 +370,35 @@ def knob_savings(plan_for: Callable[[object], MemoryPlan], config, base_plan: Me
 
 
 def memory_limit_bytes(config, device: str) -> int | None:
-    """memory_limit_gb, or what this process can use on the current GPU: its free memory plus what this process
-    already holds (a host such as ComfyUI has the weights the plan counts loaded already); None on a CPU."""
+    """memory_limit_gb, or what this process can use: on a GPU its free memory plus what this process already
+    holds (a host such as ComfyUI has the weights the plan counts loaded already); on a CPU the RAM available
+    plus this process's resident memory; None where neither can be read."""
     if config.memory_limit_gb:
         return int(config.memory_limit_gb * GIB)
     if device == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
+    if device == "cpu":
+        return available_ram_bytes()
     return None
+
+
+def available_ram_bytes() -> int | None:
+    """RAM this process could use: what the OS reports available (not merely free: caches it would drop count)
+    plus what this process already holds. psutil where installed, else Linux's /proc; None elsewhere."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            resident = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return available + resident
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def check_fits(plan: MemoryPlan, limit_bytes: int | None, knobs: Callable[[], list[tuple[str, int]]]) -> None:
@@ -390,5 +413,6 @@ def check_fits(plan: MemoryPlan, limit_bytes: int | None, knobs: Callable[[], li
              f"while {plan.peak_phase}, plus {ALLOCATOR_HEADROOM - 1:.0%} allocator headroom) but "
              f"{limit_bytes / GIB:.1f} GiB are available; nothing was trained. Settings that help, each alone:"]
     lines += [f"  {label}: -{saved / GIB:.1f} GiB" for label, saved in knobs()]
-    lines.append("  (memory_limit_gb sets the limit; by default it is the GPU's free memory)")
+    lines.append("  (memory_limit_gb sets the limit; by default it is the GPU's free memory, or on a CPU the RAM "
+                 "available)")
     raise MemoryPlanError("\n".join(lines))
