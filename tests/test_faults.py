@@ -676,3 +676,40 @@ def test_dmd_sample_refuses_a_student_on_another_base_unless_forced(tiny_model_d
     assert sample_main(argv + ["--force"]) == 0 and (tmp_path / "s.png").is_file()
     assert sample_main(["--model", tiny_model_dir("tiny-sd15"), "--student", student_file, "--prompt", "x",
                         "--output", str(tmp_path / "own.png")]) == 0  # its own base: no question asked
+
+
+def test_torchs_failed_stream_on_a_full_disk_is_named_disk_full(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """torch.save reports a full disk as 'basic_ios::clear' or 'unexpected pos': with (almost) no free space
+    left that is a full disk, named like ENOSPC, the last good state kept; dmd-sample says it without a
+    traceback. With space left the error is not disguised."""
+    import collections
+
+    from decoupled_dmd.trainer import outputs
+    from decoupled_dmd.trainer.cli import sample_main
+
+    usage = collections.namedtuple("usage", "total used free")
+    torch_failure = RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4608 vs 4500")
+    assert not outputs.is_disk_full(torch_failure, str(tmp_path))  # this disk has room: another fault
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda folder: usage(10**9, 10**9, 0))
+    assert outputs.is_disk_full(torch_failure, str(tmp_path)) and not outputs.is_disk_full(torch_failure)
+
+    trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=3, save_every_n_steps=1)
+    save = trainer.accelerator.save_state
+
+    def fail_at_step_2(folder, *args, **kwargs):
+        save(folder, *args, **kwargs)
+        if trainer.step == 2:
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", fail_at_step_2)
+    with pytest.raises(OSError, match="disk full while writing .*last good state is .*state-000001"):
+        trainer.train()
+
+    def full(images, path, columns=None):
+        raise outputs.disk_full_error(path, "nothing was written under that name")
+
+    monkeypatch.setattr(outputs, "save_image_grid", full)
+    code = sample_main(["--model", tiny_model_dir("tiny-sd15"), "--teacher_steps", "2", "--prompt", "x",
+                        "--output", str(tmp_path / "grid.png")])
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err and not (tmp_path / "grid.png").exists()

@@ -134,7 +134,16 @@ def sample_main(argv: list[str] | None = None) -> int:
         logging.getLogger("decoupled_dmd").error("the samples hold NaN or inf (a damaged model or student?); "
                                                  "nothing written")
         return 1
-    print(save_image_grid(images, args.output))
+    from .outputs import is_disk_full
+
+    try:
+        written = save_image_grid(images, args.output)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        logging.getLogger("decoupled_dmd").error("%s", error.strerror or error)
+        return 1
+    print(written)
     return 0
 
 

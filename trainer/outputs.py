@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 from typing import Callable
@@ -138,10 +139,24 @@ def remove_stale_staging(folder: str) -> list[str]:
     return removed
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC, also as libraries re-raise it (safetensors: 'No space left on device (os error 28)')."""
-    return (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) \
-        or "No space left on device" in str(error) or "os error 28" in str(error)
+# torch.save's C++ writer reports a full disk as a failed stream, never as ENOSPC
+TORCH_WRITE_FAILURES = ("basic_ios::clear", "unexpected pos", "PytorchStreamWriter failed writing")
+LOW_DISK_BYTES = 64 * 2**20
+
+
+def is_disk_full(error: BaseException, folder: str | None = None) -> bool:
+    """ENOSPC, also as libraries re-raise it (safetensors: 'No space left on device (os error 28)'), and torch's
+    failed-stream errors when `folder`'s disk has (almost) no free space left."""
+    text = str(error)
+    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) \
+            or "No space left on device" in text or "os error 28" in text:
+        return True
+    if folder and any(marker in text for marker in TORCH_WRITE_FAILURES):
+        try:
+            return shutil.disk_usage(folder).free < LOW_DISK_BYTES
+        except OSError:
+            return False
+    return False
 
 
 def disk_full_error(path: str, kept: str) -> OSError:
@@ -165,7 +180,7 @@ def atomic_write(path: str, write: Callable[[str], object], overwrite: bool = Fa
             write(staging)
             os.chmod(staging, FILE_MODE)
         except Exception as error:
-            if is_disk_full(error):
+            if is_disk_full(error, folder):
                 raise disk_full_error(path, "nothing was written under that name") from error
             raise
         if overwrite:

@@ -36,7 +36,7 @@ def save_state(trainer) -> str:
         _write_state(trainer, staging)
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if is_disk_full(error):
+        if is_disk_full(error, output_dir):
             kept = list_states(output_dir)
             raise disk_full_error(final, "the partial state was removed; the last good state is "
                                   + (repr(kept[-1]) if kept else "none")) from error
