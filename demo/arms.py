@@ -281,6 +281,39 @@ def teacher_features(samples_file: str, rows: list[str], split: str, per_prompt:
     return out, evaluator.reference_features
 
 
+def stop_curves(results: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """Per arm and checkpoint (validation only: the stop is a choice), the mean and sample SD over seeds of the
+    Frechet distance and texture accuracy of the validation samples."""
+    out = {}
+    for arm, runs in results.items():
+        by_step: dict[int, dict[str, list]] = {}
+        for run in runs.values():
+            for point in run.get("validation_curve", []):
+                entry = by_step.setdefault(point["step"], {"frechet": [], "accuracy_texture": []})
+                for key in entry:
+                    entry[key].append(point[key])
+        out[arm] = {step: {key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else None, len(v))
+                           for key, v in values.items()} for step, values in sorted(by_step.items())}
+    return out
+
+
+def curves_markdown(curves: dict[str, dict[int, dict]]) -> str:
+    lines = ["## Validation over training (mean +- sample SD over seeds; the stop is chosen here)", "",
+             "| arm | " + " | ".join(f"update {s}" for s in sorted({s for c in curves.values() for s in c})) + " |"]
+    steps = sorted({s for c in curves.values() for s in c})
+    lines.append("|---|" + "---|" * len(steps))
+    for arm, curve in curves.items():
+        cells = []
+        for step in steps:
+            if step not in curve:
+                cells.append("")
+                continue
+            (f, f_sd, n), (t, t_sd, _) = curve[step]["frechet"], curve[step]["accuracy_texture"]
+            cells.append(f"{f:.2f}" + ("" if f_sd is None else f" +- {f_sd:.2f}") + f", tex {t:.3f} (n {n})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: dict, split: str, baseline: str, teacher: dict | None = None,
              teacher_metrics: dict | None = None) -> str:
     lines = [f"## Arms on the {split} split ({PER_PROMPT * 16} samples a run; mean +- sample SD over seeds)", "",
@@ -386,6 +419,8 @@ def arms_main(argv: list[str] | None = None) -> int:
         teacher_metrics = {name: metrics for name, (_, metrics) in features.items()}
         teacher = against_teacher(results, args.split, {n: f for n, (f, _) in features.items()}, reference)
     text = markdown(table, args.split, args.baseline, teacher, teacher_metrics)
+    if args.split == "validation":
+        text += "\n" + curves_markdown(stop_curves(results))
     _write_text(os.path.join(args.output_dir, f"report_{args.split}.md"), text)
     _write_json(os.path.join(args.output_dir, f"report_{args.split}.json"),
                 {"split": args.split, "table": table, "against_teacher": teacher})

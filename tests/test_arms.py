@@ -119,3 +119,17 @@ def test_quality_rows_put_the_students_on_one_line_with_their_seed_spread(tmp_pa
     assert len({v["line"] for v in students.values()}) == 1
     path = save_quality_against_calls(rows, str(tmp_path / "plot.png"), floor=1.2)
     assert os.path.getsize(path) > 10_000
+
+
+def test_stop_curves_average_each_checkpoint_over_seeds():
+    runs = {}
+    for seed, values in enumerate(((8.0, 4.0), (10.0, 6.0))):
+        result = _fake_result("shipped", seed, 1.0, 0.8)
+        result["validation_curve"] = [{"step": 25, "frechet": values[0], "accuracy_texture": 0.7},
+                                      {"step": 50, "frechet": values[1], "accuracy_texture": 0.8}]
+        runs[seed] = result
+    curves = arms.stop_curves({"shipped": runs})
+    assert curves["shipped"][25]["frechet"] == (9.0, pytest.approx(math.sqrt(2)), 2)
+    assert curves["shipped"][50]["accuracy_texture"][0] == pytest.approx(0.8)
+    text = arms.curves_markdown(curves)
+    assert "| shipped | 9.00 +- 1.41, tex 0.700 (n 2) | 5.00 +- 1.41, tex 0.800 (n 2) |" in text
