@@ -60,12 +60,20 @@ def test_summary_and_gates_by_hand():
     assert rows["scratch"]["frechet"][0] == pytest.approx(425.0)  # late third of 30 updates: steps 20 and 30
     assert rows["transplanted"]["frechet"][0] == pytest.approx(900.0)  # (iii) before its first update
     assert rows["warm"]["frechet"][0] == pytest.approx((350 + 460) / 2)  # late third of 15: steps 10 and 15
-    # seed means of (iii): 5 -> 450, 10 -> 410: (ii)'s 425 is first reached at update 10
-    assert summary["warm_reaches_scratch"] == {"target": pytest.approx(425.0), "step": 10, "scratch_steps": 30}
+    # like with like: (iii)'s late mean at a quarter of (ii)'s 30 updates (window 5 .. 7.5: step 5; 500 and 400)
+    # against (ii)'s late mean at its end (450 and 400): differences 50 and 0, paired by seed
+    quarter = summary["warm_at_a_quarter"]
+    assert (quarter["warm"], quarter["scratch"]) == (pytest.approx(450.0), pytest.approx(425.0))
+    assert quarter["per_seed_difference"] == [pytest.approx(50.0), pytest.approx(0.0)]
+    assert quarter["test"]["mean_difference"] == pytest.approx(25.0) and quarter["test"]["n_seeds"] == 2
+    # matched budgets: (ii) is evaluated at 10 within (iii)'s 15 updates; at 10 both windows hold step 10 only
+    (matched,) = summary["matched_budgets"]
+    assert (matched["warm_budget"], matched["scratch"], matched["warm"]) == (10, pytest.approx(650.0),
+                                                                             pytest.approx(410.0))
     # (ii) is closer to the fine-tune, but its cast 0.5 is farther from vega's than (i)'s 0.9; (iii) beats (i)
-    # on both; (iii) reaches (ii)'s end at update 10, after a quarter of (ii)'s 30
+    # on both; (iii) at a quarter of the budget (450) is not as close as (ii) at its end (425)
     assert [g["passed"] for g in summary["gates"]] == [False, True, False]
-    assert "at update 10 (a quarter: 7.5)" in summary["gates"][-1]["detail"]
+    assert "(iii) 450.0 at 7.5 updates, (ii) 425.0 at 30" in summary["gates"][-1]["detail"]
     text = finetune.markdown(summary, finetune.MODES["full"], 368.0)
     assert "| (i) base student LoRA on the fine-tune (no training) | 900 ± 100 |" in text
 
