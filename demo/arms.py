@@ -100,8 +100,8 @@ def run_arm(job: dict) -> dict:
     from .experiment import run_distillation, sample_student
     from .metrics import Evaluator
     from .protocol import SPLITS
-    from .stats import paired_bootstrap_frechet, paired_bootstrap_mean, recentre
     from .stats import interval as percentile_interval
+    from .stats import paired_bootstrap_frechet, paired_bootstrap_mean, recentre
     from .worlds import get_world
 
     result_file = os.path.join(job["folder"], "result.json")
@@ -308,7 +308,7 @@ def curves_markdown(curves: dict[str, dict[int, dict]]) -> str:
             if step not in curve:
                 cells.append("")
                 continue
-            (f, f_sd, n), (t, t_sd, _) = curve[step]["frechet"], curve[step]["accuracy_texture"]
+            (f, f_sd, n), (t, _, _) = curve[step]["frechet"], curve[step]["accuracy_texture"]
             cells.append(f"{f:.2f}" + ("" if f_sd is None else f" +- {f_sd:.2f}") + f", tex {t:.3f} (n {n})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -25,9 +25,9 @@ from .experiment import (
     run_distillation,
     sample_student,
 )
-from .metrics import Evaluator, teacher_samples
-from .plots import save_labelled_grid, save_training_curves
+from .metrics import Evaluator
 from .models import teacher_info
+from .plots import save_labelled_grid, save_training_curves
 from .protocol import check_training_seed, get_split
 from .teacher_rows import TeacherRows
 from .worlds import flow_timesteps_matching_sdxl, get_world
