@@ -38,7 +38,8 @@ ARMS: dict[str, dict] = {
     "DM only": {"cfg_augmentation": False},
     "CA only": {"regularizer": "none"},
     "no regression": {"regression_loss_weight": 0.0},
-    "EMA 0.97": {"student_ema_decay": 0.97},
+    "EMA 0.97": {"student_ema_decay": 0.97},  # the shipped recipe since 2026-12-07 (chosen on these arms)
+    "no EMA": {"student_ema_decay": 0.0},  # the recipe these arms were run with as "shipped"
     "coupled-shared": {"renoise_schedule": "coupled-shared"},
     "per_term_cfg": {"update_normalization": "per_term_cfg"},
     "fake lr 1e-4": {"fake_learning_rate": 1e-4},
