@@ -360,11 +360,11 @@ def markdown(table: dict, split: str, baseline: str, teacher: dict | None = None
 STEP_ARMS = ("1 step", "2 steps", "shipped", "8 steps")  # the shipped student has 4 steps
 
 
-def quality_rows(table: dict, solver_rows: dict[str, dict]) -> dict[str, dict]:
+def quality_rows(table: dict, solver_rows: dict[str, dict], arms=STEP_ARMS) -> dict[str, dict]:
     """The teacher's solver rows (`evidence solvers` JSON) and one student line over the step-count arms (mean
     and sample SD over seeds, one network call a step), for plots.save_quality_against_calls."""
     rows = {name: row for name, row in solver_rows.items() if row.get("calls")}
-    for arm in STEP_ARMS:
+    for arm in arms:
         if arm not in table:
             continue
         row = table[arm]
@@ -394,6 +394,7 @@ def arms_main(argv: list[str] | None = None) -> int:
     report.add_argument("--teacher_rows", default="dpmpp_2m 4 steps (8 calls),dpmpp_2m 8 steps (16 calls)")
     report.add_argument("--solvers_json", default=None,
                         help="solvers_<split>.json of `evidence solvers`: plot quality against calls with the students")
+    report.add_argument("--plot_arms", default=",".join(STEP_ARMS), help="the student line's arms, by step count")
     for p in (run, report):
         p.add_argument("--output_dir", default="output/arms")
     args = parser.parse_args(argv)
@@ -431,7 +432,8 @@ def arms_main(argv: list[str] | None = None) -> int:
         with open(args.solvers_json, encoding="utf-8") as handle:
             solvers = json.load(handle)
         keep = ("dpmpp_2m", "ddim", "euler", "unipc")
-        rows = quality_rows(table, {k: v for k, v in solvers["rows"].items() if k.split(" ")[0] in keep})
+        rows = quality_rows(table, {k: v for k, v in solvers["rows"].items() if k.split(" ")[0] in keep},
+                            [a.strip() for a in args.plot_arms.split(",")])
         path = save_quality_against_calls(rows, os.path.join(args.output_dir, f"quality_vs_calls_{args.split}.png"),
                                           solvers.get("noise_floor"))
         print(f"plot: {path}")
