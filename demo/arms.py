@@ -262,8 +262,10 @@ def against_teacher(results: dict[str, dict[int, dict]], split: str, teacher_row
     return out
 
 
-def teacher_features(samples_file: str, rows: list[str], split: str, per_prompt: int = PER_PROMPT) -> dict:
-    """The instrument's features and metrics of cached teacher rows (`evidence solvers --samples_dir`)."""
+def teacher_features(samples_file: str, rows: list[str], split: str,
+                     per_prompt: int = PER_PROMPT) -> tuple[dict[str, tuple[np.ndarray, dict]], np.ndarray]:
+    """The instrument's features and metrics of cached teacher rows (`evidence solvers --samples_dir`), and the
+    split's reference features."""
     import torch
 
     from .metrics import Evaluator

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from .runs import LATE_FRACTION, late_mean
+from .runs import _is_late, late_mean
 
 logger = logging.getLogger("decoupled_dmd.finetune")
 
@@ -183,8 +183,7 @@ def summarize(results: list[dict], teacher_rows: dict) -> dict:
 def window_mean(history: list[dict], budget: float, key: str = "frechet") -> float:
     """A run's late mean at a budget of `budget` updates: the mean of `key` over its evaluations in the last
     third of [0, budget] (steps > 0), the same window `late_mean` takes at a run's end."""
-    picked = [h[key] for h in history if 0 < h["step"] <= budget + 1e-9 and h["step"] >= (1 - LATE_FRACTION) * budget
-              - 1e-9 and key in h]
+    picked = [h[key] for h in history if 0 < h["step"] <= budget + 1e-9 and _is_late(h["step"], budget) and key in h]
     return float(np.mean(picked)) if picked else math.nan
 
 

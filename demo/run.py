@@ -29,7 +29,7 @@ from .metrics import Evaluator
 from .models import teacher_info
 from .plots import save_labelled_grid, save_training_curves
 from .protocol import check_training_seed, get_split
-from .teacher_rows import TeacherRows
+from .teacher_rows import CALL_FACTORS, TeacherRows, grid_key, plan_rows
 from .worlds import flow_timesteps_matching_sdxl, get_world
 
 logger = logging.getLogger("decoupled_dmd.demo")
@@ -85,18 +85,13 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     solver_name, nfe_steps, columns = world.solver or "euler", max(1, steps // 2), world.grid_prompts()
 
     # The evaluation set: each held-out prompt `eval_per_prompt` times, one noise draw (the split's) shared by
-    # all rows; the teacher at equal, double and four times the student's network calls (CFG: two a step),
-    # and the grid's teacher pictures: none depends on the student, so they are sampled while it trains.
+    # all rows; the teacher at equal, double and four times the student's network calls, and the grid's teacher
+    # pictures: none depends on the student, so they are sampled while it trains.
+    spec_rows = plan_rows(prompts, split.noise_seed, columns, GRID_SEEDS, steps, teacher_steps, world.solver)
     described = {"student": {"steps": steps, "calls": steps, "sampler": "student"}}
-    spec_rows = {}
-    for key, factor in (("teacher_equal_calls", 1), ("teacher_double_calls", 2), ("teacher_4x_calls", 4)):
-        count = max(1, steps * factor // 2)
-        spec_rows[key] = {"prompts": prompts, "seed": split.noise_seed, "steps": count, "solver": world.solver}
+    for key in CALL_FACTORS:
+        count = spec_rows[key]["steps"]
         described[key] = {"steps": count, "calls": 2 * count, "sampler": f"{solver_name}, cfg {guidance:g}"}
-    for grid_seed in GRID_SEEDS:
-        for count, solver in ((teacher_steps, None), (nfe_steps, world.solver), (steps, world.solver)):
-            spec_rows[f"grid {grid_seed} {count} {solver}"] = {"prompts": columns, "seed": grid_seed, "steps": count,
-                                                               "solver": solver}
     teacher_rows = TeacherRows({"teacher_dir": teacher_dir, "guidance": guidance, "rows": spec_rows},
                                background=background_teacher).start()
     try:
@@ -118,7 +113,7 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     if abs(trainer.guidance_scale - guidance) > 1e-9 or len(trainer.levels) != steps:
         raise RuntimeError(f"the teacher rows were sampled at cfg {guidance:g} for {steps} steps, the trainer ran cfg "
                            f"{trainer.guidance_scale:g} for {len(trainer.levels)}")
-    rows = {"student": student, **{key: sampled[key] for key in described if key != "student"}}
+    rows = {"student": student, **{key: sampled[key] for key in CALL_FACTORS}}
     if evaluator.reference_features is not None:
         from .evidence import score_rows
 
@@ -144,11 +139,11 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
         student_grid = sample_student(trainer, columns, grid_seed)[-1]
         grid_rows += [
             (f"teacher {teacher_steps} steps\ncfg {guidance:g}, seed {grid_seed}",
-             sampled[f"grid {grid_seed} {teacher_steps} None"]),
+             sampled[grid_key(grid_seed, teacher_steps, None)]),
             (f"teacher {solver_name} {nfe_steps} st.\n({2 * nfe_steps} calls), seed {grid_seed}",
-             sampled[f"grid {grid_seed} {nfe_steps} {world.solver}"]),
+             sampled[grid_key(grid_seed, nfe_steps, world.solver)]),
             (f"teacher {solver_name} {steps} st.\n({2 * steps} calls), seed {grid_seed}",
-             sampled[f"grid {grid_seed} {steps} {world.solver}"]),
+             sampled[grid_key(grid_seed, steps, world.solver)]),
             (f"student {steps} steps\n({steps} calls), seed {grid_seed}", student_grid)]
     save_labelled_grid(grid_rows, os.path.join(output_dir, "grid.png"),
                        column_titles=[world.column_title(p) for p in columns])

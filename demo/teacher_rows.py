@@ -21,6 +21,28 @@ from torch import Tensor
 logger = logging.getLogger("decoupled_dmd.demo")
 
 
+# The comparison rows: the teacher at equal, double and four times the student's network calls (CFG: two a step).
+CALL_FACTORS = {"teacher_equal_calls": 1, "teacher_double_calls": 2, "teacher_4x_calls": 4}
+
+
+def grid_key(seed: int, steps: int, solver: str | None) -> str:
+    return f"grid {seed} {steps} {solver}"
+
+
+def plan_rows(prompts: list[str], noise_seed: int, columns: list[str], grid_seeds, steps: int, teacher_steps: int,
+              solver: str | None) -> dict[str, dict]:
+    """The demo's teacher rows for a `steps`-step student: the comparison rows (`CALL_FACTORS`) on the evaluation
+    prompts from the split's noise seed, and per grid seed the grid's three teacher rows (`grid_key`): the
+    trainer's DDIM at `teacher_steps`, and `solver` at half and at the student's step count."""
+    rows = {key: {"prompts": prompts, "seed": noise_seed, "steps": max(1, steps * factor // 2), "solver": solver}
+            for key, factor in CALL_FACTORS.items()}
+    for seed in grid_seeds:
+        for count, row_solver in ((teacher_steps, None), (max(1, steps // 2), solver), (steps, solver)):
+            rows[grid_key(seed, count, row_solver)] = {"prompts": columns, "seed": seed, "steps": count,
+                                                       "solver": row_solver}
+    return rows
+
+
 def sample_rows(spec: dict) -> dict[str, Tensor]:
     """Every row of `spec["rows"]` ({name: {prompts, seed, steps, solver}}): the teacher with CFG
     `spec["guidance"]`, by the world's solver (diffusers' scheduler) or, with solver None, the trainer's DDIM."""

@@ -415,12 +415,6 @@ class DecoupledDMDTrainer:
     def generator_step(self) -> dict[str, float]:
         """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8): one student update."""
         config = self.config
-        if config.regression_only:  # the control: no generator sample, no teacher call, the regression loss alone
-            logs = self._regression_backward(statistics=True)
-            if logs:
-                logs["loss_generator"] = config.regression_loss_weight * logs["loss_regression"]
-                logs["grad_norm_student"] = self._optimize("student", None, accumulate=True)
-            return logs
         cond, step_index, noise = self._draw_batch()                              # line 6
         regression = self._regression_backward() if config.regression_loss_weight > 0 else {}
         with self.meter.phase("generator_simulation"):
@@ -447,6 +441,15 @@ class DecoupledDMDTrainer:
         if delta_dm is not None:
             logs["dm_magnitude"] = delta_dm.abs().mean().item()
         logs.update(per_image_statistics(x_gen.detach()))
+        return logs
+
+    def regression_only_step(self) -> dict[str, float]:
+        """The student's update in the regression-only control (`config.regression_only`): no generator sample,
+        no teacher or fake call, one step on the regression loss's gradient alone."""
+        logs = self._regression_backward(statistics=True)
+        if logs:
+            logs["loss_generator"] = self.config.regression_loss_weight * logs["loss_regression"]
+            logs["grad_norm_student"] = self._optimize("student", None)
         return logs
 
     def _regression_backward(self, statistics: bool = False) -> dict[str, float]:
@@ -591,7 +594,7 @@ class DecoupledDMDTrainer:
     def _optimize(self, role: str, loss: Tensor | None, accumulate: bool = False) -> float:
         """Backward, clip, step; a non-finite gradient (identical on every process) skips the update.
         `accumulate`: add to the gradient already in .grad (the regression loss's) instead of starting afresh;
-        `loss` None: step on that gradient alone (the regression-only control)."""
+        `loss` None: step on the gradient already there alone (the regression-only control)."""
         optimizer, accelerator = self.optimizers[role], self.accelerator
         if loss is not None:
             self._backward(role, loss, accumulate)
@@ -617,14 +620,15 @@ class DecoupledDMDTrainer:
         self.meter.reset()
         skips_before = self.nonfinite_skips
         fakes = config.fake_updates_per_step if config.uses_fake_model else 0
+        student_update = self.regression_only_step if config.regression_only else self.generator_step
         logs: dict[str, float] = {}
         if config.share_generator_sample:
-            logs.update(self.generator_step())
+            logs.update(student_update())
             samples = [self._generator_sample] + self._fake_samples(fakes - 1) if fakes else []
             fake_logs = [self.fake_step(sample) for sample in samples]
         else:
             fake_logs = [self.fake_step(sample) for sample in self._fake_samples(fakes)]
-            logs.update(self.generator_step())
+            logs.update(student_update())
         self._generator_sample = None
         if self.ema is not None:
             logs["ema_decay"] = self.ema.update(self.roles.trainable_state_dict("student"), self.step)

@@ -123,6 +123,7 @@ def _process_umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_process_umask()  # what open() would give: temporary files start as 0600
+DIR_MODE = 0o777 & ~_process_umask()  # what mkdir() would give
 
 
 def remove_stale_staging(folder: str) -> list[str]:

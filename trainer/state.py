@@ -15,7 +15,7 @@ import shutil
 import toml
 
 from .config import KEYS, ConfigError, config_from_dict, flatten_toml, portable_name_problem
-from .outputs import disk_full_error, is_disk_full
+from .outputs import DIR_MODE, FILE_MODE, disk_full_error, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,12 @@ def save_state(trainer) -> str:
 def _open_modes(folder: str) -> None:
     """The modes open() and mkdir() would give (0644 / 0755 under the usual umask): some writers (accelerate's
     random states) start from 0600, which locks a state away from the other users of a shared machine."""
-    from .outputs import FILE_MODE
-
     for root, folders, files in os.walk(folder):
         for name in files:
             os.chmod(os.path.join(root, name), FILE_MODE)
         for name in folders:
-            os.chmod(os.path.join(root, name), FILE_MODE | ((FILE_MODE & 0o444) >> 2))
-    os.chmod(folder, FILE_MODE | ((FILE_MODE & 0o444) >> 2))
+            os.chmod(os.path.join(root, name), DIR_MODE)
+    os.chmod(folder, DIR_MODE)
 
 
 def _write_state(trainer, staging: str) -> None:
