@@ -169,7 +169,7 @@ def run_training(family: str, resolution: int, steps: int, warmup: int, small: b
 
     # one teacher forward at the training shape: the unit of the compute floor
     roles = trainer.roles
-    cond = trainer._conditioning([PROMPTS[0]])
+    cond = trainer.conditioning([PROMPTS[0]])
     x = torch.randn((1, *trainer.latent_shape), device=device)
     level = torch.full((1,), 0.5, dtype=torch.float64, device=device)
     teacher = roles.module("teacher")
@@ -195,8 +195,8 @@ def sampling_race(trainer, adapter, device: str) -> dict:
 
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn((1, *trainer.latent_shape), generator=generator).to(device)
-    cond = trainer._conditioning([PROMPTS[1]])
-    uncond = trainer._uncond(1)
+    cond = trainer.conditioning([PROMPTS[1]])
+    uncond = trainer.uncond(1)
     roles, autocast = trainer.roles, trainer.accelerator.autocast
     teacher = adapter.denoiser(roles.module("teacher"))
 

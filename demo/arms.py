@@ -142,7 +142,7 @@ def run_arm(job: dict) -> dict:
         np.savez_compressed(os.path.join(job["folder"], f"samples_{name}.npz"), features=features,
                             texture=per_sample["texture"].numpy(), top1=per_sample["top1"].numpy(),
                             texture_spectrum=per_sample["texture_spectrum"].numpy())
-    if job.get("memorisation") and trainer._regression_pairs is not None:
+    if job.get("memorisation") and trainer.regression is not None and trainer.regression.pairs is not None:
         data["memorisation"] = memorisation_check(trainer)
     shutil.copyfile(result.student_file, os.path.join(job["folder"], "student.safetensors"))
     shutil.rmtree(training_dir, ignore_errors=True)
@@ -159,7 +159,7 @@ def memorisation_check(trainer, count: int | None = None) -> dict:
 
     from ..trainer.sampling import cfg_sample, few_step_sample
 
-    prompts, noise, target = trainer._regression_pairs
+    prompts, noise, target = trainer.regression.pairs
     count = count or len(prompts)
     prompts, noise, target = prompts[:count], noise[:count], target[:count]
     generator = torch.Generator().manual_seed(trainer.config.seed + 0xF2E5)
@@ -168,9 +168,9 @@ def memorisation_check(trainer, count: int | None = None) -> dict:
     steps = trainer.config.regression_teacher_steps
     out = {"pairs": count, "teacher_steps": steps}
     with torch.no_grad():
-        cond = trainer._conditioning(prompts)
-        fresh_target = torch.cat([cfg_sample(teacher, fresh[i:i + 64], trainer._conditioning(prompts[i:i + 64]),
-                                             trainer._uncond(len(prompts[i:i + 64])), trainer.guidance_scale, steps)
+        cond = trainer.conditioning(prompts)
+        fresh_target = torch.cat([cfg_sample(teacher, fresh[i:i + 64], trainer.conditioning(prompts[i:i + 64]),
+                                             trainer.uncond(len(prompts[i:i + 64])), trainer.guidance_scale, steps)
                                   for i in range(0, count, 64)])
         with trainer.student_in_use():
             student = trainer.denoiser("student")

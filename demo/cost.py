@@ -315,18 +315,36 @@ SPEED_VARIANTS = {
 }
 
 
+def two_teacher_calls(trainer):
+    """The trainer's Algorithm 1 as it was before the batching cut, to measure that cut: CA's pair of teacher
+    rows in one call, DM's rows in a second (same math, same draws)."""
+    from ..trainer.method import DecoupledDMD
+
+    class TwoTeacherCalls(DecoupledDMD):
+        def teacher_predictions(self, inputs):
+            predictions = []
+            for group in (inputs[:2], inputs[2:]):
+                predictions += super().teacher_predictions(group)
+            return predictions
+
+    method = TwoTeacherCalls(trainer)
+    method.regression = trainer.method.regression  # the same pairs
+    return method
+
+
 def compare_speed(trainer, rounds: int = 3, warmup: int = 1, synchronize=None) -> dict:
     """Seconds per generator update of each SPEED_VARIANTS row on one trainer (same model, same process),
     interleaved round by round so that drift of the machine hits every variant alike."""
     synchronize = synchronize or (lambda: None)
     base_config = trainer.config
-    graphs = trainer.graphs
+    graphs, batched = trainer.graphs, trainer.method
+    unbatched = two_teacher_calls(trainer)
     variants = {name: v for name, v in SPEED_VARIANTS.items() if graphs is not None or name != GRAPH_ROW}
     times: dict[str, list[float]] = {name: [] for name in variants}
     work: dict[str, dict] = {}
 
     def use(attributes: dict, changes: dict) -> None:
-        trainer.batch_teacher_rows = attributes["batch_teacher_rows"]
+        trainer.method = batched if attributes["batch_teacher_rows"] else unbatched
         if hasattr(trainer.roles, "_fast_switch"):
             trainer.roles._fast_switch = attributes["fast_switch"]
             trainer.roles.skip_input_casts(attributes["skip_input_casts"] and base_config.mixed_precision != "no")
@@ -348,7 +366,7 @@ def compare_speed(trainer, rounds: int = 3, warmup: int = 1, synchronize=None) -
             synchronize()
             times[name].append(time.perf_counter() - started)
             work[name] = trainer.meter.logs()
-    trainer.config, trainer.graphs = base_config, graphs
+    trainer.config, trainer.graphs, trainer.method = base_config, graphs, batched
     before = sum(times[next(iter(SPEED_VARIANTS))]) / rounds
     out = {}
     for name, values in times.items():

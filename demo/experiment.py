@@ -8,7 +8,6 @@ student step, so a late step that ruins good images shows) with the shipped clas
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -78,7 +77,7 @@ def sample_student(trainer: DecoupledDMDTrainer, prompts: list[str], seed: int) 
     """Student samples (model range) for `prompts` after each of its steps, from a fixed seed."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
-    cond = trainer._conditioning(prompts)
+    cond = trainer.conditioning(prompts)
     with trainer.student_in_use():
         return student_trajectory(trainer.denoiser("student"), noise, trainer.levels, cond, generator)
 
@@ -106,7 +105,7 @@ def same_input_comparison(trainer: DecoupledDMDTrainer, evaluator: Evaluator, pr
 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(prompts), *trainer.latent_shape), generator=generator)
-    cond, uncond = trainer._conditioning(prompts), trainer._uncond(len(prompts))
+    cond, uncond = trainer.conditioning(prompts), trainer.uncond(len(prompts))
     recorder, outputs = _RecordingDenoiser(trainer.denoiser("student")), []
     with trainer.student_in_use():
         few_step_sample(recorder, noise, trainer.levels, cond, generator=generator,
@@ -184,18 +183,7 @@ def run_distillation(name: str, settings: dict, output_dir: str, eval_every: int
         result.history.append({"step": trainer.step, **evaluate_student(trainer, evaluator, prompts)})
         result.same_input = same_input_comparison(trainer, evaluator, prompts)
     result.seconds = time.time() - started
-    log_file = os.path.join(trainer.logging_dir, "metrics.jsonl")
-    if os.path.isfile(log_file):
-        with open(log_file, encoding="utf-8") as handle:
-            entries = [json.loads(line) for line in handle]
-        if entries:
-            result.seconds_per_step = entries[-1].get("seconds_per_step", 0.0)
+    result.seconds_per_step = trainer.metrics_log.last("seconds_per_step", 0.0)
     return (result, trainer) if keep_trainer else result
 
 
-def read_training_log(logging_dir: str) -> list[dict]:
-    path = os.path.join(logging_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle]

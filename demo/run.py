@@ -21,7 +21,6 @@ import torch
 
 from .experiment import (
     BASE_SETTINGS,
-    read_training_log,
     run_distillation,
     sample_student,
 )
@@ -147,7 +146,7 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
             (f"student {steps} steps\n({steps} calls), seed {grid_seed}", student_grid)]
     save_labelled_grid(grid_rows, os.path.join(output_dir, "grid.png"),
                        column_titles=[world.column_title(p) for p in columns])
-    entries = read_training_log(trainer.logging_dir)
+    entries = trainer.metrics_log.read()
     save_training_curves(entries, os.path.join(output_dir, "curves.png"),
                          title=f"dmd-demo: {values['renoise_schedule']}, {steps}-step student")
     student_file = os.path.join(output_dir, "student.safetensors")

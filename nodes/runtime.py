@@ -8,6 +8,7 @@ functions, so the node classes import (and CI checks their schemas) without it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from ..trainer.adapters.comfy import Teacher, detect_family, trainable_unet
 from ..trainer.api import preflight
 from ..trainer.config import ConfigError, portable_name_problem
 from ..trainer.formats import checkpoint_metadata, read_student_metadata, student_timesteps
-from ..trainer.outputs import own_output_dir
+from ..trainer.outputs import MetricsLog, own_output_dir
 from ..trainer.schedules import DiscreteVPSchedule, parse_student_timesteps
 
 # --- the web extension's route -------------------------------------------------------------------------------
@@ -61,8 +62,6 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
             should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None,
             on_phase=lambda text: None) -> TrainResult:
     """Run the Decoupled DMD trainer on a ComfyUI teacher in this process; adapters are removed afterwards."""
-    import json
-    import os
 
     import comfy.model_management as mm
     from safetensors import safe_open
@@ -97,29 +96,24 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
         return TrainResult(None, None, steps, [int(t) for t in config.student_timesteps], {}, None, "", True)
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata() or {}
-    metrics = os.path.join(config.logging_dir or os.path.join(config.output_dir, "logs"), "metrics.jsonl")
-    seconds = math.nan
-    if os.path.isfile(metrics):
-        with open(metrics, encoding="utf-8") as handle:
-            lines = [json.loads(line) for line in handle if line.strip()]
-        if lines:
-            seconds = float(lines[-1].get("seconds_per_step", math.nan))
+    metrics = MetricsLog.of(config)
+    seconds = metrics.last("seconds_per_step", math.nan)
     return TrainResult(path, states[-1] if states else None, steps, [int(t) for t in config.student_timesteps],
-                       metadata, previews.get("last"), metrics, stopped["flag"], seconds)
+                       metadata, previews.get("last"), metrics.path, stopped["flag"], seconds)
 
 
 def train_outputs(teacher: Teacher, result: TrainResult) -> tuple:
     """The Train node's outputs: student MODEL, LORA, DMD_STUDENT, preview IMAGE and curves IMAGE (BHWC)."""
     import comfy.utils
 
-    from ..trainer.curves import draw_curves, read_metrics
+    from ..trainer.curves import draw_curves
 
     student = Student(teacher, result.student_path, result.metadata, result.timesteps, result.state_dir,
                       result.steps_done)
     model = student_model(teacher.model, result.student_path)
     lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
     previews = result.previews if result.previews is not None else torch.zeros(1, 3, 64, 64)
-    curves = draw_curves(read_metrics(result.metrics_file))[None]
+    curves = draw_curves(MetricsLog(os.path.dirname(result.metrics_file)).read())[None]
     return model, lora, student, previews.movedim(1, -1), curves.movedim(1, -1)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_training import PROMPTS, make_trainer
 
+from decoupled_dmd.demo.cost import two_teacher_calls
 from decoupled_dmd.trainer.accounting import CostMeter, expected_forward_equivalents
 from decoupled_dmd.trainer.api import distill, plan_memory
 from decoupled_dmd.trainer.config import config_from_dict
@@ -62,40 +63,58 @@ def test_trainer_counts_what_algorithm_1_implies(tiny_model_dir, tmp_path):
 def test_one_batched_teacher_call_gives_the_two_call_update(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path)
     x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
-    cond = trainer._conditioning(PROMPTS[:2])
+    cond = trainer.conditioning(PROMPTS[:2])
     tau_ca = torch.tensor([0.4, 0.7], dtype=torch.float64)
     tau_dm = torch.tensor([0.2, 0.9], dtype=torch.float64)
     results = []
-    for batched in (True, False):
-        trainer.batch_teacher_rows = batched
+    for method in (trainer.method, two_teacher_calls(trainer)):
         trainer.random.generator.manual_seed(7)
         trainer.meter.reset()
         with torch.no_grad():
-            results.append(trainer._update_terms(x, cond, tau_ca, tau_dm, shared=False))
+            results.append(method.update_terms(x, cond, tau_ca, tau_dm))
         assert trainer.meter.logs()["fe_teacher_forward"] == 3.0
     for name in ("delta_ca", "delta_dm", "x0_cfg", "x0_real_dm"):
         # float tolerance: a batch of 6 rows may take other kernels than batches of 4 and 2
         torch.testing.assert_close(getattr(results[0], name), getattr(results[1], name), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides, rows", [
+    ({}, 3), (dict(update_normalization="per_term_cfg"), 4), (dict(renoise_schedule="coupled-shared"), 2),
+    (dict(renoise_schedule="coupled-shared", update_normalization="per_term_cfg"), 2),
+    (dict(cfg_augmentation=False), 1), (dict(cfg_augmentation=False, update_normalization="per_term_cfg"), 2),
+    (dict(regularizer="none"), 2),
+])
+def test_the_memory_plan_and_the_update_read_one_teacher_row_plan(tiny_model_dir, tmp_path, overrides, rows):
+    from decoupled_dmd.trainer.memory_plan import widest_no_grad_rows
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, **overrides)
+    assert trainer.method.rows.count == widest_no_grad_rows(trainer.config) == rows
+    x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
+    tau = torch.tensor([0.4, 0.7], dtype=torch.float64)
+    trainer.meter.reset()
+    with torch.no_grad():
+        trainer.method.update_terms(x, trainer.conditioning(PROMPTS[:2]), tau, tau)
+    assert trainer.meter.logs()["fe_teacher_forward"] == rows  # rows per sample actually sent to the teacher
+
+
 def test_per_term_cfg_normalises_dm_by_dmd2s_scale_at_its_own_level(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, update_normalization="per_term_cfg", guidance_scale=4.0)
     x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
-    cond = trainer._conditioning(PROMPTS[:2])
+    cond = trainer.conditioning(PROMPTS[:2])
     tau_ca = torch.tensor([0.4, 0.7], dtype=torch.float64)
     tau_dm = torch.tensor([0.2, 0.9], dtype=torch.float64)
     trainer.random.generator.manual_seed(7)
     trainer.meter.reset()
     with torch.no_grad():
-        terms = trainer._update_terms(x, cond, tau_ca, tau_dm, shared=False)
+        terms = trainer.method.update_terms(x, cond, tau_ca, tau_dm)
     assert trainer.meter.logs()["fe_teacher_forward"] == 4.0  # one unconditional call more, at tau_DM
     # by hand: the same re-noised x_dm (the second draw after the seed), the teacher's two predictions there
     trainer.random.generator.manual_seed(7)
     for _ in range(2):
-        x_dm = trainer.adapter.schedule.renoise(x, trainer._randn(2), tau_dm)
+        x_dm = trainer.adapter.schedule.renoise(x, trainer.randn(2), tau_dm)
     with torch.no_grad():
-        cond_dm = trainer._x0("teacher", x_dm, tau_dm, cond)
-        uncond_dm = trainer._x0("teacher", x_dm, tau_dm, trainer._uncond(2))
+        cond_dm = trainer.x0("teacher", x_dm, tau_dm, cond)
+        uncond_dm = trainer.x0("teacher", x_dm, tau_dm, trainer.uncond(2))
     torch.testing.assert_close(terms.x0_dm_reference, uncond_dm + 4.0 * (cond_dm - uncond_dm), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(terms.x0_dm_reference, terms.x0_real_dm)  # per_term's reference is cond alone
 
@@ -107,11 +126,11 @@ def test_per_term_cfg_with_coupled_levels_is_dmd2s_shared_normaliser_bit_for_bit
         trainer = make_trainer(tiny_model_dir, tmp_path / mode, renoise_schedule="coupled-shared",
                                update_normalization=mode)
         x = torch.randn(2, *trainer.latent_shape, generator=torch.Generator().manual_seed(3))
-        cond = trainer._conditioning(PROMPTS[:2])
+        cond = trainer.conditioning(PROMPTS[:2])
         trainer.random.generator.manual_seed(7)
         trainer.meter.reset()
         with torch.no_grad():
-            terms = trainer._update_terms(x, cond, tau, tau, shared=True)
+            terms = trainer.method.update_terms(x, cond, tau, tau)
         assert trainer.meter.logs()["fe_teacher_forward"] == 2.0  # the shared sample needs no extra call
         updates[mode] = normalize_update(terms.delta_ca, terms.delta_dm, x, terms.x0_cfg, terms.x0_dm_reference, mode)
     for got, want in zip(updates["per_term_cfg"], updates["shared"]):
@@ -122,14 +141,14 @@ def test_fast_role_switch_is_the_public_peft_switch(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, max_train_steps=1)
     trainer.train_step()  # student and fake adapters now differ from zero and from each other
     x, level = torch.randn(2, *trainer.latent_shape), torch.tensor([0.3, 0.8], dtype=torch.float64)
-    cond = trainer._conditioning(PROMPTS[:2])
+    cond = trainer.conditioning(PROMPTS[:2])
     outputs = {}
     for fast in (True, False):
         trainer.roles._fast_switch = fast
         for role in ("student", "teacher", "fake", "student"):
             trainer.roles._active = None  # force the switch, through the path under test
             with torch.no_grad():
-                outputs[fast, role] = trainer._x0(role, x, level, cond)
+                outputs[fast, role] = trainer.x0(role, x, level, cond)
     for role in ("student", "teacher", "fake"):
         assert torch.equal(outputs[True, role], outputs[False, role]), role
     assert not torch.equal(outputs[True, "student"], outputs[True, "fake"])
@@ -143,14 +162,14 @@ def test_batched_fake_samples_equal_one_by_one_for_a_one_step_student(tiny_model
     trainer = make_trainer(tiny_model_dir, tmp_path, student_timesteps=[999], fake_updates_per_step=3)
     trainer.random.generator.manual_seed(11)
     with torch.no_grad():
-        batched = trainer._batched_student_samples(3)
+        batched = trainer.method.batched_student_samples(3)
     trainer.random.generator.manual_seed(11)
     one_by_one = []
     for _ in range(3):
-        cond, step, noise = trainer._draw_batch()
+        cond, step, noise = trainer.draw_batch()
         with torch.no_grad():
-            level = trainer._level(trainer.levels[step], noise.shape[0])
-            one_by_one.append((cond, trainer._x0("student", noise, level, cond).float()))
+            level = trainer.level(trainer.levels[step], noise.shape[0])
+            one_by_one.append((cond, trainer.x0("student", noise, level, cond).float()))
     for (cond_a, x_a), (cond_b, x_b) in zip(batched, one_by_one):
         assert torch.equal(cond_a["encoder_hidden_states"], cond_b["encoder_hidden_states"])
         torch.testing.assert_close(x_a, x_b, rtol=1e-4, atol=1e-4)
@@ -162,14 +181,14 @@ def test_batched_fake_samples_cost_one_call_per_step_and_the_same_work(tiny_mode
     state = trainer.random.generator.get_state()
     steps = []
     for _ in range(4):  # the step indices the batched draw will see (prompts, step, noise per draw)
-        steps.append(trainer._draw_batch()[1])
+        steps.append(trainer.draw_batch()[1])
     trainer.random.generator.set_state(state)
     calls = []
-    original = trainer._x0
-    trainer._x0 = lambda *a, **k: calls.append(a[1].shape[0]) or original(*a, **k)
+    original = trainer.x0
+    trainer.x0 = lambda *a, **k: calls.append(a[1].shape[0]) or original(*a, **k)
     trainer.meter.reset()
     with torch.no_grad():
-        samples = trainer._batched_student_samples(4)
+        samples = trainer.method.batched_student_samples(4)
     assert len(samples) == 4 and all(x.shape == (2, *trainer.latent_shape) for _, x in samples)
     assert all(torch.isfinite(x).all() for _, x in samples)
     assert len(calls) == max(steps) + 1  # one call per student step, not one per sample and step

@@ -31,12 +31,12 @@ def fixed_inputs(trainer, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(2, *trainer.latent_shape, generator=generator)
     level = torch.tensor([0.3, 0.8], dtype=torch.float64)
-    return x, level, trainer._conditioning(PROMPTS[:2])
+    return x, level, trainer.conditioning(PROMPTS[:2])
 
 
 def x0_of(trainer, role):
     with torch.no_grad():
-        return trainer._x0(role, *fixed_inputs(trainer))
+        return trainer.x0(role, *fixed_inputs(trainer))
 
 
 def jsonl(path):
@@ -186,7 +186,7 @@ def test_stop_request_saves_a_resumable_state(tiny_model_dir, tmp_path):
 def test_hybrid_ca_levels_are_cleaner_than_the_student_step(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, train_batch_size=1)
     for _ in range(12):
-        logs = trainer.generator_step()
+        logs = trainer.method.generator_step()
         student_level = trainer.levels[int(logs["student_step"])]
         assert logs["tau_ca"] > student_level
         assert trainer.level_bounds[0] < logs["tau_dm"] <= trainer.level_bounds[1]
@@ -209,7 +209,7 @@ def test_prediction_step_weighting_scales_each_steps_loss_and_gradient(tiny_mode
         assert torch.allclose(weighted.step_weights, inverse / inverse.mean(), rtol=1e-9)
         assert weighted.step_weights[0] < weighted.step_weights[-1]  # the noisiest step weighs least
         # the weighting draws no random numbers: both trainers train the same step on the same sample
-        logs = [trainer.generator_step() for trainer in trainers]
+        logs = [trainer.method.generator_step() for trainer in trainers]
         assert logs[0]["student_step"] == logs[1]["student_step"]
         steps_seen.add(logs[1]["student_step"])
         weight = float(weighted.step_weights[int(logs[1]["student_step"])])
@@ -235,26 +235,27 @@ def test_regression_loss_pairs_are_the_teachers_cfg_samples_and_its_gradient_is_
 
     trainer = make_trainer(tiny_model_dir, tmp_path, regression_loss_weight=2.0, regression_pairs=3,
                            regression_teacher_steps=3, train_batch_size=2, guidance_scale=4.0)
-    prompts, noise, target = trainer._make_regression_pairs()
+    prompts, noise, target = trainer.regression.make_pairs(trainer)
     assert len(prompts) == 3 and set(prompts) <= set(PROMPTS) and noise.shape == target.shape == (3, *trainer.latent_shape)
     # an independent route: the adapter's own denoiser (the student adapter is still zero) and fresh encodings
     adapter = trainer.adapter
     expected = cfg_sample(adapter.denoiser(), noise, adapter.encode_prompts(prompts), adapter.encode_prompts([""] * 3),
                           4.0, 3)
     assert torch.allclose(target, expected.float(), rtol=1e-4, atol=1e-4)  # other batch sizes: float error
-    again = make_trainer(tiny_model_dir, tmp_path / "again", regression_loss_weight=2.0, regression_pairs=3,
-                         regression_teacher_steps=3, train_batch_size=2, guidance_scale=4.0)._make_regression_pairs()
+    other = make_trainer(tiny_model_dir, tmp_path / "again", regression_loss_weight=2.0, regression_pairs=3,
+                         regression_teacher_steps=3, train_batch_size=2, guidance_scale=4.0)
+    again = other.regression.make_pairs(other)
     assert again[0] == prompts and torch.equal(again[1], noise) and torch.equal(again[2], target)  # resume rebuilds
 
     state = trainer.random.generator.get_state()
-    loss = trainer._regression_backward()["loss_regression"]
+    loss = trainer.regression.backward(trainer)["loss_regression"]
     grads = {id(p): p.grad.clone() for p in trainer.roles.trainable_parameters("student")}
     trainer.random.generator.set_state(state)
     indices = torch.randint(3, (2,), generator=trainer.random.generator).tolist()
     for p in trainer.roles.trainable_parameters("student"):
         p.grad = None
-    x0 = trainer._x0("student", noise[indices], trainer._level(trainer.levels[0], 2),
-                     trainer._conditioning([prompts[i] for i in indices]), train=True)
+    x0 = trainer.x0("student", noise[indices], trainer.level(trainer.levels[0], 2),
+                     trainer.conditioning([prompts[i] for i in indices]), train=True)
     reference = torch.nn.functional.mse_loss(x0.float(), target[indices])
     (2.0 * reference).backward()
     assert loss == pytest.approx(reference.item(), rel=1e-6) and loss > 0
@@ -267,12 +268,12 @@ def test_regression_loss_pairs_are_the_teachers_cfg_samples_and_its_gradient_is_
         p.grad = torch.full_like(p, 0.5)
     zero_loss = sum((p * 0).sum() for p in parameters)
     expected_norm = 0.5 * math.sqrt(sum(p.numel() for p in parameters))
-    assert trainer._optimize("student", zero_loss, accumulate=True) == pytest.approx(expected_norm, rel=1e-5)
+    assert trainer.optimize("student", zero_loss, accumulate=True) == pytest.approx(expected_norm, rel=1e-5)
     for p in parameters:
         p.grad = torch.full_like(p, 0.5)
-    assert trainer._optimize("student", sum((p * 0).sum() for p in parameters)) == 0.0
+    assert trainer.optimize("student", sum((p * 0).sum() for p in parameters)) == 0.0
 
-    logs = trainer.generator_step()
+    logs = trainer.method.generator_step()
     assert logs["loss_regression"] > 0 and logs["grad_norm_student"] > 0
 
 
@@ -292,12 +293,12 @@ def test_regression_pairs_are_made_before_the_first_update_with_progress_and_a_s
     assert [p.split(" (")[0] for p in phases if "teacher sample" in p] == \
         ["regression loss: teacher sample 1 of 5", "regression loss: teacher sample 3 of 5"]  # batch 2
     written = [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith((".safetensors", ".jsonl"))]
-    assert trainer._regression_pairs is None and trainer.step == 0 and written == []
+    assert trainer.regression.pairs is None and trainer.step == 0 and written == []
 
     phases.clear()
     stop_at["sample"] = 99
     trainer = make_trainer(tiny_model_dir, tmp_path / "full", callbacks=callbacks, **options)
-    assert trainer.train() is not None and len(trainer._regression_pairs[0]) == 5
+    assert trainer.train() is not None and len(trainer.regression.pairs[0]) == 5
     logs = jsonl(tmp_path / "full" / "out" / "logs" / "metrics.jsonl")[-1]
     assert logs.get("seconds_regression_pairs", 0.0) == 0.0  # not charged to the first update (lazily made: it was)
 
@@ -376,15 +377,15 @@ def test_regression_only_control_steps_on_the_regression_gradient_alone(tiny_mod
                            regression_loss_weight=2.0, regression_pairs=3, regression_teacher_steps=2,
                            max_grad_norm=0.0)
     assert trainer.config.regression_only and "fake" not in trainer.optimizers
-    trainer._ensure_regression_pairs()
+    trainer.regression.prepare(trainer)
     parameters = trainer.roles.trainable_parameters("student")
     before = [p.detach().clone() for p in parameters]
     state = trainer.random.generator.get_state()
     calls = []
-    teacher_x0 = trainer._x0
-    trainer._x0 = lambda role, *a, **k: calls.append(role) or teacher_x0(role, *a, **k)
+    teacher_x0 = trainer.x0
+    trainer.x0 = lambda role, *a, **k: calls.append(role) or teacher_x0(role, *a, **k)
     logs = trainer.train_step()
-    trainer._x0 = teacher_x0
+    trainer.x0 = teacher_x0
     assert calls == ["student"]  # one trained call, no teacher or fake call
     assert logs["loss_generator"] == pytest.approx(2.0 * logs["loss_regression"]) and "gen_std" in logs
     after = [p.detach().clone() for p in parameters]
@@ -393,7 +394,7 @@ def test_regression_only_control_steps_on_the_regression_gradient_alone(tiny_mod
     for p, value in zip(parameters, before):
         p.data.copy_(value)
         p.grad = None
-    trainer._regression_backward()
+    trainer.regression.backward(trainer)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in parameters)
     for p, value, moved in zip(parameters, before, after):
         grad = torch.zeros_like(value) if p.grad is None else p.grad

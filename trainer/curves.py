@@ -6,9 +6,7 @@ ComfyUI's environment has no matplotlib: this draws one small panel per quantity
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 from torch import Tensor
@@ -19,13 +17,6 @@ PANELS = (
     ("latent mean / std", ("gen_mean", "gen_std")),
 )
 COLOURS = ((31, 119, 180), (255, 127, 14))
-
-
-def read_metrics(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def draw_curves(records: list[dict], width: int = 768, panel_height: int = 200) -> Tensor:

@@ -1,6 +1,7 @@
-"""The Decoupled DMD trainer on accelerate (Algorithm 1): generator_step, fake_step, the training loop.
-
-Resumable states live in state.py, the student's files in export.py.
+"""The run of Decoupled DMD on accelerate: set-up, the models on the denoiser contract, the optimizers, the
+training loop, divergence, logs, previews and saving. Algorithm 1 itself lives in method.py (`DecoupledDMD`),
+which reaches the run through its public methods; resumable states live in state.py, the student's files in
+export.py.
 
 Model-agnostic: it sees a `ModelAdapter` (denoiser contract) and a `Roles` object (which weights a forward
 uses). Every random draw goes through one seeded torch.Generator per process that is saved with the state,
@@ -23,33 +24,20 @@ from torch import Tensor
 
 from .accounting import CostMeter
 from .config import ConfigError, TrainConfig, checked_timestep_bounds
-from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache, batched_x0
+from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache
 from .ema import StudentEma
-from .export import base_identity, save_merged_checkpoint, student_tensors
+from .export import SAVE_DTYPES, save_merged_checkpoint, student_tensors
 from .formats import atomic_save_safetensors, read_init_lora, student_metadata
 from .graphs import GraphedCalls, uses_cuda_graphs
-from .losses import (
-    cfg_augmentation,
-    classifier_free_guidance,
-    distribution_matching,
-    dm_reference_is_cfg,
-    generator_step_weights,
-    mean_variance_kl,
-    normalize_update,
-    per_image_statistics,
-    proxy_loss,
-    weighted_denoising_loss,
-)
+from .losses import generator_step_weights
+from .method import DecoupledDMD
 from .networks import FullRoles, LoraRoles, Roles, nonfinite_tensors
-from .outputs import free_path, metrics_line, own_output_dir, remove_stale_staging, save_image_grid
-from .sampling import cfg_sample, few_step_sample, student_levels
-from .schedules import (
-    learning_rate_factor,
-    renoise_levels_shared,
-    sample_renoise_levels,
-    uniform_shifted_levels,
-)
+from .outputs import MetricsLog, free_path, logging_dir, own_output_dir, remove_stale_staging, save_image_grid
+from .sampling import few_step_sample, student_levels
+from .schedules import learning_rate_factor
 from .state import (
+    Progress,
+    RunIdentity,
     check_resumable,
     find_state,
     list_states,
@@ -92,17 +80,6 @@ class TrainerCallbacks:
 
 
 @dataclass
-class _UpdateTerms:
-    """The two directions of Eq. 8 for one generator update, and the teacher predictions that scale them."""
-
-    delta_ca: Tensor | None = None
-    delta_dm: Tensor | None = None
-    x0_cfg: Tensor | None = None
-    x0_real_dm: Tensor | None = None
-    x0_dm_reference: Tensor | None = None  # what the DM term is normalised against (x0_real_dm or x0_cfg at tau_DM)
-
-
-@dataclass
 class _RandomState:
     """The trainer's own random stream, saved per process with every state."""
 
@@ -132,11 +109,10 @@ def build_accelerator(config: TrainConfig, cpu: bool = False, trackers: bool = T
     from accelerate.utils import ProjectConfiguration
 
     AcceleratorState._reset_state()
-    logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
     return Accelerator(
         mixed_precision=config.mixed_precision, cpu=cpu,
         log_with=_tracker(config.log_with) if trackers else None,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=logging_dir),
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=logging_dir(config)),
         # student and fake adapters share one module: each backward uses only one of them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         step_scheduler_with_optimizer=False,
@@ -154,12 +130,12 @@ class DecoupledDMDTrainer:
         self.config, self.adapter, self.prompts = config, adapter, list(prompts)
         self.sample_prompts = list(sample_prompts or self.prompts[:4])
         self.callbacks = callbacks or TrainerCallbacks()
-        self.logging_dir = config.logging_dir or os.path.join(config.output_dir, "logs")
+        self.metrics_log = MetricsLog.of(config)
         self.accelerator = accelerator = accelerator if accelerator is not None else build_accelerator(config)
         if config.save_merged_checkpoint and adapter.merged_checkpoint_problem():
             raise ConfigError(adapter.merged_checkpoint_problem())
-        self.output_paths: dict[str, str] | None = None
-        self._base: dict[str, str] | None = None
+        self.progress = Progress()  # step, counters and output files: what a state keeps and a resume restores
+        self._identity: RunIdentity | None = None
         if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
             raise ConfigError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
         self.level_bounds = checked_timestep_bounds(config, adapter.schedule)
@@ -191,24 +167,36 @@ class DecoupledDMDTrainer:
         self.ema = (StudentEma(self.roles.trainable_state_dict("student"), config.student_ema_decay)
                     if config.student_ema_decay else None)
         self.random = _RandomState()
-        self.nonfinite_skips = 0
-        self.successful_updates = 0  # generator updates with every gradient finite (resumed from the state)
         self.nonfinite_streak = 0  # updates in a row with a skipped (non-finite) gradient
         self.meter = CostMeter(config.train_batch_size, config.gradient_checkpointing,
                                torch.cuda.synchronize if accelerator.device.type == "cuda" else None)
         self._uncond_cache: dict[int, Conditioning] = {}
-        self._regression_pairs: tuple[list[str], Tensor, Tensor] | None = None  # made before the first update
         self.graphs = GraphedCalls() if uses_cuda_graphs(config, adapter, accelerator.device.type) else None
-        self.batch_teacher_rows = True  # one teacher call per update; False (two calls) only to measure the gain
-        self._generator_sample: tuple[Conditioning, Tensor] | None = None
+        self.method = DecoupledDMD(self)  # Algorithm 1 (and the regression loss) over this run
         self.random.generator.manual_seed(config.seed * 1_000_003 + accelerator.process_index)
-        self.step = 0
 
         self._prepare_prompts()
         self.memory_plan = memory_plan if memory_plan is not None else self._plan_memory()
         self._build_optimizers()
-        self.accelerator.register_save_state_pre_hook(functools.partial(save_weights_hook, self))
-        self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, self))
+        trained = list(self.optimizers)
+        self.accelerator.register_save_state_pre_hook(functools.partial(save_weights_hook, self.roles, trained, self.ema))
+        self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, self.roles, trained, self.ema))
+
+    # --- how far the run is (`state.Progress`) -------------------------------------------------------------
+    step = property(lambda self: self.progress.step, lambda self, value: setattr(self.progress, "step", value))
+    nonfinite_skips = property(lambda self: self.progress.nonfinite_skips,
+                               lambda self, value: setattr(self.progress, "nonfinite_skips", value))
+    successful_updates = property(lambda self: self.progress.successful_updates,
+                                  lambda self, value: setattr(self.progress, "successful_updates", value))
+    output_paths = property(lambda self: self.progress.output_paths,
+                            lambda self, value: setattr(self.progress, "output_paths", value))
+
+    def identity(self) -> RunIdentity:
+        """The base model's identity (name, sha256: hashed once per run), family and prediction type."""
+        if self._identity is None:
+            adapter = self.adapter
+            self._identity = RunIdentity(adapter.identity(), adapter.family, adapter.prediction_type)
+        return self._identity
 
     # --- set-up --------------------------------------------------------------------------------------------
     def _build_roles(self) -> Roles:
@@ -296,7 +284,7 @@ class DecoupledDMDTrainer:
             self.schedulers[role] = accelerator.prepare_scheduler(scheduler)
 
     # --- the denoisers ---------------------------------------------------------------------------------------
-    def _x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False,
+    def x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False,
             kind: str | None = None) -> Tensor:
         """x0 prediction of `role`; `train` routes through the data-parallel wrapper so gradients sync."""
         self.meter.forward(role, x_t.shape[0], kind or ("train_forward" if train else "forward"))
@@ -318,30 +306,30 @@ class DecoupledDMDTrainer:
         return _RoleDenoiser(self, role)
 
     # --- random draws ----------------------------------------------------------------------------------------
-    def _randn(self, batch: int) -> Tensor:
+    def randn(self, batch: int) -> Tensor:
         return torch.randn((batch, *self.latent_shape), generator=self.random.generator).to(self.accelerator.device)
 
-    def _draw_batch(self) -> tuple[Conditioning, int, Tensor]:
+    def draw_batch(self) -> tuple[Conditioning, int, Tensor]:
         """Prompts (encoded), the student step to train, and the starting noise of one batch."""
         generator = self.random.generator
         batch = self.config.train_batch_size
         indices = torch.randint(len(self.prompts), (batch,), generator=generator).tolist()
         step_index = int(torch.randint(len(self.levels), (1,), generator=generator))
-        cond = self._conditioning([self.prompts[i] for i in indices])
-        return cond, step_index, self._randn(batch)
+        cond = self.conditioning([self.prompts[i] for i in indices])
+        return cond, step_index, self.randn(batch)
 
-    def _uncond(self, batch: int) -> Conditioning:
+    def uncond(self, batch: int) -> Conditioning:
         """The unconditional input for `batch` rows, on the device, built once per batch size."""
         if batch not in self._uncond_cache:
-            self._uncond_cache[batch] = self._conditioning([""] * batch)
+            self._uncond_cache[batch] = self.conditioning([""] * batch)
         return self._uncond_cache[batch]
 
-    def _conditioning(self, prompts: list[str]) -> Conditioning:
+    def conditioning(self, prompts: list[str]) -> Conditioning:
         with self.accelerator.autocast():
             return self.prompt_cache.get(prompts, self.accelerator.device)
 
     @torch.no_grad()
-    def _generator_input(self, cond: Conditioning, step_index: int, noise: Tensor) -> Tensor:
+    def generator_input(self, cond: Conditioning, step_index: int, noise: Tensor) -> Tensor:
         """z_t for student step `step_index`: pure noise, or backward simulation with the current student."""
         if step_index == 0:
             return noise
@@ -349,241 +337,11 @@ class DecoupledDMDTrainer:
         return few_step_sample(self.denoiser("student"), noise, self.levels, cond,
                                generator=self.random.generator, stop_after=step_index)
 
-    def _level(self, value: float, batch: int) -> Tensor:
+    def level(self, value: float, batch: int) -> Tensor:
         return torch.full((batch,), value, dtype=torch.float64, device=self.accelerator.device)
 
-    # --- training phases -------------------------------------------------------------------------------------
-    def _fake_samples(self, count: int) -> list[tuple[Conditioning, Tensor] | None]:
-        """Student samples for `count` fake updates: drawn one by one inside each update (None), or all at once
-        in one batched backward simulation (`batch_fake_samples`; the student does not change between fake
-        updates, so each sample has the same distribution)."""
-        if count <= 0:
-            return []
-        if not self.config.batch_fake_samples or count == 1:
-            return [None] * count
-        with self.meter.phase("fake_sample"), torch.no_grad():
-            return self._batched_student_samples(count)
-
-    def _batched_student_samples(self, count: int) -> list[tuple[Conditioning, Tensor]]:
-        """`count` batches (cond, x_gen), each at its own random student step: one chain of student calls over
-        all rows, a row leaving the batch at its step (its x0 there is x_gen); at most N calls in all."""
-        draws = [self._draw_batch() for _ in range(count)]
-        batch = draws[0][2].shape[0]
-        cond = Conditioning.cat([d[0] for d in draws])
-        step_of_row = torch.tensor([d[1] for d in draws]).repeat_interleave(batch)
-        x_gen = torch.empty((count * batch, *self.latent_shape), device=self.accelerator.device)
-        active = torch.arange(count * batch)
-        x = torch.cat([d[2] for d in draws])
-        for index in range(int(step_of_row.max()) + 1):
-            level = self._level(self.levels[index], len(active))
-            x0 = self._x0("student", x, level, cond.select(active), kind="simulation").float()
-            done = step_of_row[active] == index
-            x_gen[active[done].to(x_gen.device)] = x0[done.to(x0.device)]
-            keep = step_of_row[active] > index
-            if not keep.any():
-                break
-            active, x0 = active[keep], x0[keep.to(x0.device)]
-            fresh = torch.randn(x0.shape, generator=self.random.generator).to(x0.device)
-            x = self.adapter.schedule.renoise(x0, fresh, self._level(self.levels[index + 1], len(active))).to(x.dtype)
-        return [(draws[i][0], x_gen[i * batch:(i + 1) * batch]) for i in range(count)]
-
-    def fake_step(self, sample: tuple[Conditioning, Tensor] | None = None) -> dict[str, float]:
-        """Algorithm 1 lines 45-51: train the fake model to denoise a student sample x'_gen at tau'.
-
-        `sample` (cond, x_gen) reuses the generator turn's own detached output (DMD2); without it a fresh
-        student sample is drawn (backward simulation to a random student step)."""
-        with self.meter.phase("fake_sample"):
-            if sample is None:
-                cond, step_index, noise = self._draw_batch()
-                with torch.no_grad():
-                    z_t = self._generator_input(cond, step_index, noise)
-                    level = self._level(self.levels[step_index], noise.shape[0])
-                    x_gen = self._x0("student", z_t, level, cond).float()
-            else:
-                cond, x_gen = sample
-        with self.meter.phase("fake_update"):
-            batch = x_gen.shape[0]
-            low = torch.full((batch,), self.level_bounds[0], dtype=torch.float64)
-            tau = uniform_shifted_levels(low, self.level_bounds[1], self.random.generator,
-                                         self.config.timestep_shift).to(self.accelerator.device)
-            x_tau = self.adapter.schedule.renoise(x_gen, self._randn(batch), tau)
-            x0_fake = self._x0("fake", x_tau, tau, cond, train=True)
-            loss = weighted_denoising_loss(x0_fake, x_gen, self.adapter.fake_loss_weight(tau, self.config.fake_loss_target))
-            grad_norm = self._optimize("fake", loss)
-        return {"loss_fake": loss.item(), "grad_norm_fake": grad_norm}
-
-    def generator_step(self) -> dict[str, float]:
-        """Algorithm 1 lines 5-43 with decoupled re-noise levels (Eq. 8): one student update."""
-        config = self.config
-        cond, step_index, noise = self._draw_batch()                              # line 6
-        regression = self._regression_backward() if config.regression_loss_weight > 0 else {}
-        with self.meter.phase("generator_simulation"):
-            z_t = self._generator_input(cond, step_index, noise)                 # line 7
-        t = self._level(self.levels[step_index], noise.shape[0])
-        with self.meter.phase("generator_student"):
-            x_gen = self._x0("student", z_t, t, cond, train=True)                # line 8
-        tau_ca, tau_dm, shared = self._renoise_levels(t)                       # lines 11-12 (30)
-        with torch.no_grad(), self.meter.phase("generator_teacher_fake"):
-            terms = self._update_terms(x_gen.detach(), cond, tau_ca, tau_dm, shared)  # lines 13-26
-        delta_ca, delta_dm = normalize_update(terms.delta_ca, terms.delta_dm, x_gen.detach(), terms.x0_cfg,
-                                              terms.x0_dm_reference, config.update_normalization)
-        deltas = [d for d in (delta_ca, delta_dm) if d is not None]
-        delta_total = sum(deltas) if deltas else None                            # line 27
-        with self.meter.phase("generator_update"):
-            loss, logs = self._generator_loss(x_gen, delta_total, float(self.step_weights[step_index]))  # 42-43
-            logs.update(regression)
-            logs["grad_norm_student"] = self._optimize("student", loss, accumulate=bool(regression))
-        self._generator_sample = (cond, x_gen.detach().float())
-        logs.update(tau_ca=tau_ca.float().mean().item(), tau_dm=tau_dm.float().mean().item(),
-                    student_step=float(step_index))
-        if delta_ca is not None:
-            logs["ca_magnitude"] = delta_ca.abs().mean().item()
-        if delta_dm is not None:
-            logs["dm_magnitude"] = delta_dm.abs().mean().item()
-        logs.update(per_image_statistics(x_gen.detach()))
-        return logs
-
-    def regression_only_step(self) -> dict[str, float]:
-        """The student's update in the regression-only control (`config.regression_only`): no generator sample,
-        no teacher or fake call, one step on the regression loss's gradient alone."""
-        logs = self._regression_backward(statistics=True)
-        if logs:
-            logs["loss_generator"] = self.config.regression_loss_weight * logs["loss_regression"]
-            logs["grad_norm_student"] = self._optimize("student", None)
-        return logs
-
-    def _regression_backward(self, statistics: bool = False) -> dict[str, float]:
-        """DMD's regression loss (Yin et al. 2024, `regression_loss_weight`): backward of weight * MSE between the
-        student's first step on a batch of fixed noises and the teacher's CFG samples from those noises. Runs
-        before the generator's own sample and leaves its gradient in the student's .grad for `_optimize` to add
-        to (one trained call alive at a time: the memory plan's peak holds). Returns the unweighted loss's log."""
-        if not self._ensure_regression_pairs():  # stopped while making them: the loop ends at its next check
-            return {}
-        prompts, noise, target = self._regression_pairs
-        batch = self.config.train_batch_size
-        indices = torch.randint(len(prompts), (batch,), generator=self.random.generator).tolist()
-        device = self.accelerator.device
-        with self.meter.phase("generator_regression"):
-            cond = self._conditioning([prompts[i] for i in indices])
-            x0 = self._x0("student", noise[indices].to(device), self._level(self.levels[0], batch), cond, train=True)
-            loss = torch.nn.functional.mse_loss(x0.float(), target[indices].to(device).float())
-            self._backward("student", self.config.regression_loss_weight * loss)
-        # `statistics`: the first step's image statistics (the regression-only control has no generator sample)
-        return {"loss_regression": loss.item(), **(per_image_statistics(x0) if statistics else {})}
-
-    def _ensure_regression_pairs(self) -> bool:
-        """Make the regression loss's pairs once (`_train` does it before the first update, outside every update's
-        cost; a direct `train_step` on the first call); False when a stop came before they were done."""
-        if self._regression_pairs is None:
-            with self.meter.phase("regression_pairs"):
-                self._regression_pairs = self._make_regression_pairs()
-        return self._regression_pairs is not None
-
-    def _progress_disabled(self) -> bool:
-        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
-        return not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
-
-    @torch.no_grad()
-    def _make_regression_pairs(self) -> tuple[list[str], Tensor, Tensor] | None:
-        """(prompts, noises, teacher CFG samples) of the regression loss, on the CPU: drawn from their own
-        generator seeded by `seed`, so a resumed run (and every process) rebuilds the same pairs. Minutes on SDXL:
-        reports its progress as a phase and returns None when a stop is requested before it is done."""
-        from tqdm.auto import tqdm
-
-        config = self.config
-        generator = torch.Generator().manual_seed(config.seed + 0x5EED)
-        count = config.regression_pairs
-        indices = torch.randint(len(self.prompts), (count,), generator=generator).tolist()
-        prompts = [self.prompts[i] for i in indices]
-        noise = torch.randn((count, *self.latent_shape), generator=generator)
-        teacher, samples = self.denoiser("teacher"), []
-        started = time.perf_counter()
-        graphs, self.graphs = self.graphs, None  # one-off calls: eager, so no CUDA graphs outside the planned pool
-        try:
-            for start in tqdm(range(0, count, config.train_batch_size), desc="regression loss: teacher samples",
-                              unit="batch", disable=self._progress_disabled()):
-                if self.callbacks.should_stop():
-                    logger.info("stop requested while making the regression loss's teacher samples")
-                    return None
-                self.callbacks.on_phase(f"regression loss: teacher sample {start + 1} of {count} "
-                                        f"({config.regression_teacher_steps} steps with CFG each, once per run)")
-                chunk = prompts[start:start + config.train_batch_size]
-                with self.accelerator.autocast():
-                    samples.append(cfg_sample(teacher, noise[start:start + len(chunk)].to(self.accelerator.device),
-                                              self._conditioning(chunk), self._uncond(len(chunk)),
-                                              self.guidance_scale, config.regression_teacher_steps).float().cpu())
-        finally:
-            self.graphs = graphs
-        logger.info("regression loss: %d teacher samples (%d DDIM steps with CFG) in %.1f s", count,
-                    config.regression_teacher_steps, time.perf_counter() - started)
-        return prompts, noise, torch.cat(samples)
-
-    def _renoise_levels(self, t: Tensor) -> tuple[Tensor, Tensor, bool]:
-        """(tau_CA, tau_DM, shared) for the student level t, from the configured schedule (Table 1)."""
-        tau_ca, tau_dm = sample_renoise_levels(self.config.renoise_schedule, t.cpu(), self.level_bounds,
-                                               self.random.generator, self.config.timestep_shift)
-        device = self.accelerator.device
-        return tau_ca.to(device), tau_dm.to(device), renoise_levels_shared(self.config.renoise_schedule)
-
-    def _update_terms(self, x_gen: Tensor, cond: Conditioning, tau_ca: Tensor, tau_dm: Tensor,
-                      shared: bool) -> "_UpdateTerms":
-        """Delta_CA (Eq. 6, with x0_cfg for its normaliser) and Delta_DM (with x0_real at tau_DM).
-
-        Every teacher row of the update (CA cond, CA uncond, DM cond) goes through one batched call; with
-        shared levels the CA cond prediction is the DM real prediction (original DMD's one re-noised sample).
-        """
-        config, schedule, batch = self.config, self.adapter.schedule, x_gen.shape[0]
-        use_ca, use_dm = config.cfg_augmentation, config.regularizer == "dm"
-        reuse_ca = shared and use_ca  # original DMD: one re-noised sample serves both terms
-        dm_cfg = use_dm and dm_reference_is_cfg(config.update_normalization) and not reuse_ca
-        rows: list[tuple[Tensor, Tensor, Conditioning]] = []
-        if use_ca:
-            x_ca = schedule.renoise(x_gen, self._randn(batch), tau_ca)
-            rows += [(x_ca, tau_ca, cond), (x_ca, tau_ca, self._uncond(batch))]
-        x_dm = None
-        if use_dm:
-            x_dm = x_ca if reuse_ca else schedule.renoise(x_gen, self._randn(batch), tau_dm)
-            if not reuse_ca:
-                rows.append((x_dm, tau_dm, cond))
-            if dm_cfg:  # the unconditional half of DMD2's normaliser at tau_DM
-                rows.append((x_dm, tau_dm, self._uncond(batch)))
-        predictions = []
-        groups = [rows] if self.batch_teacher_rows else [rows[:2], rows[2:]]  # unbatched: CA pair, then DM
-        for group in (g for g in groups if g):
-            predictions += batched_x0(functools.partial(self._x0, "teacher"), group)
-        terms = _UpdateTerms()
-        if use_ca:
-            x0_cond, x0_uncond = predictions[0], predictions[1]
-            terms.delta_ca = cfg_augmentation(x0_cond, x0_uncond, self.guidance_scale)
-            terms.x0_cfg = classifier_free_guidance(x0_cond, x0_uncond, self.guidance_scale)
-        if use_dm:
-            dm_index = 0 if reuse_ca else (2 if use_ca else 0)
-            terms.x0_real_dm = predictions[dm_index]
-            terms.x0_dm_reference = terms.x0_real_dm
-            if dm_cfg:
-                terms.x0_dm_reference = classifier_free_guidance(terms.x0_real_dm, predictions[dm_index + 1],
-                                                                 self.guidance_scale)
-            elif reuse_ca and dm_reference_is_cfg(config.update_normalization):
-                terms.x0_dm_reference = terms.x0_cfg
-            terms.delta_dm = distribution_matching(terms.x0_real_dm, self._x0("fake", x_dm, tau_dm, cond))
-        return terms
-
-    def _generator_loss(self, x_gen: Tensor, delta_total: Tensor | None,
-                        step_weight: float = 1.0) -> tuple[Tensor, dict[str, float]]:
-        """The proxy loss of line 42 (plus the Eq. 7 regulariser where chosen), and its logged parts; both are
-        x0-space losses, scaled by the student step's weight (`generator_step_weighting`)."""
-        config, logs = self.config, {}
-        loss = x_gen.new_zeros((), dtype=torch.float32)
-        if delta_total is not None:
-            loss = loss + step_weight * proxy_loss(x_gen, delta_total, config.dmd_loss_weight)
-        if config.regularizer == "mean_variance":
-            kl = mean_variance_kl(x_gen, config.mean_variance_target_mean, config.mean_variance_target_var)
-            logs["loss_mean_variance_kl"] = kl.item()
-            loss = loss + step_weight * config.mean_variance_weight * kl
-        logs["loss_generator"] = loss.item()
-        return loss, logs
-
-    def _backward(self, role: str, loss: Tensor, accumulate: bool = False) -> None:
+    # --- optimisation ---------------------------------------------------------------------------------------
+    def backward(self, role: str, loss: Tensor, accumulate: bool = False) -> None:
         """`role`'s gradient of `loss` into its .grad: afresh, or added to what is there (`accumulate`)."""
         if not accumulate:
             self.optimizers[role].zero_grad(set_to_none=True)
@@ -591,13 +349,14 @@ class DecoupledDMDTrainer:
         self.accelerator.backward(loss)
         self.meter.backward(role)
 
-    def _optimize(self, role: str, loss: Tensor | None, accumulate: bool = False) -> float:
+
+    def optimize(self, role: str, loss: Tensor | None, accumulate: bool = False) -> float:
         """Backward, clip, step; a non-finite gradient (identical on every process) skips the update.
         `accumulate`: add to the gradient already in .grad (the regression loss's) instead of starting afresh;
         `loss` None: step on the gradient already there alone (the regression-only control)."""
         optimizer, accelerator = self.optimizers[role], self.accelerator
         if loss is not None:
-            self._backward(role, loss, accumulate)
+            self.backward(role, loss, accumulate)
         parameters = self.roles.trainable_parameters(role)
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = float(accelerator.clip_grad_norm_(parameters, max_norm))
@@ -610,30 +369,20 @@ class DecoupledDMDTrainer:
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def train_step(self) -> dict[str, float]:
-        """One generator update and `fake_updates_per_step` fake updates (TTUR), with their cost.
 
-        By default the fake updates come first, each on a fresh student sample. With `share_generator_sample`
-        the order is Algorithm 1's (generator, then fake) and the first fake update trains on the generator
-        turn's own detached sample, as DMD2 does."""
-        config = self.config
+    def progress_disabled(self) -> bool:
+        # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
+        return not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
+
+
+    def train_step(self) -> dict[str, float]:
+        """One step of Algorithm 1 (`method.DecoupledDMD.train_step`: the student's update and the fake's), then
+        the run's part: the student's EMA, the step count, the non-finite streak, and the step's cost."""
         self.meter.reset()
         skips_before = self.nonfinite_skips
-        fakes = config.fake_updates_per_step if config.uses_fake_model else 0
-        student_update = self.regression_only_step if config.regression_only else self.generator_step
-        logs: dict[str, float] = {}
-        if config.share_generator_sample:
-            logs.update(student_update())
-            samples = [self._generator_sample] + self._fake_samples(fakes - 1) if fakes else []
-            fake_logs = [self.fake_step(sample) for sample in samples]
-        else:
-            fake_logs = [self.fake_step(sample) for sample in self._fake_samples(fakes)]
-            logs.update(student_update())
-        self._generator_sample = None
+        logs = self.method.train_step()
         if self.ema is not None:
             logs["ema_decay"] = self.ema.update(self.roles.trainable_state_dict("student"), self.step)
-        if fake_logs:
-            logs.update({k: sum(d[k] for d in fake_logs) / len(fake_logs) for k in fake_logs[0]})
         self.step += 1
         if self.nonfinite_skips == skips_before:
             self.successful_updates, self.nonfinite_streak = self.successful_updates + 1, 0
@@ -642,6 +391,20 @@ class DecoupledDMDTrainer:
         logs["nonfinite_skips"] = float(self.nonfinite_skips)
         logs.update(self.meter.logs())
         return logs
+
+    @property
+    def regression(self):
+        """DMD's regression loss of this run (`regression.RegressionLoss`: its pairs), or None."""
+        return self.method.regression
+
+    @contextlib.contextmanager
+    def eager_calls(self):
+        """Calls without CUDA graphs inside (one-off calls outside the planned memory pool)."""
+        graphs, self.graphs = self.graphs, None
+        try:
+            yield
+        finally:
+            self.graphs = graphs
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> str | None:
@@ -659,7 +422,8 @@ class DecoupledDMDTrainer:
             state_dir = find_state(config)
             record = check_resumable(config, state_dir)
             if record is not None:
-                resume(self, state_dir, record)
+                self.progress = resume(self.accelerator, state_dir, record, self.identity(), self.random.generator,
+                                       config.output_dir)
                 self.callbacks.on_phase(f"continuing the run in {config.output_dir} at step {self.step} "
                                         f"of {config.max_train_steps}")
             else:
@@ -674,10 +438,10 @@ class DecoupledDMDTrainer:
         if accelerator.is_main_process:
             accelerator.init_trackers("decoupled_dmd", config={k: v for k, v in config.to_dict().items()
                                                                if isinstance(v, (int, float, str, bool))})
-        if config.regression_loss_weight > 0 and self.step < config.max_train_steps:
-            self._ensure_regression_pairs()  # before seconds_per_step's clock; stopped: the loop below ends at once
+        if self.regression is not None and self.step < config.max_train_steps:
+            self.regression.prepare(self)  # before seconds_per_step's clock; stopped: the loop below ends at once
         progress = tqdm(total=config.max_train_steps, initial=self.step, desc="decoupled-dmd",
-                        disable=self._progress_disabled())
+                        disable=self.progress_disabled())
         started, first_step, save_due = time.time(), self.step, False
         while self.step < config.max_train_steps:
             if self.callbacks.should_stop():
@@ -736,9 +500,7 @@ class DecoupledDMDTrainer:
     def _log(self, logs: dict[str, float]):
         self.accelerator.log(logs, step=self.step)
         if self.accelerator.is_main_process:
-            os.makedirs(self.logging_dir, exist_ok=True)
-            with open(os.path.join(self.logging_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-                handle.write(metrics_line({"step": self.step, **logs}) + "\n")
+            self.metrics_log.append({"step": self.step, **logs})
 
     # --- previews, saving, resuming --------------------------------------------------------------------------
     def student_in_use(self):
@@ -753,7 +515,7 @@ class DecoupledDMDTrainer:
         """Student few-step samples for `prompts` as images in [0, 1] (fixed seed, independent of training)."""
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(prompts), *self.latent_shape), generator=generator).to(self.accelerator.device)
-        cond = self._conditioning(prompts)
+        cond = self.conditioning(prompts)
         with self.accelerator.autocast(), self.student_in_use():
             latents = few_step_sample(self.denoiser("student"), noise, self.levels, cond, generator=generator)
         return self.adapter.decode(latents)
@@ -792,18 +554,24 @@ class DecoupledDMDTrainer:
         if not all(bool(torch.isfinite(p).all()) for p in self.roles.trainable_parameters("student")):
             raise TrainingFailed(self._divergence_message(f"at step {self.step} the student's weights hold NaN or inf"))
         path = self.student_file()
-        state_dir = save_state(self)
+        state_dir = save_state(accelerator, self.config, self.progress, self.random.generator, self.identity())
         if accelerator.is_main_process:
+            config, dtype = self.config, SAVE_DTYPES[self.config.save_precision]
             with self.student_in_use():  # the state keeps the trained weights; the files, the ones users get
-                kind, tensors = student_tensors(self)
-                metadata = student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
-                                            base=base_identity(self))
-                atomic_save_safetensors(tensors, path, metadata, overwrite=True)  # this run's own file
+                kind, tensors = student_tensors(self.roles, self.adapter.unet_ldm_keys, config.network_alpha, dtype)
+                atomic_save_safetensors(tensors, path, self._metadata(kind), overwrite=True)  # this run's own file
                 logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
-                if final and self.config.save_merged_checkpoint:
-                    logger.info("merged checkpoint written to %s", save_merged_checkpoint(self))
+                if final and config.save_merged_checkpoint:
+                    merged = save_merged_checkpoint(self.adapter, self.roles, self.output_paths["checkpoint"],
+                                                    self._metadata("checkpoint"), dtype)
+                    logger.info("merged checkpoint written to %s", merged)
         accelerator.wait_for_everyone()
         return path
+
+    def _metadata(self, kind: str) -> dict[str, str]:
+        return student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
+                                base=self.identity().base)
+
 
 class _RoleDenoiser:
     def __init__(self, trainer: DecoupledDMDTrainer, role: str):

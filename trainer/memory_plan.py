@@ -276,14 +276,11 @@ ALLOCATOR_HEADROOM = 1.15  # the caching allocator reserves above the bytes in u
 
 
 def widest_no_grad_rows(config) -> int:
-    """Rows per sample of the widest no-grad call: the batched teacher call (CA cond + uncond, plus DM cond
-    unless levels are shared, and DM uncond for per_term_cfg), or the batched student samples of the fake updates."""
-    from .losses import dm_reference_is_cfg
-    from .schedules import renoise_levels_shared
+    """Rows per sample of the widest no-grad call: the student update's batched teacher call (the plan of
+    `method.TeacherRows`, which the update itself reads), or the batched student samples of the fake updates."""
+    from .method import TeacherRows
 
-    rows = 2 if config.cfg_augmentation else 0
-    if config.regularizer == "dm" and not (config.cfg_augmentation and renoise_levels_shared(config.renoise_schedule)):
-        rows += 2 if dm_reference_is_cfg(config.update_normalization) else 1
+    rows = TeacherRows.from_config(config).count
     if config.batch_fake_samples and config.uses_fake_model:
         rows = max(rows, config.fake_updates_per_step - (1 if config.share_generator_sample else 0))
     return max(rows, 1)

@@ -225,6 +225,43 @@ def save_image_grid(images: Tensor, path: str, columns: int | None = None) -> st
     return atomic_write(path, lambda staging: grid.save(staging, format="PNG"), overwrite=True)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def logging_dir(config) -> str:
+    """The run's log folder: `logging_dir`, or <output_dir>/logs."""
+    return config.logging_dir or os.path.join(config.output_dir, "logs")
+
+
+class MetricsLog:
+    """A run's metrics.jsonl (one strict JSON line per update): its one writer and its one reader."""
+
+    def __init__(self, folder: str):
+        self.folder, self.path = folder, os.path.join(folder, METRICS_FILE)
+
+    @classmethod
+    def of(cls, config) -> "MetricsLog":
+        return cls(logging_dir(config))
+
+    def append(self, record: dict) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(metrics_line(record) + "\n")
+
+    def read(self) -> list[dict]:
+        """Every record so far ([] before the first update)."""
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def last(self, key: str, default: float) -> float:
+        """`key` of the newest record, or `default` (no record yet, or a null there)."""
+        records = self.read()
+        value = records[-1].get(key) if records else None
+        return default if value is None else float(value)
+
+
 def metrics_line(record: dict) -> str:
     """One line of metrics.jsonl in strict JSON: a non-finite number (a diverging run logs them) is written as
     null, since NaN and Infinity are not JSON and strict readers (browsers, jq, pandas) reject the file."""

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 
 import toml
 
@@ -23,17 +24,37 @@ STATE_PREFIX = "state-"
 EMA_FILE = "student_ema_weights.safetensors"
 
 
-def save_state(trainer) -> str:
-    """Atomically write a resumable state folder state-<step> (old ones beyond keep_last_n_states go)."""
-    accelerator, output_dir = trainer.accelerator, trainer.config.output_dir
-    final = os.path.join(output_dir, f"{STATE_PREFIX}{trainer.step:06d}")
-    staging = os.path.join(output_dir, f".{STATE_PREFIX}{trainer.step:06d}.partial")
+@dataclass
+class Progress:
+    """How far a run is: what a state keeps beside the weights and the optimisers, and a resume restores."""
+
+    step: int = 0
+    nonfinite_skips: int = 0  # updates skipped for a non-finite gradient
+    successful_updates: int = 0  # updates with every gradient finite
+    output_paths: dict[str, str] | None = None  # role -> the file this run writes ("student", "checkpoint")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a state must match to be continued: the base model (name, sha256), its family and prediction type."""
+
+    base: dict[str, str]
+    family: str
+    prediction_type: str
+
+
+def save_state(accelerator, config, progress: Progress, generator, identity: RunIdentity) -> str:
+    """Atomically write a resumable state folder state-<step> (old ones beyond keep_last_n_states go): what
+    accelerate saves (through the weight hooks), each process's `generator` state, and trainer_state.json."""
+    output_dir = config.output_dir
+    final = os.path.join(output_dir, f"{STATE_PREFIX}{progress.step:06d}")
+    staging = os.path.join(output_dir, f".{STATE_PREFIX}{progress.step:06d}.partial")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     accelerator.wait_for_everyone()
     try:
-        _write_state(trainer, staging)
+        _write_state(accelerator, config, progress, generator, identity, staging)
     except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
         if is_disk_full(error, output_dir):
@@ -45,7 +66,7 @@ def save_state(trainer) -> str:
         _open_modes(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        for old in list_states(output_dir)[:-trainer.config.keep_last_n_states]:
+        for old in list_states(output_dir)[:-config.keep_last_n_states]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -62,24 +83,20 @@ def _open_modes(folder: str) -> None:
     os.chmod(folder, DIR_MODE)
 
 
-def _write_state(trainer, staging: str) -> None:
+def _write_state(accelerator, config, progress: Progress, generator, identity: RunIdentity, staging: str) -> None:
     from safetensors.torch import save_file
 
-    from .export import base_identity
-
-    accelerator = trainer.accelerator
     accelerator.save_state(staging)
-    save_file({"generator": trainer.random.generator.get_state()},
+    save_file({"generator": generator.get_state()},
               os.path.join(staging, f"trainer_random_{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        record = {"step": trainer.step, "nonfinite_skips": trainer.nonfinite_skips,
-                  "successful_updates": trainer.successful_updates,
+        record = {"step": progress.step, "nonfinite_skips": progress.nonfinite_skips,
+                  "successful_updates": progress.successful_updates,
                   # file names only: a state folder is self-contained, wherever it is copied
-                  "output_paths": {role: os.path.basename(path) for role, path in trainer.output_paths.items()},
-                  "base": base_identity(trainer), "family": trainer.adapter.family,
-                  "prediction_type": trainer.adapter.prediction_type,
-                  "num_processes": accelerator.num_processes, "config": trainer.config.to_toml()}
+                  "output_paths": {role: os.path.basename(path) for role, path in progress.output_paths.items()},
+                  "base": identity.base, "family": identity.family, "prediction_type": identity.prediction_type,
+                  "num_processes": accelerator.num_processes, "config": config.to_toml()}
         with open(os.path.join(staging, "trainer_state.json"), "w", encoding="utf-8") as handle:
             json.dump(record, handle)
 
@@ -161,70 +178,68 @@ def check_resumable(config, state_dir: str | None, not_yet: tuple[str, ...] = ()
     return record
 
 
-def resume(trainer, state_dir: str, record: dict) -> None:
-    """Load a state written by `save_state` (checked by `check_resumable`) into the trainer."""
+def resume(accelerator, state_dir: str, record: dict, identity: RunIdentity, generator, output_dir: str) -> Progress:
+    """Load a state written by `save_state` (checked by `check_resumable`): accelerate's part (through the weight
+    hooks) and this process's `generator`; returns the run's progress (its output files in `output_dir`)."""
     from safetensors.torch import load_file
 
-    accelerator = trainer.accelerator
     if record.get("num_processes", 1) != accelerator.num_processes:
         raise ConfigError(f"resume: the state was written by {record['num_processes']} processes; "
                           f"resume it with the same number (now {accelerator.num_processes})")
-    if record.get("family") not in (None, trainer.adapter.family):
+    if record.get("family") not in (None, identity.family):
         raise ConfigError(f"resume: the state is of a {record['family']} model, the teacher is "
-                          f"{trainer.adapter.family}; give the teacher the run was trained on")
-    if record.get("prediction_type") not in (None, trainer.adapter.prediction_type):
+                          f"{identity.family}; give the teacher the run was trained on")
+    if record.get("prediction_type") not in (None, identity.prediction_type):
         raise ConfigError(f"resume: the state's teacher predicts {record['prediction_type']}, this one "
-                          f"{trainer.adapter.prediction_type}; give the teacher the run was trained on")
-    saved_hash = (record.get("base") or {}).get("sha256")
-    if saved_hash:
-        from .export import base_identity
-
-        now = base_identity(trainer).get("sha256")
-        if now and now != saved_hash:
-            raise ConfigError(f"resume: the state was trained on {record['base'].get('model')!r} "
-                              f"(sha256 {saved_hash[:12]}...), the teacher now is {now[:12]}...; give the same "
-                              "teacher, or start a fresh run in another output_dir (in ComfyUI: another output_name)")
-    accelerator.load_state(state_dir)
-    random_file = os.path.join(state_dir, f"trainer_random_{accelerator.process_index}.safetensors")
-    trainer.random.generator.set_state(load_file(random_file)["generator"])
-    trainer.step, trainer.nonfinite_skips = record["step"], record["nonfinite_skips"]
-    trainer.successful_updates = record.get("successful_updates", record["step"])
+                          f"{identity.prediction_type}; give the teacher the run was trained on")
+    saved_hash, now = (record.get("base") or {}).get("sha256"), identity.base.get("sha256")
+    if saved_hash and now and now != saved_hash:
+        raise ConfigError(f"resume: the state was trained on {record['base'].get('model')!r} "
+                          f"(sha256 {saved_hash[:12]}...), the teacher now is {now[:12]}...; give the same "
+                          "teacher, or start a fresh run in another output_dir (in ComfyUI: another output_name)")
     # keep writing the files this run started, in this run's folder (older states stored absolute paths)
     names = {role: os.path.basename(str(path)) for role, path in (record.get("output_paths") or {}).items()}
     for name in names.values():
         if portable_name_problem(name) or not name.endswith(".safetensors"):
             raise ConfigError(f"resume: {state_dir!r}/trainer_state.json names the output file {name!r}, which is "
                               "not a plain .safetensors name; the state is damaged or was edited")
-    trainer.output_paths = {role: os.path.join(trainer.config.output_dir, name) for role, name in names.items()} or None
-    logger.info("resumed from %s at step %d", state_dir, trainer.step)
+    accelerator.load_state(state_dir)
+    random_file = os.path.join(state_dir, f"trainer_random_{accelerator.process_index}.safetensors")
+    generator.set_state(load_file(random_file)["generator"])
+    logger.info("resumed from %s at step %d", state_dir, record["step"])
+    return Progress(step=record["step"], nonfinite_skips=record["nonfinite_skips"],
+                    successful_updates=record.get("successful_updates", record["step"]),
+                    output_paths={role: os.path.join(output_dir, name) for role, name in names.items()} or None)
 
 
-def save_weights_hook(trainer, models, weights, output_dir):
-    # accelerate would write the whole (possibly multi-GB, frozen) UNet: save only what is trained.
+def save_weights_hook(roles, trained: list[str], ema, models, weights, output_dir):
+    """accelerate's save hook: the trained weights of `trained` roles and the student's EMA, not the model
+    (accelerate would write the whole, possibly multi-GB, frozen UNet)."""
+    from accelerate.state import PartialState
     from safetensors.torch import save_file
 
     weights.clear()
-    if trainer.accelerator.is_main_process:
-        for role in trainer.optimizers:
-            tensors = {k: v.contiguous() for k, v in trainer.roles.trainable_state_dict(role).items()}
+    if PartialState().is_main_process:
+        for role in trained:
+            tensors = {k: v.contiguous() for k, v in roles.trainable_state_dict(role).items()}
             save_file(tensors, os.path.join(output_dir, f"{role}_weights.safetensors"))
-        if trainer.ema is not None:
-            save_file(trainer.ema.state_dict(), os.path.join(output_dir, EMA_FILE))
+        if ema is not None:
+            save_file(ema.state_dict(), os.path.join(output_dir, EMA_FILE))
 
 
-def load_weights_hook(trainer, models, input_dir):
+def load_weights_hook(roles, trained: list[str], ema, models, input_dir):
     from safetensors.torch import load_file
 
     models.clear()
-    for role in trainer.optimizers:
-        trainer.roles.load_trainable_state_dict(role, load_file(os.path.join(input_dir, f"{role}_weights.safetensors")))
-    if trainer.ema is not None:
+    for role in trained:
+        roles.load_trainable_state_dict(role, load_file(os.path.join(input_dir, f"{role}_weights.safetensors")))
+    if ema is not None:
         ema_file = os.path.join(input_dir, EMA_FILE)
         if os.path.isfile(ema_file):
-            trainer.ema.load_state_dict(load_file(ema_file))
+            ema.load_state_dict(load_file(ema_file))
         else:  # the run was started without an EMA: the average starts at the resumed weights
             logger.warning("%s holds no student EMA; it starts from the resumed student", input_dir)
-            trainer.ema.load_state_dict(trainer.roles.trainable_state_dict("student"))
+            ema.load_state_dict(roles.trainable_state_dict("student"))
 
 
 def list_states(output_dir: str) -> list[str]:
