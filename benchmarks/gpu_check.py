@@ -59,7 +59,8 @@ def _quarter(config: dict) -> dict:
     small = dict(config)
     small["block_out_channels"] = tuple(c // 4 for c in config["block_out_channels"])
     heads = config["attention_head_dim"]
-    small["attention_head_dim"] = tuple(max(1, h // 4) for h in heads) if isinstance(heads, tuple) else max(1, heads // 4)
+    small["attention_head_dim"] = (tuple(max(1, h // 4) for h in heads) if isinstance(heads, tuple)
+                                   else max(1, heads // 4))
     small["norm_num_groups"] = 8
     if "transformer_layers_per_block" in small:
         small["transformer_layers_per_block"] = (1, 1, 2)
@@ -160,8 +161,9 @@ def run_training(family: str, resolution: int, steps: int, warmup: int, small: b
     out["seconds_per_update_all"] = times
     out["nonfinite_skips"] = trainer.nonfinite_skips
     timed = logs[warmup:]
-    out["forward_equivalents"] = {k[3:]: sum(l[k] for l in timed) / len(timed) for k in timed[0] if k.startswith("fe_")}
-    out["phase_seconds"] = {k[8:]: sum(l.get(k, 0.0) for l in timed) / len(timed) for k in timed[0]
+    out["forward_equivalents"] = {k[3:]: sum(log[k] for log in timed) / len(timed) for k in timed[0]
+                                  if k.startswith("fe_")}
+    out["phase_seconds"] = {k[8:]: sum(log.get(k, 0.0) for log in timed) / len(timed) for k in timed[0]
                             if k.startswith("seconds_")}
     out["expected_forward_equivalents"] = expected_forward_equivalents(
         len(config.student_timesteps), config.fake_updates_per_step, gradient_checkpointing=True,
@@ -172,7 +174,7 @@ def run_training(family: str, resolution: int, steps: int, warmup: int, small: b
     cond = trainer.conditioning([PROMPTS[0]])
     x = torch.randn((1, *trainer.latent_shape), device=device)
     level = torch.full((1,), 0.5, dtype=torch.float64, device=device)
-    teacher = roles.module("teacher")
+    teacher = roles.activate("teacher")
 
     def teacher_forward():
         with torch.no_grad(), trainer.accelerator.autocast():
@@ -198,7 +200,7 @@ def sampling_race(trainer, adapter, device: str) -> dict:
     cond = trainer.conditioning([PROMPTS[1]])
     uncond = trainer.uncond(1)
     roles, autocast = trainer.roles, trainer.accelerator.autocast
-    teacher = adapter.denoiser(roles.module("teacher"))
+    teacher = adapter.denoiser(roles.activate("teacher"))
 
     def teacher_run():
         with autocast():
@@ -207,7 +209,8 @@ def sampling_race(trainer, adapter, device: str) -> dict:
     def student_run(denoiser):
         def run():
             with autocast():
-                return few_step_sample(denoiser, noise, trainer.levels, cond, generator=torch.Generator().manual_seed(1))
+                return few_step_sample(denoiser, noise, trainer.levels, cond,
+                                       generator=torch.Generator().manual_seed(1))
         return run
 
     lora_student = trainer.denoiser("student")
@@ -228,7 +231,8 @@ def sampling_race(trainer, adapter, device: str) -> dict:
     decode = out["vae_decode_seconds"]
     for student in ("student_4_lora", "student_4_merged"):
         out[f"speedup_{student}"] = out["teacher_50_cfg_seconds"] / out[f"{student}_seconds"]
-        out[f"speedup_{student}_with_decode"] = (out["teacher_50_cfg_seconds"] + decode) / (out[f"{student}_seconds"] + decode)
+        out[f"speedup_{student}_with_decode"] = ((out["teacher_50_cfg_seconds"] + decode)
+                                                 / (out[f"{student}_seconds"] + decode))
     del merged_unet
     return out
 
@@ -307,7 +311,8 @@ def profile_part(family: str, resolution: int, small: bool) -> dict:
         fn()
         out[f"{name}_seconds"] = _timed(fn, 5)
     settings = dict(TRAIN_SETTINGS, resolution=resolution, memory_limit_gb=1e6,
-                    output_dir=tempfile.mkdtemp(prefix="gpu-check-profile-"), pretrained_model_name_or_path="(in memory)")
+                    output_dir=tempfile.mkdtemp(prefix="gpu-check-profile-"),
+                    pretrained_model_name_or_path="(in memory)")
     if device == "cpu":
         settings["mixed_precision"] = "no"
     trainer = DecoupledDMDTrainer(config_from_dict(settings), adapter, PROMPTS)
@@ -315,7 +320,7 @@ def profile_part(family: str, resolution: int, small: bool) -> dict:
 
     def role_call(role, grad=False):
         def run():
-            network = trainer.roles.module(role)
+            network = trainer.roles.activate(role)
             with torch.set_grad_enabled(grad), trainer.accelerator.autocast():
                 x0 = adapter.predict_x0(network, x32, level, cond)
             if grad:
@@ -354,11 +359,11 @@ def graph_checks(trainer, adapter, x, level, cond) -> dict:
 
     def graphed():
         with torch.no_grad(), trainer.accelerator.autocast():
-            network = trainer.roles.module("student")
+            network = trainer.roles.activate("student")
             return graphs("student", functools.partial(adapter.predict_x0, network), x, level, cond)
 
     with torch.no_grad(), trainer.accelerator.autocast():
-        eager = adapter.predict_x0(trainer.roles.module("student"), x, level, cond)
+        eager = adapter.predict_x0(trainer.roles.activate("student"), x, level, cond)
     graphed()
     replayed = graphed()
     out["graph_captured"] = bool(graphs.graphs)
@@ -380,7 +385,7 @@ def graph_checks(trainer, adapter, x, level, cond) -> dict:
             def forward(self, x_t, lvl, *tensors):
                 return adapter.predict_x0(self.network, x_t, lvl, Conditioning(dict(zip(names, tensors))))
 
-        network = trainer.roles.module("fake")
+        network = trainer.roles.activate("fake")
         call = FakeCall(network)
         args = (x, level, *[cond[n] for n in names])
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
@@ -463,10 +468,12 @@ def versions() -> dict:
 def markdown(results: dict) -> str:
     v = results["versions"]
     lines = [f"# GPU check, {v['date'][:10]}", "",
-             f"{v.get('gpu', 'CPU')} ({v.get('gpu_memory_gib', '?')} GiB, driver {v.get('driver', '?')}); torch {v['torch']} "
+             f"{v.get('gpu', 'CPU')} ({v.get('gpu_memory_gib', '?')} GiB, driver {v.get('driver', '?')}); "
+             f"torch {v['torch']} "
              f"(CUDA {v['cuda']}), diffusers {v['diffusers']}, peft {v['peft']}, accelerate {v['accelerate']}, "
              f"transformers {v['transformers']}.", "",
-             "| run | s / generator update | FE / update | floor (FE x 1 fwd) | peak allocated | plan | plan / measured |",
+             "| run | s / generator update | FE / update | floor (FE x 1 fwd) | peak allocated | plan "
+             "| plan / measured |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, part in results["parts"].items():
         if "variants" in part or name == "profile":
@@ -504,12 +511,14 @@ def markdown(results: dict) -> str:
         lines += ["", speed_markdown({f"SDXL {speed['resolution']} px": speed["variants"]})]
     prof = results["parts"].get("profile", {})
     if "teacher_seconds" in prof:
-        lines += ["", f"| one UNet call, {prof['family']} {prof['resolution']} px, batch 1 | seconds |", "| --- | --- |"]
+        lines += ["", f"| one UNet call, {prof['family']} {prof['resolution']} px, batch 1 | seconds |",
+                  "| --- | --- |"]
         lines += [f"| {k[:-8]} | {v:.4f} |" for k, v in prof.items() if k.endswith("_seconds")]
     cap = results["parts"].get("sdxl-24gb")
     if cap:
-        lines += ["", f"24 GiB cap: {'fits' if cap.get('fits') else 'does NOT fit'}"
-                      f"{' (peak allocated %.2f GiB)' % (cap['train_memory']['peak_allocated'] / GIB) if cap.get('train_memory') else ''}; "
+        peak = (" (peak allocated %.2f GiB)" % (cap["train_memory"]["peak_allocated"] / GIB)
+                if cap.get("train_memory") else "")
+        lines += ["", f"24 GiB cap: {'fits' if cap.get('fits') else 'does NOT fit'}{peak}; "
                       f"plan verdict: {cap.get('plan_verdict_24gb', '')[:300]}"]
     return "\n".join(lines) + "\n"
 
@@ -541,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         try:
             completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-            lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
+            lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
             result = json.loads(lines[-1][7:]) if lines else {
                 "error": f"exit {completed.returncode}: {completed.stderr[-1500:]}"}
         except subprocess.TimeoutExpired:

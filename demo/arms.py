@@ -178,7 +178,7 @@ def memorisation_check(trainer, count: int | None = None) -> dict:
                 steps_x0: list = []
                 full = few_step_sample(student, x_noise, trainer.levels, cond,
                                        generator=torch.Generator().manual_seed(0),
-                                       callback=lambda index, x0: steps_x0.append(x0))
+                                       callback=lambda index, x0, steps_x0=steps_x0: steps_x0.append(x0))
                 first = steps_x0[0]
                 out[f"first_step_mse_{name}"] = float(((first - goal) ** 2).mean())
                 out[f"sample_mse_{name}"] = float(((full - goal) ** 2).mean())
@@ -324,7 +324,7 @@ def markdown(table: dict, split: str, baseline: str, teacher: dict | None = None
              f"Frechet - {baseline} [95% CI], p | texture - {baseline} [95% CI], p | seeds for 80% power |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, row in table.items():
-        def cell(figure, fmt):
+        def cell(figure, fmt, row=row):
             value = row[figure]
             return fmt.format(value["mean"]) + ("" if value["sd"] is None else " +- " + fmt.format(value["sd"]))
         versus = row.get("against_" + baseline, {})
@@ -340,7 +340,8 @@ def markdown(table: dict, split: str, baseline: str, teacher: dict | None = None
                      f"{cell('hf_energy_ratio', '{:.2f}')} | {tests[0]} | {tests[1]} | "
                      f"{'' if needed is None else (needed if needed < 10**6 else 'inf')} |")
     if teacher:
-        lines += ["", "### Against the teacher's rows (Frechet difference, paired bootstrap per seed; t over seeds)", ""]
+        lines += ["", "### Against the teacher's rows (Frechet difference, paired bootstrap per seed; t over seeds)",
+                  ""]
         if teacher_metrics:
             for name, metrics in teacher_metrics.items():
                 lines.append(f"- {name}: Frechet {metrics['frechet']:.2f}, texture accuracy "

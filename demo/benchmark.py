@@ -50,7 +50,8 @@ VARIANTS = {
     "coupled cfg 2": ("guidance", {"renoise_schedule": "coupled-shared", "guidance_scale": 2.0}),
     "coupled cfg 5": ("guidance", {"renoise_schedule": "coupled-shared", "guidance_scale": 5.0}),
     # the speed options that change the random stream (not the math), on the coupled schedule
-    "coupled + batch_fake_samples": ("speed options", {"renoise_schedule": "coupled-shared", "batch_fake_samples": True}),
+    "coupled + batch_fake_samples": ("speed options", {"renoise_schedule": "coupled-shared",
+                                                      "batch_fake_samples": True}),
     "coupled + batched + share_generator_sample": ("speed options", {"renoise_schedule": "coupled-shared",
                                                                     "batch_fake_samples": True,
                                                                     "share_generator_sample": True}),
@@ -104,7 +105,8 @@ def plan_jobs(mode: dict, output_dir: str, grid: str, world: str = "mnist") -> l
                                       f"seed{seed}")
                 jobs.append({"name": name, "steps": steps, "seed": seed, "folder": folder, "world": world,
                              "settings": dict(mode.get("overrides", {}), **settings, seed=seed,
-                                              student_timesteps=timesteps(steps), max_train_steps=mode["max_train_steps"],
+                                              student_timesteps=timesteps(steps),
+                                              max_train_steps=mode["max_train_steps"],
                                               **({"train_batch_size": mode["train_batch_size"]}
                                                  if mode.get("train_batch_size") else {})),
                              "eval_every": mode["eval_every"], "eval_per_prompt": mode["eval_per_prompt"]})
@@ -256,14 +258,15 @@ def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float 
                 lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         same = [r for r in rows if r.get("same_input") and "student_frechet" in r["same_input"][0]]
         if same:
-            lines += ["", "Same input, per student step (final checkpoint): Frechet to the teacher's CFG samples of the "
-                      "student's x0 / the teacher's conditional x0 / the teacher's CFG x0, all on the student's own "
-                      "input of that step (a student worse than the teacher there took a bad step; a teacher bad "
+            lines += ["", "Same input, per student step (final checkpoint): Frechet to the teacher's CFG samples of "
+                      "the student's x0 / the teacher's conditional x0 / the teacher's CFG x0, all on the student's "
+                      "own input of that step (a student worse than the teacher there took a bad step; a teacher bad "
                       "there was handed a bad input).", "",
                       "| variant | " + " | ".join(f"step {k}" for k in range(1, steps + 1)) + " |",
                       "| --- | " + " | ".join("---" for _ in range(steps)) + " |"]
             for r in same:
-                cells = [" / ".join(f"{e[f'{role}_frechet']:.1f}" for role in SAME_INPUT_ROLES) for e in r["same_input"]]
+                cells = [" / ".join(f"{e[f'{role}_frechet']:.1f}" for role in SAME_INPUT_ROLES)
+                         for e in r["same_input"]]
                 lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Gates", "", "| claim | holds | detail |", "| --- | --- | --- |"]
@@ -345,7 +348,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cost_sizes", default="tiny,sdxl-quarter,sdxl",
                         help="cost benchmark models: tiny (demo teacher), sdxl-quarter, sdxl (full size, ~10 GB)")
     parser.add_argument("--cost_threads", type=int, default=2, help="torch threads of each cost measurement")
-    parser.add_argument("--cost_rank", type=int, help="LoRA rank of the SDXL-architecture cost cases (default 64, DMD2's)")
+    parser.add_argument("--cost_rank", type=int,
+                        help="LoRA rank of the SDXL-architecture cost cases (default 64, DMD2's)")
     parser.add_argument("--cost_optimizer", choices=OPTIMIZERS, help="optimiser of the cost cases (default adamw)")
     parser.add_argument("--reuse_cost", action="store_true", help="report the cost.json already in output_dir")
     parser.add_argument("--skip_speed", action="store_true",

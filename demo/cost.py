@@ -124,7 +124,7 @@ def measure_case(case: dict) -> dict:
         _reset_peak()
         started_rss = _rss_bytes()
         level = torch.full((x.shape[0],), 0.5, dtype=torch.float64)
-        x0 = adapter.predict_x0(roles.module("student"), x, level, cond)
+        x0 = adapter.predict_x0(roles.activate("student"), x, level, cond)
         x0.square().mean().backward()
         out["activation_bytes"] = _rss_bytes("VmHWM") - started_rss
         out["peak_rss"] = _rss_bytes("VmHWM")
@@ -245,7 +245,8 @@ def run_cost_benchmark(sizes: list[str], output_dir: str, steps: int = 3, thread
 
 def cost_markdown(cost: dict) -> str:
     lines = ["## Cost: LoRA mode against full copies (CPU)", "",
-             "| model | params | weights | mode | s/update | FE/update | peak RSS above imports | / weights | plan | plan / RSS | goal |",
+             "| model | params | weights | mode | s/update | FE/update | peak RSS above imports | / weights | plan "
+             "| plan / RSS | goal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_case: dict = {}
     for r in cost["results"]:
@@ -279,8 +280,8 @@ def cost_markdown(cost: dict) -> str:
             plan = (r.get("plan") or {}).get("peak")
             plan_cells = f"{plan / GIB:.2f} GiB | {plan / peak:.2f}" if plan else " | "
             fe = f"{r['forward_equivalents']:.1f}" if r.get("forward_equivalents") else ""
-            lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {label} | {r['seconds_per_step']:.2f} | {fe} | "
-                         f"{peak / GIB:.2f} GiB | {peak / weights:.2f} | {plan_cells} | {goal} |")
+            lines.append(f"| {case} | {params} | {weights / GIB:.3f} GiB | {label} | {r['seconds_per_step']:.2f} | "
+                         f"{fe} | {peak / GIB:.2f} GiB | {peak / weights:.2f} | {plan_cells} | {goal} |")
         if activations is not None:
             lines.append(f"| {case} | | | one student fwd/bwd | | | {activations / GIB:.2f} GiB activations | | | | |")
     lines += ["", "Peak RSS is the process's high-water mark minus its resident size after the imports, before the "
@@ -413,8 +414,8 @@ def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin
         config = config_from_dict(dict(values, pretrained_model_name_or_path=model, output_dir=output_dir,
                                        log_with="none", max_train_steps=1000))
         adapter = load_teacher(model)
-        trainer = DecoupledDMDTrainer(config, adapter, ["a photo of the cat", "a red house", "a handwritten digit seven",
-                                                        "a handwritten digit one"])
+        trainer = DecoupledDMDTrainer(config, adapter, ["a photo of the cat", "a red house",
+                                                        "a handwritten digit seven", "a handwritten digit one"])
         logger.info("speed: %s", model)
         results[model] = compare_speed(trainer, rounds=rounds, warmup=1)
     return results

@@ -141,7 +141,8 @@ def teacher_at_student_cost(finetune_world: dict, per_prompt: int, seed: int = 4
 
 def _mean_std(finals: list[dict], keys) -> dict:
     """{key: (mean, std)} over the seeds' values (nan where a seed lacks the key)."""
-    return {k: (float(np.mean([f.get(k, math.nan) for f in finals])), float(np.std([f.get(k, math.nan) for f in finals])))
+    return {k: (float(np.mean([f.get(k, math.nan) for f in finals])),
+                float(np.std([f.get(k, math.nan) for f in finals])))
             for k in keys}
 
 
@@ -272,7 +273,8 @@ def markdown(summary: dict, mode: dict, floor: float | None, overrides: dict | N
     matched = summary.get("matched_budgets", [])
     if matched:
         lines += ["", "(iii) against (ii) at matched update budgets (late means, the same window; paired by seed):", "",
-                  "| updates | (ii) from scratch | (iii) warm start | (iii) - (ii) [95% CI], p |", "| --- | --- | --- | --- |"]
+                  "| updates | (ii) from scratch | (iii) warm start | (iii) - (ii) [95% CI], p |",
+                  "| --- | --- | --- | --- |"]
         for row in matched:
             test = row.get("test")
             lines.append(f"| {row['warm_budget']:g} | {row['scratch']:.1f} | {row['warm']:.1f} | "

@@ -205,7 +205,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", default="output/dmd-demo", help="results folder (default: output/dmd-demo)")
     parser.add_argument("--max_train_steps", type=int, default=None,
                         help="generator updates (default: texture "
-                             f"{WORLD_DEMO_SETTINGS['texture']['max_train_steps']}, mnist {DEMO_SETTINGS['max_train_steps']})")
+                             f"{WORLD_DEMO_SETTINGS['texture']['max_train_steps']}, "
+                             f"mnist {DEMO_SETTINGS['max_train_steps']})")
     parser.add_argument("--eval_per_prompt", type=int, default=None,
                         help="evaluation samples per held-out prompt (default: about 256 in all)")
     parser.add_argument("--teacher_steps", type=int, default=50,

@@ -2,8 +2,9 @@
 paired tests over training seeds and the seeds a difference needs.
 
 A Frechet distance of n samples is biased upwards and its sampling spread is not Gaussian, so every interval
-here is a bootstrap percentile interval (for Frechet distances re-centred on the estimate: `recentre`); rows that share their noises and prompts (every teacher solver, the
-student) are resampled with the same indices (paired), and the reference with its own.
+here is a bootstrap percentile interval (for Frechet distances re-centred on the estimate: `recentre`); rows
+that share their noises and prompts (every teacher solver, the student) are resampled with the same indices
+(paired), and the reference with its own.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ stripes of period 4, dots every 2 px, 2-px checks), on a plain dark, mid or ligh
 prompt names the shape's three attributes, "a red striped circle", and leaves the background free. (A first
 version named black, gray or white backgrounds in the prompt: the CFG effect at noisy levels, where the
 background is decided, dwarfed the texture's; and SD's schedule leaves the image mean readable at timestep
-999, so its teacher took the background from the starting noise's mean instead of the prompt.) The textures are aligned to the pixel grid, so the
-prompt fixes them exactly, and they have the shape colour's mean brightness, so nothing but the fine
-structure tells them apart (every period divides 4, the stride of the UNet's two down-samplings, so a
-convolutional teacher can place the marks on the grid): layout and colour resolve at noisy levels, the texture only at clean ones
+999, so its teacher took the background from the starting noise's mean instead of the prompt.) The textures
+are aligned to the pixel grid, so the prompt fixes them exactly, and they have the shape colour's mean
+brightness, so nothing but the fine structure tells them apart (every period divides 4, the stride of the
+UNet's two down-samplings, so a convolutional teacher can place the marks on the grid): layout and colour
+resolve at noisy levels, the texture only at clean ones
 (`dmd-benchmark --world texture` measures how much of the CFG effect lies there, the paper's case for
 SDXL). The teacher is an SD-style epsilon model on SDXL's scaled_linear 1000-step schedule.
 """

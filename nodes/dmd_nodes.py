@@ -46,8 +46,9 @@ def _input_file(name: str) -> str:
         raise ValueError(f"prompt_file {name!r}: give a file name inside ComfyUI's input folder, without '..'")
     path = os.path.join(folder_paths.get_input_directory(), cleaned)
     if not os.path.isfile(path):
-        raise ValueError(f"prompt_file {name!r} is not in ComfyUI's input folder ({folder_paths.get_input_directory()}): "
-                         "put the .txt there (one prompt per line) or leave prompt_file empty")
+        raise ValueError(f"prompt_file {name!r} is not in ComfyUI's input folder "
+                         f"({folder_paths.get_input_directory()}): put the .txt there (one prompt per line) or leave "
+                         "prompt_file empty")
     return path
 
 
@@ -276,7 +277,8 @@ class LoadTeacher:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to distil, from Load Checkpoint (optionally through LoRA loaders)."}),
+            "model": ("MODEL", {"tooltip": "The model to distil, from Load Checkpoint "
+                                           "(optionally through LoRA loaders)."}),
             "clip": ("CLIP", {"tooltip": "Its text encoder(s), from the same loader; encodes the training prompts."}),
             "vae": ("VAE", {"tooltip": "Its VAE; decodes preview samples and goes into the all-in-one checkpoint."}),
             "guidance_scale": (GUIDANCE_CHOICES, {
@@ -286,7 +288,8 @@ class LoadTeacher:
                            "and in the student's metadata."}),
             "uncond_mode": (["empty_prompt", "zeros"], {
                 "default": "empty_prompt",
-                "tooltip": "Unconditional input of CFG: the encoded empty prompt, or zeroed embeddings (DMD2's SDXL choice)."}),
+                "tooltip": "Unconditional input of CFG: the encoded empty prompt, or zeroed embeddings "
+                           "(DMD2's SDXL choice)."}),
         }}
 
     def load(self, model, clip, vae, guidance_scale, uncond_mode):
@@ -439,7 +442,8 @@ class Train:
                                                   "DMD needs no images."}),
                 "output_name": ("STRING", {"default": "dmd_student",
                                            "tooltip": "Run name: files go to output/decoupled_dmd/<name>/ (LoRA, "
-                                                      "resumable states, previews, logs). A new name starts a new run."}),
+                                                      "resumable states, previews, logs). A new name starts a new "
+                                                      "run."}),
                 "steps": ("INT", {"default": 4, "min": 1, "max": 16,
                                   "tooltip": "Sampling steps of the student; its timesteps are evenly spaced from 999 "
                                              "(4 -> 999,749,499,249) unless the Settings node gives exact ones."}),
@@ -509,7 +513,7 @@ class Train:
         config = config_from_dict(dict(train_config_values(widgets, settings), output_dir=output_dir,
                                        guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
         on_step, on_preview, on_phase = _progress_callbacks(max_train_steps, unique_id, output_name.strip())
-        result = runtime.distill(teacher, config, training_prompts, preview_prompt_lines(settings),
+        result = runtime.train_in_comfyui(teacher, config, training_prompts, preview_prompt_lines(settings),
                                  should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview,
                                  on_phase=on_phase)
         if result.interrupted:

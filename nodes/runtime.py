@@ -7,7 +7,6 @@ functions, so the node classes import (and CI checks their schemas) without it.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -55,10 +54,9 @@ class TrainResult:
     previews: Tensor | None  # (B, 3, H, W) in [0, 1]
     metrics_file: str
     interrupted: bool = False
-    seconds_per_step: float = math.nan
 
 
-def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[str] | None = None,
+def train_in_comfyui(teacher: Teacher, config, prompts: list[str], sample_prompts: list[str] | None = None,
             should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None,
             on_phase=lambda text: None) -> TrainResult:
     """Run the Decoupled DMD trainer on a ComfyUI teacher in this process; adapters are removed afterwards."""
@@ -96,10 +94,8 @@ def distill(teacher: Teacher, config, prompts: list[str], sample_prompts: list[s
         return TrainResult(None, None, steps, [int(t) for t in config.student_timesteps], {}, None, "", True)
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata() or {}
-    metrics = MetricsLog.of(config)
-    seconds = metrics.last("seconds_per_step", math.nan)
     return TrainResult(path, states[-1] if states else None, steps, [int(t) for t in config.student_timesteps],
-                       metadata, previews.get("last"), metrics.path, stopped["flag"], seconds)
+                       metadata, previews.get("last"), MetricsLog.of(config).path, stopped["flag"])
 
 
 def train_outputs(teacher: Teacher, result: TrainResult) -> tuple:
@@ -108,8 +104,7 @@ def train_outputs(teacher: Teacher, result: TrainResult) -> tuple:
 
     from ..trainer.curves import draw_curves
 
-    student = Student(teacher, result.student_path, result.metadata, result.timesteps, result.state_dir,
-                      result.steps_done)
+    student = Student(teacher, result.student_path, result.metadata, result.timesteps)
     model = student_model(teacher.model, result.student_path)
     lora = comfy.utils.load_torch_file(result.student_path, safe_load=True)
     previews = result.previews if result.previews is not None else torch.zeros(1, 3, 64, 64)
@@ -163,8 +158,6 @@ class Student:
     lora_path: str
     metadata: dict[str, str]
     timesteps: list[int]
-    state_dir: str | None
-    steps_done: int
 
 
 def check_file_name(name: str, what: str = "file name") -> str:

@@ -1,9 +1,10 @@
 """Lay out the UI workflows in workflows/ so that no node overlaps another, also after a run (image nodes grow).
 
 Columns follow the data flow (a node sits one column right of its deepest input); within a column nodes stack
-top to bottom, and each image output gets a column of its own so that its growth has free space below. Sizes are what the nodes need:
-the Train node's many widgets, room for an image in preview and save nodes. Rewrites workflows/<name>.json and
-the `workflow` chunk of workflows/<name>.png (the image and its `prompt` chunk are kept).
+top to bottom, and each image output gets a column of its own so that its growth has free space below. Sizes
+are what the nodes need: the Train node's many widgets, room for an image in preview and save nodes. Rewrites
+workflows/<name>.json and the `workflow` chunk of workflows/<name>.png (the image and its `prompt` chunk are
+kept).
 
     python scripts/layout_workflows.py
 """
@@ -15,7 +16,8 @@ import os
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 TITLE, GAP, WIDTH = 30, 40, 360
-HEIGHTS = {"DecoupledDMD_Train": 640, "DecoupledDMD_Settings": 700, "PreviewImage": 420, "SaveImage": 420}  # what they need
+# what they need
+HEIGHTS = {"DecoupledDMD_Train": 640, "DecoupledDMD_Settings": 700, "PreviewImage": 420, "SaveImage": 420}
 IMAGE_NODES = ("PreviewImage", "SaveImage")
 
 

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 3840, "height": 1600})  # the graphs fit at 100%: no low-quality drawing
+        # the graphs fit at 100%: no low-quality drawing
+        page = browser.new_page(viewport={"width": 3840, "height": 1600})
         page.goto(args.url)
         page.wait_for_function("() => window.app && window.app.graph && window.app.extensions", timeout=120_000)
         page.wait_for_timeout(1000)

@@ -28,7 +28,8 @@ def test_x0_agrees_with_diffusers_schedulers(tiny_model_dir, kind, family, predi
     if family == "sdxl":
         size = adapter.default_resolution[0]
         kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
-                                       "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)}
+                                       "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
+                                                                dtype=torch.float32)}
     with torch.no_grad():
         raw = adapter.network(x_t, torch.tensor(timesteps, dtype=torch.float32), return_dict=False, **kwargs)[0]
     if family == "flow":
@@ -67,7 +68,8 @@ def test_sdxl_conditioning_is_penultimate_states_and_pooled_projection(tiny_mode
     cond = adapter.encode_prompts(prompt)
     states = []
     for tokenizer, encoder in zip(adapter.tokenizers, adapter.text_encoders):
-        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
         with torch.no_grad():
             out = encoder(ids, output_hidden_states=True)
         states.append(out.hidden_states[-2])

@@ -71,7 +71,8 @@ def test_unet_config_is_derived_from_tensor_shapes_for_a_distilled_layout():
     config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  transformer_layers_per_block=[0, 1, 2], reverse_transformer_layers_per_block=[[2, 1, 1], [1, 1, 1], [0, 0, 0]],
+                  transformer_layers_per_block=[0, 1, 2],
+                  reverse_transformer_layers_per_block=[[2, 1, 1], [1, 1, 1], [0, 0, 0]],
                   cross_attention_dim=48, attention_head_dim=[1, 1, 1], use_linear_projection=True,
                   addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=64)
     unet = UNet2DConditionModel(**config)
@@ -99,7 +100,7 @@ def test_single_file_loads_the_same_model_as_the_diffusers_folder(tiny_model_dir
     assert (adapter.family, adapter.prediction_type) == (reference.family, reference.prediction_type)
     assert adapter.source_checkpoint == os.path.abspath(path)
     for mine, theirs in [(adapter.network, reference.network), (adapter.vae, reference.vae),
-                         *zip(adapter.text_encoders, reference.text_encoders)]:
+                         *zip(adapter.text_encoders, reference.text_encoders, strict=True)]:
         ours, expected = mine.state_dict(), theirs.state_dict()
         assert ours.keys() == expected.keys()
         assert all(torch.equal(ours[k], expected[k]) for k in expected)
@@ -160,7 +161,7 @@ def test_refuses_what_it_cannot_load_with_a_message_that_says_what_to_do(ldm_che
         tensors[key] = torch.zeros(tensors[key].shape[0], 9, *tensors[key].shape[2:])
 
     cases["inpainting"] = (_rewrite(source, str(tmp_path / "inpaint.safetensors"), inpaint), "inpainting")
-    for name, (path, expected) in cases.items():
+    for _name, (path, expected) in cases.items():
         with pytest.raises(CheckpointError, match=expected):
             load_teacher(path, tokenizer_path=tokenizer_of(tiny_model_dir))
     assert not list(tmp_path.glob(".partial-*"))
@@ -377,7 +378,8 @@ def test_a_full_disk_leaves_no_half_file(tmp_path):
         atomic_write(str(target), fills_the_disk)
     target.write_bytes(b"previous")
     with pytest.raises(KeyboardInterrupt):
-        atomic_write(str(target), lambda staging: (open(staging, "wb").write(b"x"), (_ for _ in ()).throw(KeyboardInterrupt)),
+        atomic_write(str(target),
+                     lambda staging: (open(staging, "wb").write(b"x"), (_ for _ in ()).throw(KeyboardInterrupt)),
                      overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
     assert target.read_bytes() == b"previous"

@@ -117,7 +117,8 @@ def test_help_shows_every_default_and_choice_and_the_builtin_models_the_readme_l
 
     text = " ".join(_distill_parser().format_help().split())
     assert "--renoise_schedule VALUE Re-noise levels" in text
-    assert "One of: coupled-shared, decoupled-full, decoupled-constrained, decoupled-hybrid. Default: \"decoupled-hybrid\"" in text
+    assert ("One of: coupled-shared, decoupled-full, decoupled-constrained, decoupled-hybrid. "
+            "Default: \"decoupled-hybrid\"") in text
     assert "--network_dim VALUE LoRA rank (DMD2 SDXL: 64). Default: 64." in text
     assert text.count("Default:") == len(KEYS)
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()

@@ -170,7 +170,7 @@ def test_batched_fake_samples_equal_one_by_one_for_a_one_step_student(tiny_model
         with torch.no_grad():
             level = trainer.level(trainer.levels[step], noise.shape[0])
             one_by_one.append((cond, trainer.x0("student", noise, level, cond).float()))
-    for (cond_a, x_a), (cond_b, x_b) in zip(batched, one_by_one):
+    for (cond_a, x_a), (cond_b, x_b) in zip(batched, one_by_one, strict=True):
         assert torch.equal(cond_a["encoder_hidden_states"], cond_b["encoder_hidden_states"])
         torch.testing.assert_close(x_a, x_b, rtol=1e-4, atol=1e-4)
 
@@ -322,7 +322,8 @@ def test_a_run_that_does_not_fit_stops_before_loading_and_names_the_knobs(tiny_m
 
 def test_cli_reports_a_plan_that_does_not_fit_without_a_traceback(tiny_model_dir, tmp_path, prompt_file):
     completed = subprocess.run(
-        [sys.executable, "-m", "decoupled_dmd.trainer.cli", "--pretrained_model_name_or_path", tiny_model_dir("tiny-sd15"),
+        [sys.executable, "-m", "decoupled_dmd.trainer.cli",
+         "--pretrained_model_name_or_path", tiny_model_dir("tiny-sd15"),
          "--prompt_file", prompt_file, "--output_dir", str(tmp_path / "out"), "--memory_limit_gb", "0.001"],
         capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2

@@ -371,8 +371,8 @@ def test_dmd_sample_refuses_bad_flags_before_loading(tiny_model_dir, tmp_path, s
     base = ["--model", model, "--student", student_file, "--prompt", "a red house"]
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    for extra, says in ((["--timesteps", "249,499"], "strictly decreasing"), (["--timesteps", "-5"], "non-negative"), (["--timesteps", "9x"], "whole numbers"),
-                        (["--timesteps", "999,999"], "strictly decreasing"),
+    for extra, says in ((["--timesteps", "249,499"], "strictly decreasing"), (["--timesteps", "-5"], "non-negative"),
+                        (["--timesteps", "9x"], "whole numbers"), (["--timesteps", "999,999"], "strictly decreasing"),
                         (["--teacher_steps", "0"], "--teacher_steps 0"),
                         (["--guidance_scale", "nan"], "--guidance_scale nan"),
                         (["--seed", "-1"], "--seed -1"), (["--resolution", "13"], "multiples of 8"),
@@ -380,7 +380,8 @@ def test_dmd_sample_refuses_bad_flags_before_loading(tiny_model_dir, tmp_path, s
                         (["--output", str(tmp_path / "grid.jpg")], "write a .png file name"),
                         (["--output", str(tmp_path / "CON.png")], "reserved")):
         sample_fails(base + extra, capsys, says)
-    sample_fails(["--model", "/nonexistent/sdxl", "--prompt", "x"], capsys, "--model: '/nonexistent/sdxl' does not exist")
+    sample_fails(["--model", "/nonexistent/sdxl", "--prompt", "x"], capsys,
+                 "--model: '/nonexistent/sdxl' does not exist")
 
 
 def test_dmd_sample_refuses_damaged_metadata_and_foreign_students(tiny_model_dir, tmp_path, student_file, capsys):
@@ -599,7 +600,7 @@ def test_the_metrics_log_is_strict_json_and_state_files_are_not_private(tiny_mod
     trainer = trainer_for(tiny_model_dir, tmp_path, max_train_steps=1)
     trainer.train()
     state = list_states(str(tmp_path / "out"))[-1]
-    for root, folders, files in os.walk(state):
+    for root, _folders, files in os.walk(state):
         for name in files:
             assert os.stat(os.path.join(root, name)).st_mode & 0o777 == FILE_MODE, name
     with open(tmp_path / "out" / "logs" / "metrics.jsonl", encoding="utf-8") as handle:

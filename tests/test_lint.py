@@ -67,7 +67,8 @@ def test_pure_math_imports_only_torch_and_the_standard_library():
         path = os.path.join(ROOT, "trainer", f"{name}.py")
         for level, module in _imports(path):
             if level:  # one pure module may use another
-                assert _resolve(path, level, module) in {f"trainer.{p}" for p in pure}, f"trainer/{name} imports .{module}"
+                assert _resolve(path, level, module) in {f"trainer.{p}" for p in pure}, (
+                    f"trainer/{name} imports .{module}")
                 continue
             top = module.split(".")[0]
             assert top in STDLIB or top == "torch", f"trainer/{name} imports {module}"

@@ -180,7 +180,7 @@ def test_ui_workflow_matches_its_api_twin(name):
         assert node["type"] == api[node_id]["class_type"]
         inputs, outputs = _schema(node["type"])
         expected = []
-        for input_name, (kind, options, _, _) in inputs.items():
+        for input_name, (kind, _options, _, _) in inputs.items():
             if kind in WIDGET_TYPES:  # every widget, required or optional: a new input cannot go stale unseen
                 assert input_name in api[node_id]["inputs"], f"{name} node {node_id}: widget {input_name} missing"
                 expected.append(api[node_id]["inputs"][input_name])

@@ -27,7 +27,8 @@ def f64(values):
 
 
 def hand_scaled_linear_alpha_bar(k, total=T, beta_start=0.00085, beta_end=0.012):
-    """alpha_bar_k = prod_{i<=k} (1 - beta_i), beta_i = (sqrt(b0) + i/(T-1) * (sqrt(b1) - sqrt(b0)))^2, in plain Python."""
+    """alpha_bar_k = prod_{i<=k} (1 - beta_i), beta_i = (sqrt(b0) + i/(T-1) * (sqrt(b1) - sqrt(b0)))^2, in plain
+    Python."""
     lo, hi = math.sqrt(beta_start), math.sqrt(beta_end)
     product = 1.0
     for i in range(k + 1):
@@ -79,8 +80,10 @@ def test_scaled_linear_alphas_cumprod_vs_hand_formula(sd):
     for k in (0, 1, 10, 250, 499, 500, 750, 999):
         assert sd.alphas_cumprod[k].item() == pytest.approx(hand_scaled_linear_alpha_bar(k), rel=1e-9)
     # SD1.5's well-known k-diffusion sigma range: sigma_min ~ 0.0292, sigma_max ~ 14.6146
-    assert math.sqrt((1 - sd.alphas_cumprod[0].item()) / sd.alphas_cumprod[0].item()) == pytest.approx(0.029167, abs=1e-6)
-    assert math.sqrt((1 - sd.alphas_cumprod[-1].item()) / sd.alphas_cumprod[-1].item()) == pytest.approx(14.6146, abs=1e-4)
+    assert (math.sqrt((1 - sd.alphas_cumprod[0].item()) / sd.alphas_cumprod[0].item())
+            == pytest.approx(0.029167, abs=1e-6))
+    assert (math.sqrt((1 - sd.alphas_cumprod[-1].item()) / sd.alphas_cumprod[-1].item())
+            == pytest.approx(14.6146, abs=1e-4))
 
 
 @pytest.mark.parametrize("k", [0, 1, 59, 249, 499, 749, 980, 999])

@@ -138,7 +138,8 @@ def test_student_ema_is_what_previews_and_the_file_hold_and_it_resumes_bit_for_b
     with torch.no_grad():
         torch.testing.assert_close(fresh.predict_x0(fresh.network, x, level, cond), average, rtol=1e-4, atol=1e-4)
     logs = jsonl(tmp_path / "a" / "out" / "logs" / "metrics.jsonl")
-    assert [e["ema_decay"] for e in logs] == pytest.approx([0.0, 1 / 3, 3 / 7, 7 / 15])  # 0.5 (1 - 0.5^n) / (1 - 0.5^(n+1))
+    # 0.5 (1 - 0.5^n) / (1 - 0.5^(n+1))
+    assert [e["ema_decay"] for e in logs] == pytest.approx([0.0, 1 / 3, 3 / 7, 7 / 15])
 
     first = make_trainer(tiny_model_dir, tmp_path / "b", max_train_steps=2, student_ema_decay=0.5)
     first.train()
@@ -236,7 +237,8 @@ def test_regression_loss_pairs_are_the_teachers_cfg_samples_and_its_gradient_is_
     trainer = make_trainer(tiny_model_dir, tmp_path, regression_loss_weight=2.0, regression_pairs=3,
                            regression_teacher_steps=3, train_batch_size=2, guidance_scale=4.0)
     prompts, noise, target = trainer.regression.make_pairs(trainer)
-    assert len(prompts) == 3 and set(prompts) <= set(PROMPTS) and noise.shape == target.shape == (3, *trainer.latent_shape)
+    assert len(prompts) == 3 and set(prompts) <= set(PROMPTS)
+    assert noise.shape == target.shape == (3, *trainer.latent_shape)
     # an independent route: the adapter's own denoiser (the student adapter is still zero) and fresh encodings
     adapter = trainer.adapter
     expected = cfg_sample(adapter.denoiser(), noise, adapter.encode_prompts(prompts), adapter.encode_prompts([""] * 3),

@@ -111,10 +111,10 @@ def test_the_student_starts_as_the_base_with_the_lora_merged(sdxl_from_file, tmp
     trainer = DecoupledDMDTrainer(settings(tmp_path, tmp_path / "speed.safetensors"), adapter, PROMPTS)
     assert trainer.config.network_dim == 4  # the file's largest rank; the smaller ones are zero-padded
     assert trainer.config.lora_target_modules[-1:] == ["time_embedding.linear_1"]  # joined the default targets
-    torch.testing.assert_close(x0(adapter, trainer.roles.module("student")), expected_student, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x0(adapter, trainer.roles.module("teacher")), expected_teacher, rtol=0, atol=0)
+    torch.testing.assert_close(x0(adapter, trainer.roles.activate("student")), expected_student, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x0(adapter, trainer.roles.activate("teacher")), expected_teacher, rtol=0, atol=0)
     assert not torch.allclose(expected_student, expected_teacher, atol=1e-3)
-    fake = x0(adapter, trainer.roles.module("fake"))
+    fake = x0(adapter, trainer.roles.activate("fake"))
     torch.testing.assert_close(fake, expected_teacher, rtol=1e-5, atol=1e-6)  # the fake starts as the teacher
 
 
@@ -124,7 +124,7 @@ def test_a_diffusers_lora_of_fewer_layers_leaves_the_others_at_zero(tiny_model_d
     lora = write(tmp_path / "lcm.safetensors", random_lora(adapter, modules, [4, 4], [4.0, 4.0]), "diffusers", adapter)
     expected = x0(adapter, merged_by_hand(adapter, lora))
     trainer = DecoupledDMDTrainer(settings(tmp_path, tmp_path / "lcm.safetensors", resolution=64), adapter, PROMPTS)
-    torch.testing.assert_close(x0(adapter, trainer.roles.module("student")), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x0(adapter, trainer.roles.activate("student")), expected, rtol=1e-4, atol=1e-5)
     adapted = {k for k in trainer.roles.trainable_state_dict("student") if k.endswith("lora_B.student.weight")}
     untouched = [k for k in adapted if not any(k.startswith(m + ".") for m in modules)]
     assert untouched and all(not trainer.roles.trainable_state_dict("student")[k].any() for k in untouched)
@@ -165,7 +165,7 @@ def test_lora_files_that_do_not_fit_are_refused_with_what_is_wrong(sdxl_from_fil
         path = tmp_path / f"{name}.safetensors"
         tensors = {}
         ldm = lora_module_names(adapter.unet_ldm_keys)
-        for module, (down, up, alpha) in good.items():
+        for module, (down, up, _alpha) in good.items():
             key = "lora_unet_" + ldm[module].replace(".", "_")
             tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
         save_file({**tensors, **extra}, str(path), metadata=metadata or None)

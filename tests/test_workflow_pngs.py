@@ -35,7 +35,8 @@ def test_the_template_folder_holds_ui_workflows_each_with_its_thumbnail():
     import sys
 
     repo = os.path.dirname(WORKFLOWS)
-    assert not [d for d in ("example_workflows", "example", "examples", "workflow") if os.path.isdir(os.path.join(repo, d))]
+    assert not [d for d in ("example_workflows", "example", "examples", "workflow")
+                if os.path.isdir(os.path.join(repo, d))]
     listed = sorted(f[: -len(".json")] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
     assert listed == NAMES  # UI files only: the API twins live in workflows/api/
     sys.path.insert(0, os.path.join(repo, "scripts"))

@@ -71,10 +71,11 @@ class CostMeter:
         self.seconds: dict[str, float] = defaultdict(float)
         self._pending: dict[str, float] = defaultdict(float)
 
-    def forward(self, role: str, rows: int, kind: str = "forward") -> None:
-        """A backbone call on `rows` samples; kind 'train_forward' expects a later `backward(role)`."""
-        self.work[(role, kind)] += rows / self.batch_size
-        if kind == "train_forward":
+    def forward(self, role: str, rows: int, work: str = "forward") -> None:
+        """A backbone call on `rows` samples; `work` is one of KINDS ('train_forward' expects a later
+        `backward(role)`)."""
+        self.work[(role, work)] += rows / self.batch_size
+        if work == "train_forward":
             self._pending[role] += rows / self.batch_size
 
     def backward(self, role: str) -> None:

@@ -85,12 +85,14 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
             raise
         except Exception as error:  # noqa: BLE001 - a damaged folder: diffusers, transformers, safetensors errors
             raise ConfigError(f"{name_or_path!r}: the diffusers model folder cannot be loaded ({type(error).__name__}: "
-                              f"{error_summary(error)}); a file in it is damaged or missing: copy or download it again") from None
+                              f"{error_summary(error)}); a file in it is damaged or missing: copy or download it "
+                              "again") from None
     try:  # a Hugging Face id
         return DiffusersAdapter.from_pretrained(path, uncond_mode=uncond_mode, dtype=dtype)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{name_or_path!r} is no local file or folder here, and loading it as a Hugging Face id "
-                          f"failed ({error_summary(error, 200)}); check the path, or the id and your connection") from None
+                          f"failed ({error_summary(error, 200)}); check the path, or the id and your "
+                          "connection") from None
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # read (or refused) as one file
@@ -188,10 +190,10 @@ def distill(config: TrainConfig, callbacks: TrainerCallbacks | None = None,
     Every check that needs no weights comes first (`preflight`); without an adapter the memory plan is made,
     logged and checked against the limit before loading. The run owns output_dir from the checks to the end."""
     with own_output_dir(config.output_dir):
-        return _distill(config, callbacks, adapter)
+        return _run(config, callbacks, adapter)
 
 
-def _distill(config: TrainConfig, callbacks: TrainerCallbacks | None, adapter: ModelAdapter | None) -> str | None:
+def _run(config: TrainConfig, callbacks: TrainerCallbacks | None, adapter: ModelAdapter | None) -> str | None:
     preflight(config, with_teacher=adapter is None)
     prompts = read_prompts(config.prompt_file)
     if not prompts:
@@ -235,9 +237,9 @@ def apply_student(adapter: ModelAdapter, student_path: str, force: bool = False)
     from .ldm_layout import UNET_PREFIX
 
     metadata = read_student_metadata(student_path)
-    kind = student_format(metadata)
+    file_format = student_format(metadata)
     timesteps = student_timesteps(metadata)
-    if kind == "checkpoint":
+    if file_format == "checkpoint":
         return timesteps
     family = metadata.get("decoupled_dmd.family")
     if family and family != adapter.family:
@@ -255,7 +257,7 @@ def apply_student(adapter: ModelAdapter, student_path: str, force: bool = False)
     tensors = load_file(student_path)
     network = adapter.network
     ldm_keys = adapter.unet_ldm_keys or {}
-    if kind == "lora":
+    if file_format == "lora":
         if is_kohya_lora(tensors):
             state, rank, alpha = peft_from_kohya(tensors, lora_module_names(ldm_keys))
         else:

@@ -49,7 +49,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str = _key(
         "", "Teacher: a single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder or Hugging Face id "
         "(SD1.5/SDXL/flow UNet), or a built-in model: " + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)
-        + " (demo, texture: the trained MNIST and texture-world teachers; tiny-*: random plumbing checks).", section="model")
+        + " (demo, texture: the trained MNIST and texture-world teachers; tiny-*: random plumbing checks).",
+        section="model")
     tokenizer_path: str = _key(
         "", "Folder with the CLIP BPE files vocab.json and merges.txt for single-file checkpoints (e.g. "
         "openai/clip-vit-large-patch14, ComfyUI's comfy/sd1_tokenizer); empty looks in the Hugging Face cache.",
@@ -64,8 +65,8 @@ class TrainConfig:
         "", "Prompts for preview grids: a text file path or a TOML list; empty uses the first 4 training prompts.",
         section="model")
     logging_dir: str = _key("", "TensorBoard and JSONL log folder; empty means <output_dir>/logs.", section="model")
-    log_with: str = _key("auto", "Tracker: auto (TensorBoard if installed), tensorboard, none. JSONL is always written.",
-                         LOG_WITH, section="model")
+    log_with: str = _key("auto", "Tracker: auto (TensorBoard if installed), tensorboard, none. JSONL is always "
+                         "written.", LOG_WITH, section="model")
     resume: str = _key("", "Resume from a training state folder, or 'latest' for the newest in output_dir. A state "
                        "of another teacher, rank, targets or optimiser settings is refused; one with other method "
                        "settings too, unless resume_changed_settings.", section="model")
@@ -321,7 +322,8 @@ def validate(config: TrainConfig) -> None:
         if config.regression_pairs < 1:
             _fail("regression_pairs", f"{config.regression_pairs} must be >= 1 with regression_loss_weight > 0")
         if config.regression_teacher_steps < 2:
-            _fail("regression_teacher_steps", f"{config.regression_teacher_steps} must be >= 2 (the teacher's DDIM steps)")
+            _fail("regression_teacher_steps",
+                  f"{config.regression_teacher_steps} must be >= 2 (the teacher's DDIM steps)")
     if config.regularizer == "dm" and config.fake_updates_per_step < 1:
         _fail("fake_updates_per_step", "must be >= 1 with regularizer = 'dm': the fake model has to follow the student")
     if config.resolution not in ("", None):
@@ -359,8 +361,9 @@ def checked_timestep_bounds(config: TrainConfig, schedule) -> tuple[float, float
     from .schedules import FlowSchedule, check_student_timesteps, timestep_level_bounds
 
     if config.timestep_shift != 1.0 and not isinstance(schedule, FlowSchedule):
-        raise ConfigError(f"timestep_shift: {config.timestep_shift:g} is for flow-matching teachers (SD3, Flux, Lumina, "
-                          "Z-Image); this teacher is an SD (DDPM) model, whose timesteps need no shift: set it to 1")
+        raise ConfigError(f"timestep_shift: {config.timestep_shift:g} is for flow-matching teachers (SD3, Flux, "
+                          "Lumina, Z-Image); this teacher is an SD (DDPM) model, whose timesteps need no shift: set "
+                          "it to 1")
     try:
         check_student_timesteps(schedule, config.student_timesteps, config.min_timestep)
         return timestep_level_bounds(schedule, config.min_timestep, config.max_timestep)

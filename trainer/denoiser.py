@@ -63,7 +63,8 @@ def batched_x0(denoise: Callable[[Tensor, Tensor, Conditioning], Tensor],
     (plus DM's row in the generator update) cost one batched call instead of one each."""
     if len(rows) == 1:
         return [denoise(*rows[0])]
-    x0 = denoise(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]), Conditioning.cat([r[2] for r in rows]))
+    x0 = denoise(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]),
+                 Conditioning.cat([r[2] for r in rows]))
     return list(x0.split([r[0].shape[0] for r in rows]))
 
 
@@ -147,11 +148,12 @@ class ModelAdapter(ABC):
     def disable_gradient_checkpointing(self, network: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot turn gradient checkpointing off")
 
-    def place(self, device, weight_dtype) -> None:
+    # place and offload_text_encoders are optional hooks: default no-ops that adapters may override
+    def place(self, device, weight_dtype) -> None:  # noqa: B027
         """Put the backbone (in `weight_dtype`) and the encoders on the training device (a no-op where the
         host application manages devices)."""
 
-    def offload_text_encoders(self) -> None:
+    def offload_text_encoders(self) -> None:  # noqa: B027
         """Free the text encoders' memory once every prompt is cached (a no-op where they are shared)."""
 
     @property

@@ -62,7 +62,8 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
         except (ValueError, UnicodeDecodeError, RecursionError):
             if prefix[:2] in PICKLE_MAGIC:
                 raise CheckpointError(f"{path!r} holds a pickle (a .ckpt/.pt file renamed?); only safetensors are "
-                                      "read, because loading a pickle can run code. Convert it to .safetensors") from None
+                                      "read, because loading a pickle can run code. Convert it to "
+                                      ".safetensors") from None
             raise CheckpointError(f"{path!r} is not a safetensors file (or its header is damaged)") from None
     data_start = 8 + length
     problem = header_problem(header)
@@ -141,11 +142,13 @@ def inspect_checkpoint(path: str, v_parameterization: bool | None = None) -> Che
     unet = {k[len(layout.UNET_PREFIX):]: s for k, s in shapes.items() if k.startswith(layout.UNET_PREFIX)}
     if any(k.startswith(("double_blocks.", "joint_blocks.", "transformer_blocks.")) for k in unet) \
             or any(k.startswith(("double_blocks.", "single_blocks.")) for k in shapes):
-        raise CheckpointError(f"{name}: a transformer (Flux / SD3-style) model; only SD1.5 and SDXL UNets are supported")
+        raise CheckpointError(f"{name}: a transformer (Flux / SD3-style) model; only SD1.5 and SDXL UNets are "
+                              "supported")
     if not unet:
         if any(k.startswith("input_blocks.") for k in shapes):
             raise CheckpointError(f"{name}: a UNet-only file (no text encoders); give a full checkpoint that holds "
-                                  "the text encoders too (model.diffusion_model.* and cond_stage_model.*/conditioner.*)")
+                                  "the text encoders too (model.diffusion_model.* and "
+                                  "cond_stage_model.*/conditioner.*)")
         raise CheckpointError(f"{name}: no `model.diffusion_model.*` tensors; not an SD1.5/SDXL single-file checkpoint")
     if "input_blocks.0.0.weight" not in unet or "out.2.weight" not in unet:
         raise CheckpointError(f"{name}: the UNet is incomplete (no input_blocks.0.0 / out.2); the file is damaged")
@@ -176,7 +179,8 @@ def inspect_checkpoint(path: str, v_parameterization: bool | None = None) -> Che
     if v_parameterization is not None:
         wanted = "v_prediction" if v_parameterization else "epsilon"
         if wanted != prediction_type:
-            logger.warning("%s: v_parameterization=%s overrides the file (%s)", name, v_parameterization, prediction_type)
+            logger.warning("%s: v_parameterization=%s overrides the file (%s)", name, v_parameterization,
+                           prediction_type)
         prediction_type = wanted
     return CheckpointInfo(path, family, prediction_type, config, any(k.startswith(layout.VAE_PREFIX) for k in shapes),
                           header.get("__metadata__", {}) or {}, shapes)
@@ -398,7 +402,8 @@ def write_ldm_checkpoint(path: str, adapter, metadata: dict[str, str] | None = N
     keys = layout.unet_key_map(dict(unet.config), unet_state.keys())
     tensors = {layout.UNET_PREFIX + keys[k]: v for k, v in unet_state.items()}
     if adapter.family == "sd15":
-        tensors.update({layout.SD15_CLIP_PREFIX + k: v for k, v in canonical_clip_state(adapter.text_encoders[0]).items()})
+        tensors.update({layout.SD15_CLIP_PREFIX + k: v
+                        for k, v in canonical_clip_state(adapter.text_encoders[0]).items()})
     elif adapter.family == "sdxl":
         tensors.update({layout.SDXL_CLIP_L_PREFIX + k: v
                         for k, v in canonical_clip_state(adapter.text_encoders[0]).items()})
@@ -640,7 +645,8 @@ def read_init_lora(path: str, aliases: dict[str, str], network_alpha: float, fam
                               f"{', '.join(map(repr, unknown[:4]))}; is it a LoRA for another model?")
     incomplete = [module for module, parts in groups.items() if set(parts) & {"A", "B"} != {"A", "B"}]
     if incomplete or not groups:
-        raise CheckpointError(f"network_weights: {name} has no complete down/up pair for {incomplete[:3] or 'any layer'}")
+        raise CheckpointError(f"network_weights: {name} has no complete down/up pair for "
+                              f"{incomplete[:3] or 'any layer'}")
     loaded: dict[str, tuple[Tensor, Tensor, float]] = {}
     with safe_open(path, framework="pt") as handle:
         for module, parts in groups.items():

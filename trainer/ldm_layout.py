@@ -77,7 +77,8 @@ def unet_module_map(config: dict) -> tuple[dict[str, str], dict[str, str]]:
             if has_attention:
                 prefix[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{index}.1"
             if j == up_layers[level] and level < levels - 1:
-                exact[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{index}.{2 if has_attention else 1}.conv"
+                upsampler = f"output_blocks.{index}.{2 if has_attention else 1}.conv"
+                exact[f"up_blocks.{level}.upsamplers.0.conv"] = upsampler
             index += 1
     return exact, prefix
 
@@ -101,12 +102,6 @@ def unet_key_map(config: dict, diffusers_keys) -> dict[str, str]:
         else:
             raise ValueError(f"UNet weight {key!r} has no LDM equivalent for this config")
     return mapping
-
-
-def module_key_map(config: dict, module_names) -> dict[str, str]:
-    """{diffusers module path: LDM module path} for modules that own a `.weight` (LoRA targets)."""
-    weights = unet_key_map(config, [f"{name}.weight" for name in module_names])
-    return {key[: -len(".weight")]: value[: -len(".weight")] for key, value in weights.items()}
 
 
 # --- detecting a UNet from LDM tensor shapes --------------------------------------------------------------------

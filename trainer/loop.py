@@ -178,9 +178,9 @@ class DecoupledDMDTrainer:
         self._prepare_prompts()
         self.memory_plan = memory_plan if memory_plan is not None else self._plan_memory()
         self._build_optimizers()
-        trained = list(self.optimizers)
-        self.accelerator.register_save_state_pre_hook(functools.partial(save_weights_hook, self.roles, trained, self.ema))
-        self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, self.roles, trained, self.ema))
+        hooked = (self.roles, list(self.optimizers), self.ema)  # the trained weights and the EMA go in the states
+        self.accelerator.register_save_state_pre_hook(functools.partial(save_weights_hook, *hooked))
+        self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, *hooked))
 
     # --- how far the run is (`state.Progress`) -------------------------------------------------------------
     step = property(lambda self: self.progress.step, lambda self, value: setattr(self.progress, "step", value))
@@ -235,7 +235,7 @@ class DecoupledDMDTrainer:
                 simulate_on = (skeleton, skeleton_roles(skeleton, changed), skeleton.example_conditioning)
                 return plan_training_memory(self.adapter, self.roles, changed, self.adapter.latent_shape(height, width),
                                             cond_for, device, simulate_on=simulate_on, **common)
-            network = self.roles.module("student")
+            network = self.roles.activate("student")
             toggled = changed.gradient_checkpointing != config.gradient_checkpointing
             if toggled:
                 self.adapter.enable_gradient_checkpointing(network)
@@ -277,26 +277,26 @@ class DecoupledDMDTrainer:
                 prepared[id(module)] = accelerator.prepare_model(module)
             self.wrapped[role] = prepared[id(module)]
             optimizer = build_optimizer(config, self.roles.trainable_parameters(role), learning_rates[role])
-            kind = config.lr_scheduler if role == "student" else "constant"  # the fake keeps following
+            shape = config.lr_scheduler if role == "student" else "constant"  # the fake keeps following
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-                learning_rate_factor, kind=kind, warmup=config.lr_warmup_steps, total=config.max_train_steps))
+                learning_rate_factor, scheduler=shape, warmup=config.lr_warmup_steps, total=config.max_train_steps))
             self.optimizers[role] = accelerator.prepare_optimizer(optimizer)
             self.schedulers[role] = accelerator.prepare_scheduler(scheduler)
 
     # --- the denoisers ---------------------------------------------------------------------------------------
     def x0(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning, train: bool = False,
-            kind: str | None = None) -> Tensor:
+            work: str | None = None) -> Tensor:
         """x0 prediction of `role`; `train` routes through the data-parallel wrapper so gradients sync."""
-        self.meter.forward(role, x_t.shape[0], kind or ("train_forward" if train else "forward"))
+        self.meter.forward(role, x_t.shape[0], work or ("train_forward" if train else "forward"))
         with self.accelerator.autocast():
             if train:
-                self.roles.module(role)
+                self.roles.activate(role)
                 return self.adapter.predict_x0(self.wrapped[role], x_t, level, cond)
             return self._call(role, x_t, level, cond)
 
     def _call(self, role: str, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         """A call of `role` outside the data-parallel wrapper; without grad, a CUDA-graph replay where enabled."""
-        network = self.roles.module(role)
+        network = self.roles.activate(role)
         if self.graphs is None:
             return self.adapter.predict_x0(network, x_t, level, cond)
         return self.graphs(role, functools.partial(self.adapter.predict_x0, network), x_t, level, cond)
@@ -345,7 +345,7 @@ class DecoupledDMDTrainer:
         """`role`'s gradient of `loss` into its .grad: afresh, or added to what is there (`accumulate`)."""
         if not accumulate:
             self.optimizers[role].zero_grad(set_to_none=True)
-        self.roles.module(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
+        self.roles.activate(role)  # gradient checkpointing recomputes in backward with the active adapter: this one
         self.accelerator.backward(loss)
         self.meter.backward(role)
 
@@ -558,8 +558,10 @@ class DecoupledDMDTrainer:
         if accelerator.is_main_process:
             config, dtype = self.config, SAVE_DTYPES[self.config.save_precision]
             with self.student_in_use():  # the state keeps the trained weights; the files, the ones users get
-                kind, tensors = student_tensors(self.roles, self.adapter.unet_ldm_keys, config.network_alpha, dtype)
-                atomic_save_safetensors(tensors, path, self._metadata(kind), overwrite=True)  # this run's own file
+                file_format, tensors = student_tensors(self.roles, self.adapter.unet_ldm_keys, config.network_alpha,
+                                                       dtype)
+                # this run's own file: overwritten at each save
+                atomic_save_safetensors(tensors, path, self._metadata(file_format), overwrite=True)
                 logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)
                 if final and config.save_merged_checkpoint:
                     merged = save_merged_checkpoint(self.adapter, self.roles, self.output_paths["checkpoint"],
@@ -568,8 +570,8 @@ class DecoupledDMDTrainer:
         accelerator.wait_for_everyone()
         return path
 
-    def _metadata(self, kind: str) -> dict[str, str]:
-        return student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=kind,
+    def _metadata(self, file_format: str) -> dict[str, str]:
+        return student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=file_format,
                                 base=self.identity().base)
 
 
@@ -588,6 +590,7 @@ def _tracker(log_with: str):
         import tensorboard  # noqa: F401
     except ImportError:
         if log_with == "tensorboard":
-            raise ValueError("log_with: tensorboard is not installed; `pip install tensorboard` or use 'none'") from None
+            raise ValueError("log_with: tensorboard is not installed; `pip install tensorboard` or use "
+                             "'none'") from None
         return None
     return "tensorboard"

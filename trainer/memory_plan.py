@@ -105,7 +105,8 @@ def _meta_kernels(dtype: torch.dtype | None):
     The functional ops a backbone calls are wrapped for the duration (module attributes, so that gradient
     checkpointing's recomputation in the backward thread sees them too); a call on any other device goes to
     the original function unchanged."""
-    originals = {name: getattr(F, name) for name in _LOW_PRECISION + _FULL_PRECISION + ("scaled_dot_product_attention",)}
+    originals = {name: getattr(F, name)
+                 for name in _LOW_PRECISION + _FULL_PRECISION + ("scaled_dot_product_attention",)}
 
     def wrap(name: str, target: torch.dtype | None):
         original = originals[name]
@@ -253,8 +254,8 @@ def build_plan(*, base_bytes: int, adapter_parameters: dict[str, list[Tensor]], 
     held = optimized if held_parameters is None else held_parameters
     trained = int(adapter_scale * 4 * sum(p.numel() for p in held))
     optimizer = int(adapter_scale * optimizer_state_bytes(optimized, optimizer_type))
-    parts = {"base weights": base_bytes, "trained weights (fp32, student + fake)": trained, "optimizer states": optimizer,
-             "VAE": vae_bytes, "text encoders (while encoding)": text_encoder_bytes,
+    parts = {"base weights": base_bytes, "trained weights (fp32, student + fake)": trained,
+             "optimizer states": optimizer, "VAE": vae_bytes, "text encoders (while encoding)": text_encoder_bytes,
              "trained step (activations + grads)": simulated["train_step"],
              "widest no-grad call": simulated["no_grad_call"]}
     resident = base_bytes + trained + optimizer + vae_bytes
@@ -292,20 +293,20 @@ def plan_training_memory(adapter, roles, config, latent_shape: tuple[int, ...], 
     """The memory plan of `config` on `adapter`'s backbone with `roles` (LoRA adapters or full copies) on it.
 
     The backbone may hold real weights or live on the meta device; it is never modified (gradient
-    checkpointing must already be set as the config says). `adapter_scale`: see `build_plan`. `simulate_on` = (adapter, roles,
-    cond_for) runs the simulated calls on a stand-in of the same architecture (`planning_skeleton`) while the
-    parameter arithmetic stays on the real model."""
+    checkpointing must already be set as the config says). `adapter_scale`: see `build_plan`. `simulate_on` =
+    (adapter, roles, cond_for) runs the simulated calls on a stand-in of the same architecture
+    (`planning_skeleton`) while the parameter arithmetic stays on the real model."""
     weight_bytes = BYTES[config.mixed_precision]
     roles_used = ["student"] + (["fake"] if config.uses_fake_model else [])
     trainable = {role: roles.trainable_parameters(role) for role in ("student", "fake")}
     trained_ids = {id(p) for params in trainable.values() for p in params}
-    frozen = roles.module("teacher")  # LoRA mode: the shared base; full mode: the teacher's own copy
+    frozen = roles.activate("teacher")  # LoRA mode: the shared base; full mode: the teacher's own copy
     base = sum(p.numel() for p in frozen.parameters() if id(p) not in trained_ids) * weight_bytes
-    network = roles.module("student")
+    network = roles.activate("student")
     sim_adapter, sim_network = adapter, network
     if simulate_on is not None:
         sim_adapter, sim_roles, cond_for = simulate_on
-        sim_network = sim_roles.module("student")
+        sim_network = sim_roles.activate("student")
     simulated = simulate_training_step(sim_network, sim_adapter.predict_x0, cond_for, latent_shape,
                                        config.train_batch_size, widest_no_grad_rows(config), config.mixed_precision,
                                        owner=sim_adapter.planning_module(sim_network))
@@ -354,7 +355,8 @@ def knob_savings(plan_for: Callable[[object], MemoryPlan], config, base_plan: Me
     if hw:
         smaller = tuple(max(64, int(v * 0.75) // 64 * 64) for v in hw)
         if smaller != hw:
-            candidates.append((f'resolution = "{smaller[1]},{smaller[0]}"', {"resolution": f"{smaller[1]},{smaller[0]}"}))
+            candidates.append((f'resolution = "{smaller[1]},{smaller[0]}"',
+                               {"resolution": f"{smaller[1]},{smaller[0]}"}))
     out = []
     for label, change in candidates:
         try:

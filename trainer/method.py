@@ -235,7 +235,8 @@ class DecoupledDMD:
                                          self.config.timestep_shift).to(run.accelerator.device)
             x_tau = run.adapter.schedule.renoise(x_gen, run.randn(batch), tau)
             x0_fake = run.x0("fake", x_tau, tau, cond, train=True)
-            loss = weighted_denoising_loss(x0_fake, x_gen, run.adapter.fake_loss_weight(tau, self.config.fake_loss_target))
+            weight = run.adapter.fake_loss_weight(tau, self.config.fake_loss_target)
+            loss = weighted_denoising_loss(x0_fake, x_gen, weight)
             grad_norm = run.optimize("fake", loss)
         return {"loss_fake": loss.item(), "grad_norm_fake": grad_norm}
 
@@ -263,7 +264,7 @@ class DecoupledDMD:
         x = torch.cat([d[2] for d in draws])
         for index in range(int(step_of_row.max()) + 1):
             level = run.level(run.levels[index], len(active))
-            x0 = run.x0("student", x, level, cond.select(active), kind="simulation").float()
+            x0 = run.x0("student", x, level, cond.select(active), work="simulation").float()
             done = step_of_row[active] == index
             x_gen[active[done].to(x_gen.device)] = x0[done.to(x0.device)]
             keep = step_of_row[active] > index

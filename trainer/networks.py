@@ -27,8 +27,9 @@ class Roles(ABC):
     """Selects which weights a forward pass of the backbone uses."""
 
     @abstractmethod
-    def module(self, role: str) -> nn.Module:
-        """The (unwrapped) module that computes `role`, after activating it."""
+    def activate(self, role: str) -> nn.Module:
+        """Put `role`'s weights in use (for every later call of the backbone, until another role is activated)
+        and return the (unwrapped) module that computes it."""
 
     @abstractmethod
     def trainable_parameters(self, role: str) -> list[nn.Parameter]: ...
@@ -115,7 +116,7 @@ class LoraRoles(Roles):
         for layer in self._layers:
             layer.cast_input_dtype_enabled = not skip
 
-    def module(self, role: str) -> nn.Module:
+    def activate(self, role: str) -> nn.Module:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
         if role != self._active:
@@ -203,7 +204,7 @@ class FullRoles(Roles):
             network.requires_grad_(True).train()
             self.copies[role] = network
 
-    def module(self, role: str) -> nn.Module:
+    def activate(self, role: str) -> nn.Module:
         if role == "teacher":
             return self.teacher
         if role not in self.copies:
@@ -217,7 +218,7 @@ class FullRoles(Roles):
         return {name: p.detach() for name, p in self.copies[role].named_parameters()}
 
     def merged_state_dict(self, role: str) -> dict[str, Tensor]:
-        return dict(self.module(role).state_dict())
+        return dict(self.activate(role).state_dict())
 
     def load_trainable_state_dict(self, role: str, state: dict[str, Tensor]) -> None:
         copy_exact(dict(self.copies[role].named_parameters()), state, role)

@@ -19,19 +19,19 @@ RENOISE_SCHEDULES = ("coupled-shared", "decoupled-full", "decoupled-constrained"
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 
-def learning_rate_factor(step: int, kind: str, warmup: int = 0, total: int = 0) -> float:
+def learning_rate_factor(step: int, scheduler: str, warmup: int = 0, total: int = 0) -> float:
     """The learning-rate multiplier of the update after `step` scheduler steps (kohya's and diffusers' names):
     a linear warm-up (step + 1) / warmup over the first `warmup` updates, then 1 (constant), or a decay from 1
     to 0 at update `total`: linear (total - step) / (total - warmup), or cosine 0.5 * (1 + cos(pi * progress))
     with progress = (step - warmup) / (total - warmup)."""
-    if kind not in LR_SCHEDULERS:
-        raise ValueError(f"unknown lr_scheduler {kind!r}; expected one of {LR_SCHEDULERS}")
+    if scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"unknown lr_scheduler {scheduler!r}; expected one of {LR_SCHEDULERS}")
     if step < warmup:
         return (step + 1) / warmup
-    if kind == "constant" or total <= warmup:
+    if scheduler == "constant" or total <= warmup:
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup))
-    if kind == "linear":
+    if scheduler == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -122,7 +122,8 @@ def find_state(config) -> str | None:
             logger.info("resume = latest: no state in %s, starting fresh", config.output_dir)
         return states[-1] if states else None
     if not os.path.isfile(os.path.join(config.resume, "trainer_state.json")):
-        found = "does not exist" if not os.path.exists(config.resume) else "is not a training state folder (no trainer_state.json)"
+        found = ("does not exist" if not os.path.exists(config.resume)
+                 else "is not a training state folder (no trainer_state.json)")
         raise ConfigError(f"resume: {config.resume!r} {found}; give a state-<step> folder of a run, 'latest' for "
                           f"the newest in output_dir, or leave it empty for a fresh run")
     return config.resume
@@ -147,9 +148,9 @@ def check_resumable(config, state_dir: str | None, not_yet: tuple[str, ...] = ()
     if state_dir is None:
         others = list_states(config.output_dir)
         if others:
-            raise ConfigError(f"output_dir {config.output_dir!r} holds another run's states ({os.path.basename(others[-1])}"
-                              "); continue it with resume = 'latest', or give this run its own output_dir "
-                              "(in ComfyUI: another output_name) "
+            raise ConfigError(f"output_dir {config.output_dir!r} holds another run's states "
+                              f"({os.path.basename(others[-1])}); continue it with resume = 'latest', or give "
+                              "this run its own output_dir (in ComfyUI: another output_name) "
                               "(a fresh run never replaces another run's states)")
         return None
     record = read_state_record(state_dir)

@@ -54,8 +54,9 @@ def _text_config(vocab_size: int, hidden: int, projection: int, max_length: int,
     # Head count and activation follow the real encoders' rules (64-channel heads; OpenCLIP uses gelu), which
     # a single-file loader has to assume because tensor shapes do not record them.
     return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                          num_hidden_layers=2, num_attention_heads=max(1, hidden // 64), max_position_embeddings=max_length,
-                          projection_dim=projection, bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act=act)
+                          num_hidden_layers=2, num_attention_heads=max(1, hidden // 64),
+                          max_position_embeddings=max_length, projection_dim=projection, bos_token_id=0,
+                          eos_token_id=1, pad_token_id=1, hidden_act=act)
 
 
 def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sample_size: int = 8) -> str:
@@ -87,7 +88,8 @@ def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sam
         cross_attention_dim = 64  # the two encoders' hidden states concatenated
         unet_extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                           projection_class_embeddings_input_dim=6 * 8 + 16, transformer_layers_per_block=[1, 2],
-                          use_linear_projection=True, attention_head_dim=[1, 1])  # SDXL's rule: 64 channels per head (at least one head)
+                          # SDXL's rule: 64 channels per head (at least one head)
+                          use_linear_projection=True, attention_head_dim=[1, 1])
     channels = 3 if pixel_space else 4
     unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,

@@ -119,7 +119,7 @@ def comfy_server(tmp_path_factory):
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start; log:\n{server.log()[-4000:]}")
+                    raise RuntimeError(f"ComfyUI did not start; log:\n{server.log()[-4000:]}") from None
                 time.sleep(1)
         yield server
     finally:

@@ -11,8 +11,9 @@ are noise.
     python tests/comfyui/make_workflow_pngs.py --url http://127.0.0.1:8188 --checkpoint tiny_sdxl_vega_v1.safetensors
 
 Order: distill_sdxl first (its LoRA and checkpoint feed the two sample workflows; its LoRA also stands in for
-the style LoRA of distill_with_style_lora and for both the style and the speed LoRA of distill_from_speed_lora). Each distil run writes to output/decoupled_dmd/<run>/ and
-models/loras|checkpoints of that ComfyUI (the names get a counter when they exist).
+the style LoRA of distill_with_style_lora and for both the style and the speed LoRA of
+distill_from_speed_lora). Each distil run writes to output/decoupled_dmd/<run>/ and models/loras|checkpoints
+of that ComfyUI (the names get a counter when they exist).
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ def _screenshot(page, name: str, box: dict | None = None) -> None:
 
 
 def test_the_extension_loads_without_errors(comfy_server, browser_page):
-    scripts = {url: status for url, status in browser_page.loaded.items() if "/extensions/" in url and url.endswith(".js")}
+    scripts = {url: status for url, status in browser_page.loaded.items()
+               if "/extensions/" in url and url.endswith(".js")}
     ours = {url: status for url, status in scripts.items() if "decoupled_dmd.js" in url or "curves_core.js" in url}
     assert len(ours) == 2 and set(ours.values()) == {200}, scripts
     assert not [e for e in browser_page.errors if "DecoupledDMD" in e or "decoupled_dmd" in e or "curves_core" in e]

@@ -75,7 +75,7 @@ def test_nodes_are_registered_with_namespaced_ids_and_categories(comfy_server):
                          "DecoupledDMD_SaveDistilled", "DecoupledDMD_FewStepSampler"}
     assert ours["DecoupledDMD_LoadTeacher"]["input"]["required"]["guidance_scale"][1]["default"] == "auto"
     assert all(spec["category"].split("/")[0] in ("training", "sampling") for spec in ours.values())
-    assert "Cannot import" not in "\n".join(l for l in comfy_server.log().splitlines() if "DecoupledDMD" in l)
+    assert "Cannot import" not in "\n".join(line for line in comfy_server.log().splitlines() if "DecoupledDMD" in line)
 
 
 def test_pyproject_passes_comfyuis_own_registry_parser(comfy_server):

@@ -19,9 +19,10 @@ def _sdxl_train_graph(checkpoint: str) -> dict:
     graph = load_workflow("distill_sdxl")  # as shipped: guidance_scale auto (family default), uncond zeros
     graph["1"]["inputs"]["ckpt_name"] = checkpoint
     set_train_inputs(
-        graph, prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4, network_alpha=4.0,
-        learning_rate=1e-3, fake_updates_per_step=1, preview_every=1, save_every=0, mixed_precision="no",
-        gradient_checkpointing=True, resume=False, preview_prompts="a photo of a cat", output_name=RUN)
+        graph, prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4,
+        network_alpha=4.0, learning_rate=1e-3, fake_updates_per_step=1, preview_every=1, save_every=0,
+        mixed_precision="no", gradient_checkpointing=True, resume=False, preview_prompts="a photo of a cat",
+        output_name=RUN)
     graph["4"]["inputs"].update(lora_name=f"{RUN}_lora", save_checkpoint=False)
     graph["11"]["inputs"].update(width=64, height=64)
     graph["14"]["inputs"]["filename_prefix"] = f"{RUN}_few_step"

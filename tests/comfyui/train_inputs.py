@@ -25,7 +25,8 @@ def set_train_inputs(graph: dict, train_id: str = "3", add_settings: bool = True
             return graph
         if link is None:
             graph[SETTINGS_NODE_ID] = {"class_type": "DecoupledDMD_Settings",
-                                       "inputs": {name: options["default"] for name, (_, options) in expert_spec.items()}}
+                                       "inputs": {name: options["default"]
+                                                  for name, (_, options) in expert_spec.items()}}
             link = graph[train_id]["inputs"]["settings"] = [SETTINGS_NODE_ID, 0]
         graph[link[0]]["inputs"].update(expert)
     return graph

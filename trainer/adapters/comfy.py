@@ -139,9 +139,6 @@ class ComfyAdapter(ModelAdapter):
         self._checkpointed: list[nn.Module] = []
 
     # --- the denoiser --------------------------------------------------------------------------------------
-    def k_sigma(self, level: Tensor) -> Tensor:
-        return self.schedule.k_sigma(level)
-
     def predict_x0(self, network: nn.Module, x_t: Tensor, level: Tensor, cond: Conditioning) -> Tensor:
         if network is not self.network and getattr(network, "module", None) is not self.network:
             raise ValueError("the ComfyUI adapter runs the UNet through its BaseModel; pass adapter.network")

@@ -95,7 +95,8 @@ class DiffusersAdapter(ModelAdapter):
 
         local = os.path.isdir(path)
         if local:
-            missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler") if not os.path.isdir(os.path.join(path, s))]
+            missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler")
+                       if not os.path.isdir(os.path.join(path, s))]
             if missing:
                 raise ConfigError(
                     f"{path!r} is not a diffusers model folder: missing {', '.join(m + '/' for m in missing)} "
@@ -142,7 +143,8 @@ class DiffusersAdapter(ModelAdapter):
                 projection = [s for k, s in info.shapes.items()
                               if k.startswith(SDXL_CLIP_G_PREFIX) and k.endswith("text_projection")]
                 pooled = projection[0][-1] if projection else 1280
-                unet_config["addition_time_embed_dim"] = (unet_config["projection_class_embeddings_input_dim"] - pooled) // 6
+                unet_config["addition_time_embed_dim"] = (
+                    (unet_config["projection_class_embeddings_input_dim"] - pooled) // 6)
         else:
             unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", local_files_only=True)
             schedule, prediction_type = schedule_from_scheduler_config(read_scheduler_config(path, True))
@@ -213,7 +215,8 @@ class DiffusersAdapter(ModelAdapter):
             height, width = (s * self.latent_downscale for s in x_t.shape[-2:])
             # (original size, crop top-left, target size) = (H, W, 0, 0, H, W): uncropped square-on training
             kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"],
-                                           "time_ids": self._time_ids(height, width, x_t.device).expand(x_t.shape[0], 6)}
+                                           "time_ids": self._time_ids(height, width, x_t.device)
+                                           .expand(x_t.shape[0], 6)}
         prediction = network(x_t, timestep, return_dict=False, **kwargs)[0]
         return prediction_to_x0(x_t.float(), prediction.float(), alpha, sigma, self.prediction_type)
 

@@ -62,7 +62,8 @@ def load_single_file(path: str, tokenizer_path: str | None = None, v_parameteriz
         raise CheckpointError(f"{name}: {error}") from None
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, StopIteration, AttributeError) as error:
         raise CheckpointError(f"{os.path.basename(path)}: its tensors do not build an SD1.5/SDXL model "
-                              f"({type(error).__name__}: {error_summary(error)}); the file is damaged or incomplete") from None
+                              f"({type(error).__name__}: {error_summary(error)}); the file is damaged or "
+                              "incomplete") from None
     modules = {"UNet": adapter.network, "VAE": adapter.vae,
                **{f"text encoder {i + 1}": e for i, e in enumerate(adapter.text_encoders)}}
     for part, module in modules.items():
@@ -88,7 +89,8 @@ def _load_single_file(path: str, tokenizer_path: str | None, v_parameterization:
 
     def tensors(prefix: str) -> dict[str, Tensor]:
         with safe_open(path, framework="pt") as handle:
-            return {k[len(prefix):]: _to_dtype(handle.get_tensor(k), dtype) for k in handle.keys() if k.startswith(prefix)}
+            return {k[len(prefix):]: _to_dtype(handle.get_tensor(k), dtype)
+                    for k in handle.keys() if k.startswith(prefix)}
 
     encoders, tokenizers = [], []
     if info.family == "sd15":
@@ -116,7 +118,8 @@ def _load_single_file(path: str, tokenizer_path: str | None, v_parameterization:
     missing = [k for k, ldm in key_map.items() if layout.UNET_PREFIX + ldm not in unet_state]
     if missing:
         raise CheckpointError(f"{os.path.basename(path)}: UNet tensors missing for {missing[:3]}; the file is damaged")
-    unet.load_state_dict({k: unet_state[layout.UNET_PREFIX + ldm] for k, ldm in key_map.items()}, strict=True, assign=True)
+    unet.load_state_dict({k: unet_state[layout.UNET_PREFIX + ldm] for k, ldm in key_map.items()},
+                         strict=True, assign=True)
     del unet_state
 
     vae = None
@@ -141,7 +144,8 @@ def _build_clip(state: dict[str, Tensor], projection: bool, act: str, tokenizer_
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab, hidden = state["text_model.embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(m.group(1)) for k in state for m in [re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)] if m)
+    layers = 1 + max(int(m.group(1)) for k in state
+                     for m in [re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)] if m)
     special = _special_token_ids(tokenizer_folder)
     config = CLIPTextConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -196,7 +200,8 @@ def _load_vae(state: dict[str, Tensor], shapes: dict, family: str):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     prefix = layout.VAE_PREFIX
-    levels = 1 + max(int(m.group(1)) for k in shapes for m in [re.match(r"first_stage_model\.encoder\.down\.(\d+)\.", k)] if m)
+    levels = 1 + max(int(m.group(1)) for k in shapes
+                     for m in [re.match(r"first_stage_model\.encoder\.down\.(\d+)\.", k)] if m)
     channels = [shapes[f"{prefix}encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)]
     config = {
         "in_channels": shapes[f"{prefix}encoder.conv_in.weight"][1],
@@ -205,7 +210,8 @@ def _load_vae(state: dict[str, Tensor], shapes: dict, family: str):
         "block_out_channels": channels,
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
         "layers_per_block": 1 + max(int(m.group(1)) for k in shapes
-                                    for m in [re.match(r"first_stage_model\.encoder\.down\.0\.block\.(\d+)\.", k)] if m),
+                                    for m in [re.match(r"first_stage_model\.encoder\.down\.0\.block\.(\d+)\.", k)]
+                                    if m),
         "scaling_factor": VAE_SCALING[family],
     }
     converted = convert_ldm_vae_checkpoint({prefix + k: v for k, v in state.items()}, config)
