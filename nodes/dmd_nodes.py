@@ -12,11 +12,14 @@ import os
 
 from ..trainer.adapters import comfy as comfy_adapter
 from ..trainer.config import (
+    BOUNDS,
     LR_SCHEDULERS,
+    MAX_RESOLUTION,
     MIXED_PRECISIONS,
     OPTIMIZERS,
     REGULARIZERS,
     RENOISE_SCHEDULES,
+    SAMPLING_SEED,
     UPDATE_NORMALIZATIONS,
 )
 from . import runtime
@@ -25,16 +28,16 @@ logger = logging.getLogger(__name__)
 
 TRAIN_CATEGORY = "training/decoupled_dmd"
 SAMPLING_CATEGORY = "sampling/decoupled_dmd"
-MAX_RESOLUTION = 4096
+MIN_RESOLUTION = 64  # the node's own floor (the trainer's, config.MIN_RESOLUTION, is 8: the tiny test models)
 DEFAULT_PROMPTS = "a photo of a cat sitting on a windowsill\na watercolor painting of a lighthouse at dusk\n" \
                   "a portrait of an old fisherman, dramatic light\na bowl of ramen, studio photograph"
 
 
 def check_resolution(resolution: int) -> str | None:
-    if resolution == 0 or (64 <= resolution <= MAX_RESOLUTION and resolution % 8 == 0):
+    if resolution == 0 or (MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution % 8 == 0):
         return None
     return (f"resolution {resolution}: use 0 (the model's default: SD1.5 512, SDXL 1024) or a multiple of 8 "
-            f"between 64 and {MAX_RESOLUTION}")
+            f"between {MIN_RESOLUTION} and {MAX_RESOLUTION}")
 
 
 def _input_file(name: str) -> str:
@@ -459,7 +462,7 @@ class Train:
                 "learning_rate": ("FLOAT", {"default": _config_default("learning_rate"), "min": 1e-7, "max": 1e-2,
                                             "step": 1e-6, "round": False,
                                             "tooltip": "Student learning rate (DMD2 SDXL LoRA: 5e-5)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                "seed": ("INT", {"default": 0, "min": 0, "max": BOUNDS["seed"].high,
                                  "tooltip": "Seed of every random draw; a resumed run continues the same sequence."}),
                 "preview_every": ("INT", {"default": 100, "min": 0, "max": 100000,
                                           "tooltip": "Sample the preview prompts every N steps (shown on the "
@@ -586,7 +589,7 @@ class FewStepSampler:
                                                "checkpoint / teacher + student LoRA."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompt (no negative: the student samples at cfg 1)."}),
                 "latent_image": ("LATENT", {"tooltip": "An empty latent of the wanted size and batch."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                "seed": ("INT", {"default": 0, "min": SAMPLING_SEED.low, "max": SAMPLING_SEED.high,
                                  "tooltip": "Noise seed."}),
                 "steps": ("INT", {"default": 4, "min": 1, "max": 16,
                                   "tooltip": "Used only when neither `student`, `timesteps` nor `metadata_file` gives "

@@ -235,6 +235,54 @@ def test_every_widget_maps_to_a_config_key_and_the_defaults_make_a_valid_config(
     assert values["mixed_precision"] == "fp16" and "preview_prompts" not in values and "timesteps" not in values
 
 
+def test_every_bound_comes_from_the_config_and_no_widget_allows_what_the_trainer_refuses():
+    """Issue 31: one source of limits. Every numeric widget that sets a config key spans only values the config
+    accepts (its min, max and default pass `BOUNDS`), the seeds and resolution share the config's limits, and the
+    CLIs refuse exactly past them."""
+    from decoupled_dmd.nodes.dmd_nodes import SETTINGS_WIDGETS, TRAIN_WIDGETS, FewStepSampler, check_resolution
+    from decoupled_dmd.trainer.cli import sample_main
+    from decoupled_dmd.trainer.config import (
+        BOUNDS,
+        KEYS,
+        MAX_RESOLUTION,
+        SAMPLING_SEED,
+        ConfigError,
+        config_from_dict,
+        resolution_problem,
+    )
+
+    checked = 0
+    for cls, mapping in ((Train, TRAIN_WIDGETS), (Settings, SETTINGS_WIDGETS)):
+        inputs = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in inputs.get(section, {}).items():
+                if spec[0] not in ("INT", "FLOAT") or name not in mapping:
+                    continue
+                key, convert = mapping[name]
+                if key == "resolution":
+                    continue  # 0 = the model's own; checked below
+                options = spec[1]
+                for value in (options["min"], options["max"], options["default"]):
+                    converted = convert(value) if convert else value
+                    bounds = BOUNDS.get(key)
+                    assert bounds is None or bounds.contains(converted), (name, key, value)
+                checked += 1
+    assert checked >= 10
+    seed = Train.INPUT_TYPES()["required"]["seed"][1]
+    assert (seed["min"], seed["max"]) == (BOUNDS["seed"].low, BOUNDS["seed"].high)
+    with pytest.raises(ConfigError, match="seed"):
+        config_from_dict({"seed": seed["max"] + 1})
+    sampler_seed = FewStepSampler.INPUT_TYPES()["required"]["seed"][1]
+    assert (sampler_seed["min"], sampler_seed["max"]) == (SAMPLING_SEED.low, SAMPLING_SEED.high)
+    for value in (-1, SAMPLING_SEED.high + 1):  # dmd-sample refuses past the same limits, in one line
+        with pytest.raises(SystemExit):
+            sample_main(["--model", "builtin:tiny-sd15", "--prompt", "x", "--seed", str(value)])
+    resolution = Train.INPUT_TYPES()["required"]["resolution"][1]
+    assert resolution["max"] == MAX_RESOLUTION and resolution_problem(MAX_RESOLUTION, MAX_RESOLUTION) is None
+    assert check_resolution(MAX_RESOLUTION) is None and check_resolution(MAX_RESOLUTION + 8) is not None
+    assert all(k in KEYS for k in BOUNDS)
+
+
 def test_settings_added_after_release_are_optional_and_an_old_graph_gets_the_trainers_defaults():
     """A graph saved before the averaging, lr schedule and regression widgets existed (API format: those inputs
     absent) still validates and trains with the trainer's defaults; set, they reach the config."""

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from .config import KEYS, ConfigError, load_config, shown_default
+from .config import BOUNDS, KEYS, SAMPLING_SEED, ConfigError, load_config, shown_default
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -171,10 +171,12 @@ def _check_sample_args(args) -> tuple[list[str], tuple[int, int] | None, list[in
         resolution = (height, width)
     if args.teacher_steps is not None and not 1 <= args.teacher_steps <= 1000:
         raise ConfigError(f"--teacher_steps {args.teacher_steps}: use 1 .. 1000 (50 is typical)")
-    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and 1 <= args.guidance_scale <= 100):
-        raise ConfigError(f"--guidance_scale {args.guidance_scale}: use a finite scale in 1 .. 100 (SDXL: 5 .. 12)")
-    if not 0 <= args.seed < 2**63:
-        raise ConfigError(f"--seed {args.seed}: use 0 .. {2**63 - 1}")
+    scales, scale = BOUNDS["guidance_scale"], args.guidance_scale
+    if scale is not None and not (math.isfinite(scale) and scales.contains(scale)):
+        raise ConfigError(f"--guidance_scale {args.guidance_scale}: use a finite scale in {scales.low:g} .. "
+                          f"{scales.high:g} (SDXL: 5 .. 12)")
+    if not SAMPLING_SEED.contains(args.seed):
+        raise ConfigError(f"--seed {args.seed}: use {SAMPLING_SEED.low} .. {SAMPLING_SEED.high}")
     for flag, path in (("--model", args.model), ("--student", args.student)):
         problem = path and teacher_source_problem(path)
         if problem:

@@ -36,6 +36,51 @@ class ConfigError(ValueError):
 MAX_ALPHA_RATIO = 16  # network_alpha / network_dim beyond this is a typo, not a setting (LoRA scale 16x)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric key accepts: `low` (excluded with `low_open`) to `high` (excluded with `high_open`).
+    `why` says what is typical past `high`; `note` is added to a value below `low`. The CLI, the nodes' widgets
+    (whose ranges must lie inside) and validation read this one table, `BOUNDS`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+    note: str = ""
+
+    def contains(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """The range in words, for the README's table: `> 0`, `0 .. 1024`, `[0, 1)`."""
+        low = None if self.low is None else _number(self.low)
+        high = None if self.high is None else _number(self.high)
+        if self.high_open:
+            return f"[{low}, {high})"
+        if low is not None and high is not None:
+            return f"{'> ' + low + ' and <=' if self.low_open else low + ' ..'} {high}"
+        return f"{'>' if self.low_open else '>='} {low}" if low is not None else f"<= {high}"
+
+    def problem(self, value) -> str | None:
+        """Why `value` is out of range (None: it is in range, or unset)."""
+        if value is None or self.contains(value):
+            return None
+        if self.high_open:
+            return f"{value!r} must be in [{_number(self.low)}, {_number(self.high)})"
+        if self.low is not None and self.high is not None and not self.low_open and not self.why:
+            return f"{value} must be in {_number(self.low)} .. {_number(self.high)}"
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return f"{value!r} must be {'>' if self.low_open else '>='} {_number(self.low)}{self.note}"
+        return f"{value!r} is beyond {_number(self.high)}{'; ' + self.why if self.why else ''}"
+
+
+def _number(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _key(default, help: str, choices: tuple | None = None, section: str = "training"):
     meta = {"help": help, "choices": choices, "section": section}
     if isinstance(default, list):
@@ -235,6 +280,43 @@ class TrainConfig:
 
 KEYS = {f.name: f for f in fields(TrainConfig)}
 
+_POSITIVE, _NON_NEGATIVE, _UNIT = Bounds(0, low_open=True), Bounds(0), Bounds(0.0, 1.0, high_open=True)
+_TYPICAL_LR = "typical values are 1e-6 .. 1e-3"
+BOUNDS: dict[str, Bounds] = {
+    "network_dim": Bounds(0, 1024, low_open=True, why="LoRA ranks are 4 .. 256"),
+    "network_alpha": _POSITIVE,
+    "max_train_steps": _POSITIVE,
+    "train_batch_size": Bounds(0, 4096, low_open=True),
+    "learning_rate": Bounds(0, 1.0, low_open=True, why=_TYPICAL_LR),
+    "fake_learning_rate": Bounds(0, 1.0, low_open=True, why=_TYPICAL_LR, note=", or left empty for learning_rate"),
+    "guidance_scale": Bounds(1.0, 100.0, why="SDXL's CFG scales are about 5 .. 12",
+                             note=" (1 turns CFG augmentation off)"),
+    "mean_variance_target_var": _POSITIVE,
+    "mean_variance_weight": Bounds(0, 1e4, why="the default is 1"),
+    "dmd_loss_weight": Bounds(0, 1e4, why="the default is 1"),
+    "fake_updates_per_step": Bounds(0, 100, why="DMD2 uses 5"),
+    "timestep_shift": Bounds(0, 100.0, low_open=True, why="flow models use 1 .. 6"),
+    "regression_loss_weight": _NON_NEGATIVE,
+    "regression_pairs": Bounds(None, 100_000, why="DMD made 12M at SD scale; a few hundred anchor a LoRA"),
+    "regression_teacher_steps": Bounds(None, 1000, why="25 .. 50 DDIM steps are plenty"),
+    "keep_last_n_states": _POSITIVE,
+    "max_nonfinite_updates": _POSITIVE,
+    "seed": Bounds(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE,
+    "lr_warmup_steps": _NON_NEGATIVE,
+    "save_every_n_steps": _NON_NEGATIVE,
+    "sample_every_n_steps": _NON_NEGATIVE,
+    "min_timestep": _NON_NEGATIVE,
+    "memory_limit_gb": _NON_NEGATIVE,
+    "adam_beta1": _UNIT,
+    "adam_beta2": _UNIT,
+    "student_ema_decay": _UNIT,
+}
+# The seed of a sampler (dmd-sample, the Few-Step Sampler node): torch's generator takes 64 bits.
+SAMPLING_SEED = Bounds(0, 2**64 - 1)
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 8192  # pixels per side, multiples of 8 (the VAE's factor)
+
 
 def _parse_resolution(value) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
@@ -263,50 +345,18 @@ def validate(config: TrainConfig) -> None:
         if choices and value not in choices:
             _fail(f.name, f"{value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
 
-    def positive(key, allow_zero=False):
-        value = getattr(config, key)
-        ok = value >= 0 if allow_zero else value > 0
-        if not ok or (isinstance(value, float) and math.isnan(value)):
-            _fail(key, f"{value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
     for f in fields(config):
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             _fail(f.name, f"{value!r} is not a finite number")
-    for key in ("network_dim", "network_alpha", "max_train_steps", "train_batch_size", "learning_rate",
-                "mean_variance_target_var", "keep_last_n_states", "max_nonfinite_updates", "timestep_shift"):
-        positive(key)
-    for key, upper, why in (("learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
-                            ("fake_learning_rate", 1.0, "typical values are 1e-6 .. 1e-3"),
-                            ("guidance_scale", 100.0, "SDXL's CFG scales are about 5 .. 12"),
-                            ("fake_updates_per_step", 100, "DMD2 uses 5"),
-                            ("dmd_loss_weight", 1e4, "the default is 1"),
-                            ("mean_variance_weight", 1e4, "the default is 1"),
-                            ("network_dim", 1024, "LoRA ranks are 4 .. 256"),
-                            ("timestep_shift", 100.0, "flow models use 1 .. 6"),
-                            ("regression_pairs", 100_000, "DMD made 12M at SD scale; a few hundred anchor a LoRA"),
-                            ("regression_teacher_steps", 1000, "25 .. 50 DDIM steps are plenty"),
-                            ("train_batch_size", 4096, "")):
-        value = getattr(config, key)
-        if value is not None and value > upper:
-            _fail(key, f"{value!r} is beyond {upper:g}{'; ' + why if why else ''}")
+    for key, bounds in BOUNDS.items():
+        problem = bounds.problem(getattr(config, key))
+        if problem:
+            _fail(key, problem)
     if config.network_alpha > MAX_ALPHA_RATIO * config.network_dim:
         _fail("network_alpha", f"{config.network_alpha!r} is beyond {MAX_ALPHA_RATIO} x network_dim "
               f"({config.network_dim}): the LoRA's updates are scaled by alpha / dim = "
               f"{config.network_alpha / config.network_dim:g}; kohya and DMD2 use alpha <= dim (alpha = dim: 1)")
-    if not 0 <= config.seed < 2**32:
-        _fail("seed", f"{config.seed} must be in 0 .. {2**32 - 1}")
-    for key in ("weight_decay", "max_grad_norm", "lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps",
-                "mean_variance_weight", "fake_updates_per_step", "min_timestep", "dmd_loss_weight", "memory_limit_gb",
-                "regression_loss_weight"):
-        positive(key, allow_zero=True)
-    for key in ("adam_beta1", "adam_beta2", "student_ema_decay"):
-        if not 0.0 <= getattr(config, key) < 1.0:
-            _fail(key, f"{getattr(config, key)!r} must be in [0, 1)")
-    if config.fake_learning_rate is not None and not config.fake_learning_rate > 0:
-        _fail("fake_learning_rate", f"{config.fake_learning_rate!r} must be > 0, or left empty for learning_rate")
-    if config.guidance_scale is not None and not config.guidance_scale >= 1.0:
-        _fail("guidance_scale", f"{config.guidance_scale!r} must be >= 1 (1 turns CFG augmentation off)")
     if config.min_timestep >= config.max_timestep:
         _fail("min_timestep", f"{config.min_timestep} must be below max_timestep {config.max_timestep}")
     try:
@@ -349,8 +399,9 @@ def validate(config: TrainConfig) -> None:
 
 def resolution_problem(width: int, height: int) -> str | None:
     """Why a training or sampling size cannot be used (the VAE's factor 8, sane bounds), or None."""
-    if not (8 <= width <= 8192 and 8 <= height <= 8192) or width % 8 or height % 8:
-        return f"{width}x{height} must be multiples of 8 between 8 and 8192"
+    low, high = MIN_RESOLUTION, MAX_RESOLUTION
+    if not (low <= width <= high and low <= height <= high) or width % 8 or height % 8:
+        return f"{width}x{height} must be multiples of 8 between {low} and {high}"
     return None
 
 
@@ -508,5 +559,7 @@ def reference_markdown() -> str:
         shown = shown if shown == "(empty)" else f"`{shown}`"
         choices = f.metadata["choices"]
         extra = f" One of: {', '.join(f'`{c}`' for c in choices)}." if choices else ""
+        if f.name in BOUNDS:
+            extra += f" Range: {BOUNDS[f.name].describe()}."
         lines.append(f"| `{f.name}` | {shown} | {f.metadata['help']}{extra} |")
     return "\n".join(lines)
