@@ -5,6 +5,7 @@ exists: every import in the pack is relative. Nothing here imports ComfyUI; the 
 """
 
 if __package__:
+    from . import demo  # noqa: F401 - registers the built-in trained teachers before any config is read
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 else:
     # pytest imports this file on its own (module "__init__", no package) when the checkout's folder name is not

@@ -390,7 +390,7 @@ def speed_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin:tiny-sdxl", "builtin:demo"),
+def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin:tiny-sdxl", "builtin:mnist"),
                         rounds: int = 4, threads: int = 2) -> dict[str, dict]:
     """compare_speed on small CPU models: the demo teacher with the demo's settings, tiny SD1.5 / SDXL with
     LoRA rank 4, batch 2, five fake updates."""
@@ -406,7 +406,7 @@ def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin
     results = {}
     for model in models:
         output_dir = tempfile.mkdtemp(prefix="dmd-speed-")
-        if model == "builtin:demo":
+        if model == "builtin:mnist":
             values = dict(BASE_SETTINGS, student_timesteps=flow_timesteps_matching_sdxl(4), guidance_scale=3.0)
             values.pop("log_with", None)
         else:

@@ -1,7 +1,7 @@
 """The demo's networks: a pixel-space flow-matching digit teacher (diffusers folder) and a small classifier.
 
 The teacher is an ordinary diffusers model folder (unet/, text_encoder/, tokenizer/, scheduler/) that the
-trainer loads like any other (`builtin:demo`); the classifier is a plain torch module used only by the
+trainer loads like any other (`builtin:mnist`); the classifier is a plain torch module used only by the
 metrics.
 """
 

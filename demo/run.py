@@ -1,4 +1,5 @@
-"""`dmd-demo`: distil the shipped MNIST flow teacher into a 4-step student on the real trainer, and show it.
+"""`dmd-demo`: distil a shipped teacher (the texture world's by default, or the MNIST flow teacher) into a 4-step
+student on the real trainer, and show it.
 
 Writes a results folder: grid.png (teacher 50 steps with CFG / teacher at the student's step count with CFG /
 the student; same prompts and seeds), curves.png (every logged loss term, gradient norms, output mean and
@@ -55,7 +56,7 @@ GRID_SEEDS = (10_100, 10_101)  # validation seeds: the grid is a picture to look
 
 def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_prompt: int | None = None,
              seed: int = 0, teacher_dir: str | None = None, teacher_steps: int = 50, settings: dict | None = None,
-             reference_file: str | None = None, should_stop=None, world="mnist", split: str = "test",
+             reference_file: str | None = None, should_stop=None, world="texture", split: str = "test",
              background_teacher: bool = True) -> dict:
     """Train the demo student and write the results folder; returns the metrics written to metrics.json.
 

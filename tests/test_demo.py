@@ -52,7 +52,7 @@ def test_shipped_classifier_is_accurate_on_held_out_mnist():
 def test_shipped_teacher_loads_as_a_builtin_and_guidance_matters():
     from decoupled_dmd.trainer.api import load_teacher
 
-    adapter = load_teacher("builtin:demo")
+    adapter = load_teacher("builtin:mnist")
     assert adapter.family == "flow" and adapter.prediction_type == "flow" and adapter.vae is None
     assert adapter.default_resolution == (28, 28) and adapter.latent_channels == 1
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(TEACHER_DIR) for f in files)

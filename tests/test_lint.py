@@ -85,6 +85,21 @@ def test_the_trainer_knows_nothing_of_nodes_demo_or_comfy():
                 assert top not in ("comfy", "comfy_extras", "folder_paths"), f"{_module_of(path)} imports {module}"
 
 
+def test_the_trainer_reaches_the_demo_only_through_the_builtin_registry():
+    """Issue 31: `builtin:<name>` resolves through trainer/builtins.py, which the demo fills; no trainer module
+    names the demo's folder (a path dependency the import checks above cannot see)."""
+    for path in _python_files("trainer"):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        literals = {node.value for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        assert not literals & {"demo", "texture_teacher"}, f"{_module_of(path)} names a folder of the demo"
+    from decoupled_dmd.trainer import builtins
+
+    assert {"mnist", "texture"} <= set(builtins.names())  # registered by demo/__init__.py on the package's import
+    assert builtins.resolve("builtin:texture").endswith(os.path.join("demo", "texture_teacher"))
+    assert builtins.resolve("builtin:demo") == builtins.resolve("builtin:mnist")  # the old name still works
+
+
 def test_no_import_cycles_even_through_lazy_imports():
     graph = {}
     files = [p for folder in ("trainer", "demo", "nodes") for p in _python_files(folder)]

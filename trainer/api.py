@@ -66,7 +66,7 @@ def load_teacher(name_or_path: str, uncond_mode: str = "empty_prompt", tokenizer
     dtype: the frozen weights' dtype (the trainer's weight dtype: loading SDXL in bf16 halves host memory)."""
     from .adapters.diffusers import DiffusersAdapter
     from .adapters.single_file import load_single_file
-    from .tiny_models import resolve_builtin
+    from .builtins import resolve as resolve_builtin
 
     if not name_or_path:
         raise ConfigError("pretrained_model_name_or_path: empty; give a .safetensors checkpoint, a diffusers model "
@@ -163,8 +163,8 @@ def plan_memory(config: TrainConfig, device: str | None = None):
     and a function that plans a changed config the same way (for the knobs). None where the teacher is not
     a file or folder this can read without loading (a hub id)."""
     from .adapters.diffusers import DiffusersAdapter
+    from .builtins import resolve as resolve_builtin
     from .memory_plan import plan_training_memory, skeleton_roles
-    from .tiny_models import resolve_builtin
 
     path = resolve_builtin(config.pretrained_model_name_or_path)
     if not os.path.exists(path):

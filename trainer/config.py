@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, fields
 
 import toml
 
+from . import builtins, tiny_models  # noqa: F401 - tiny_models registers the tiny built-in teachers
 from .losses import GENERATOR_STEP_WEIGHTINGS, REGULARIZERS, UPDATE_NORMALIZATIONS
 from .schedules import LR_SCHEDULERS, RENOISE_SCHEDULES, parse_student_timesteps
-from .tiny_models import TINY_MODELS
 
 TRAINING_MODES = ("lora", "full")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -26,7 +26,6 @@ FAKE_LOSS_TARGETS = ("native", "x0")
 LOG_WITH = ("auto", "tensorboard", "none")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adafactor")
-BUILTIN_MODELS = ("demo", "texture", *TINY_MODELS)
 
 
 class ConfigError(ValueError):
@@ -93,8 +92,7 @@ class TrainConfig:
     # --- model and files ---
     pretrained_model_name_or_path: str = _key(
         "", "Teacher: a single-file SD1.5/SDXL .safetensors checkpoint, a diffusers folder or Hugging Face id "
-        "(SD1.5/SDXL/flow UNet), or a built-in model: " + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)
-        + " (demo, texture: the trained MNIST and texture-world teachers; tiny-*: random plumbing checks).",
+        "(SD1.5/SDXL/flow UNet), or a built-in model: " + builtins.describe() + ".",
         section="model")
     tokenizer_path: str = _key(
         "", "Folder with the CLIP BPE files vocab.json and merges.txt for single-file checkpoints (e.g. "
@@ -384,11 +382,11 @@ def validate(config: TrainConfig) -> None:
     if problem:
         _fail("output_name", problem)
     model = config.pretrained_model_name_or_path
-    if model.startswith("builtin:") and model[len("builtin:"):] not in BUILTIN_MODELS:
-        close = difflib.get_close_matches(model[len("builtin:"):], BUILTIN_MODELS, n=1)
+    if model.startswith(builtins.PREFIX) and model[len(builtins.PREFIX):] not in builtins.accepted():
+        close = difflib.get_close_matches(model[len(builtins.PREFIX):], builtins.names(), n=1)
         _fail("pretrained_model_name_or_path", f"{model!r} is no built-in model"
               + (f"; did you mean 'builtin:{close[0]}'?" if close else "")
-              + f" Built in: {', '.join(f'builtin:{m}' for m in BUILTIN_MODELS)}")
+              + f" Built in: {', '.join(builtins.PREFIX + m for m in builtins.names())}")
     if config.network_weights and config.training_mode != "lora":
         _fail("network_weights", "starts a LoRA student; set training_mode = 'lora' (or leave network_weights empty)")
     if config.network_weights and not config.network_weights.lower().endswith(".safetensors"):
