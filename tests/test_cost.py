@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import PROMPTS, make_trainer
+from helpers import PROMPTS, make_trainer
 
 from decoupled_dmd.demo.cost import two_teacher_calls
 from decoupled_dmd.trainer.accounting import CostMeter, expected_forward_equivalents
