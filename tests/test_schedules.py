@@ -605,3 +605,18 @@ def test_learning_rate_factor_by_hand():
     assert learning_rate_factor(7, "cosine", warmup=5, total=5) == 1.0
     with pytest.raises(ValueError, match="lr_scheduler"):
         learning_rate_factor(0, "exponential")
+
+
+def test_the_prediction_type_is_an_object_the_adapters_own():
+    """Issue 31: above the denoiser contract nothing switches on the prediction type's name; the adapters hand
+    out a `Prediction` whose x0 and loss weight are the by-hand formulas above."""
+    from decoupled_dmd.trainer.schedules import PREDICTIONS, EpsilonPrediction, get_prediction
+
+    assert set(PREDICTIONS) == set(PREDICTION_TYPES)
+    assert isinstance(get_prediction("epsilon"), EpsilonPrediction)
+    assert get_prediction(PREDICTIONS["flow"]).name == "flow"
+    with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
+        get_prediction("x0")
+    alpha, sigma = f64([0.6]), f64([0.8])
+    assert torch.allclose(PREDICTIONS["epsilon"].loss_weight(alpha, sigma), f64([0.5625]))
+    assert torch.allclose(PREDICTIONS["v_prediction"].loss_weight(alpha, sigma), f64([1.5625]))

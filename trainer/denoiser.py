@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor, nn
 
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, Prediction, get_prediction
 
 FAMILY_GUIDANCE_DEFAULTS = {"sdxl": 8.0, "sd15": 1.75}  # DMD2's choices; other families use 5.0
 
@@ -104,12 +104,21 @@ class ModelAdapter(ABC):
             aliases.update(lora_aliases(module, None, ldm))
         return aliases
 
+    @property
+    def prediction(self) -> Prediction:
+        """The network's output as an object (`schedules.Prediction`): how x0 is read from it, how its loss weighs."""
+        return get_prediction(self.prediction_type)
+
+    def denoising_loss_weight(self, level: Tensor) -> Tensor:
+        """Per-sample w(t) of this model's own objective against an x0 loss (`Prediction.loss_weight`)."""
+        return self.schedule.denoising_loss_weight(level, self.prediction)
+
     def fake_loss_weight(self, level: Tensor, target: str) -> Tensor | None:
         """Per-sample weight that turns the fake model's x0 error into its training objective: the model's own
         (eps / v / flow, DMD2's choice) for target 'native', none (plain x0, Algorithm 1) for 'x0'."""
         if target == "x0":
             return None
-        return self.schedule.denoising_loss_weight(level, self.prediction_type).float()
+        return self.denoising_loss_weight(level).float()
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to images in [0, 1], (B, 3, H, W); pixel-space models map [-1, 1] to [0, 1]."""

@@ -140,8 +140,8 @@ class DecoupledDMDTrainer:
             raise ConfigError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
         self.level_bounds = checked_timestep_bounds(config, adapter.schedule)
         self.levels = student_levels(adapter.schedule, config.student_timesteps)
-        self.step_weights = generator_step_weights(adapter.schedule.denoising_loss_weight(
-            torch.tensor(self.levels, dtype=torch.float64), adapter.prediction_type), config.generator_step_weighting)
+        self.step_weights = generator_step_weights(adapter.denoising_loss_weight(
+            torch.tensor(self.levels, dtype=torch.float64)), config.generator_step_weighting)
         self.guidance_scale = config.guidance_scale or adapter.default_guidance_scale
         height, width = config.resolution_hw() or adapter.default_resolution
         self.latent_shape = adapter.latent_shape(height, width)

@@ -77,18 +77,9 @@ class NoiseSchedule(ABC):
         sigma = append_dims(sigma.to(x0.dtype), x0.ndim)
         return alpha * x0 + sigma * noise
 
-    def denoising_loss_weight(self, level: Tensor, prediction_type: str) -> Tensor:
-        """Weight w(t) with ``||native_pred - native_target||^2 == w(t) * ||x0_pred - x0||^2``.
-
-        Lets the fake model be trained on the teacher's own objective (eps, v or flow) while every loss is
-        written in x0 space: eps gives alpha^2/sigma^2 (the SNR), v and flow give 1/sigma^2.
-        """
-        alpha, sigma = self.alpha_sigma(level)
-        if prediction_type == "epsilon":
-            return (alpha / sigma) ** 2
-        if prediction_type in ("v_prediction", "flow"):
-            return 1.0 / sigma**2
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    def denoising_loss_weight(self, level: Tensor, prediction: "Prediction | str") -> Tensor:
+        """Weight w(t) with ``||native_pred - native_target||^2 == w(t) * ||x0_pred - x0||^2`` (`Prediction`)."""
+        return get_prediction(prediction).loss_weight(*self.alpha_sigma(level))
 
 
 class DiscreteVPSchedule(NoiseSchedule):
@@ -170,19 +161,76 @@ class FlowSchedule(NoiseSchedule):
         return 0.0, float(self.num_train_timesteps)
 
 
-def prediction_to_x0(x_t: Tensor, prediction: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+class Prediction(ABC):
+    """What a network outputs, as an object (ComfyUI's `model_sampling` classes play this part): how x0 is read
+    from it, and how its own regression loss weighs against an x0 loss. The adapters own one; above the
+    denoiser contract nothing looks at its name."""
+
+    name: str
+
+    @abstractmethod
+    def x0(self, x_t: Tensor, output: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The denoised sample from the network's output at x_t = alpha * x0 + sigma * noise (alpha, sigma
+        already broadcast to x_t)."""
+
+    @abstractmethod
+    def loss_weight(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """w(t) with ``||native_pred - native_target||^2 == w(t) * ||x0_pred - x0||^2``: lets the fake model be
+        trained on the teacher's own objective while every loss is written in x0 space."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EpsilonPrediction(Prediction):
+    name = "epsilon"
+
+    def x0(self, x_t, output, alpha, sigma):
+        return (x_t - sigma * output) / alpha
+
+    def loss_weight(self, alpha, sigma):
+        return (alpha / sigma) ** 2  # the SNR
+
+
+class VPrediction(Prediction):
+    name = "v_prediction"
+
+    def x0(self, x_t, output, alpha, sigma):
+        return alpha * x_t - sigma * output  # v = alpha * eps - sigma * x0 with alpha^2 + sigma^2 = 1
+
+    def loss_weight(self, alpha, sigma):
+        return 1.0 / sigma**2
+
+
+class FlowPrediction(Prediction):
+    name = "flow"
+
+    def x0(self, x_t, output, alpha, sigma):
+        # diffusers' flow matching velocity: v = noise - x0, x_t = alpha * x0 + sigma * noise with alpha = 1 - sigma
+        return x_t - sigma * output
+
+    def loss_weight(self, alpha, sigma):
+        return 1.0 / sigma**2
+
+
+PREDICTIONS: dict[str, Prediction] = {p.name: p for p in (EpsilonPrediction(), VPrediction(), FlowPrediction())}
+
+
+def get_prediction(prediction: Prediction | str) -> Prediction:
+    """The `Prediction` of a name (as diffusers' scheduler configs and the files' metadata spell it)."""
+    if isinstance(prediction, Prediction):
+        return prediction
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction_type {prediction!r}; expected one of {PREDICTION_TYPES}")
+    return PREDICTIONS[prediction]
+
+
+def prediction_to_x0(x_t: Tensor, prediction: Tensor, alpha: Tensor, sigma: Tensor,
+                     prediction_type: Prediction | str) -> Tensor:
     """Resolve a network output (eps, v or flow velocity) to the denoised sample x0."""
     alpha = append_dims(alpha.to(x_t.dtype), x_t.ndim)
     sigma = append_dims(sigma.to(x_t.dtype), x_t.ndim)
-    if prediction_type == "epsilon":
-        return (x_t - sigma * prediction) / alpha
-    if prediction_type == "v_prediction":
-        # v = alpha * eps - sigma * x0 with alpha^2 + sigma^2 = 1
-        return alpha * x_t - sigma * prediction
-    if prediction_type == "flow":
-        # diffusers' flow matching velocity: v = noise - x0, x_t = alpha * x0 + sigma * noise with alpha = 1 - sigma
-        return x_t - sigma * prediction
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    return get_prediction(prediction_type).x0(x_t, prediction, alpha, sigma)
 
 
 def timestep_level_bounds(schedule: NoiseSchedule, min_timestep: int, max_timestep: int) -> tuple[float, float]:

@@ -218,7 +218,7 @@ class DiffusersAdapter(ModelAdapter):
                                            "time_ids": self._time_ids(height, width, x_t.device)
                                            .expand(x_t.shape[0], 6)}
         prediction = network(x_t, timestep, return_dict=False, **kwargs)[0]
-        return prediction_to_x0(x_t.float(), prediction.float(), alpha, sigma, self.prediction_type)
+        return prediction_to_x0(x_t.float(), prediction.float(), alpha, sigma, self.prediction)
 
     def _time_ids(self, height: int, width: int, device) -> Tensor:
         """SDXL's size conditioning, built once per size and device."""
