@@ -52,11 +52,9 @@ def build_sdxl_checkpoint(folder: str) -> str:
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
-    class Parts:  # what write_ldm_checkpoint reads from an adapter
-        family, prediction_type, network, text_encoders = "sdxl", "epsilon", unet, [clip_l, clip_g]
-
-    Parts.vae = vae
-    return write_ldm_checkpoint(path, Parts, {"bench": "1"}, dtype=torch.float16, overwrite=True)
+    return write_ldm_checkpoint(path, family="sdxl", unet=unet, text_encoders=[clip_l, clip_g], vae=vae,
+                                prediction_type="epsilon", metadata={"bench": "1"}, dtype=torch.float16,
+                                overwrite=True)
 
 
 def main():

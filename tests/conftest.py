@@ -50,7 +50,9 @@ def ldm_checkpoint(tiny_model_dir, tmp_path_factory):
         if (kind, dtype) not in built:
             adapter = DiffusersAdapter.from_pretrained(tiny_model_dir(kind))
             path = str(tmp_path_factory.mktemp("ldm") / f"{kind}.safetensors")
-            built[kind, dtype] = write_ldm_checkpoint(path, adapter, {"source": "test"}, dtype=dtype)
+            built[kind, dtype] = write_ldm_checkpoint(
+                path, family=adapter.family, unet=adapter.network, text_encoders=adapter.text_encoders,
+                vae=adapter.vae, prediction_type=adapter.prediction_type, metadata={"source": "test"}, dtype=dtype)
         return built[kind, dtype]
 
     return get

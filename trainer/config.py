@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import toml
 
 from . import builtins, tiny_models  # noqa: F401 - tiny_models registers the tiny built-in teachers
+from .errors import ConfigError  # defined there, re-exported here: `from .config import ConfigError` works
 from .losses import GENERATOR_STEP_WEIGHTINGS, REGULARIZERS, UPDATE_NORMALIZATIONS
 from .schedules import LR_SCHEDULERS, RENOISE_SCHEDULES, parse_student_timesteps
 
@@ -26,10 +27,6 @@ FAKE_LOSS_TARGETS = ("native", "x0")
 LOG_WITH = ("auto", "tensorboard", "none")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adafactor")
-
-
-class ConfigError(ValueError):
-    """A configuration value or key the user must change; the message says what to write instead."""
 
 
 MAX_ALPHA_RATIO = 16  # network_alpha / network_dim beyond this is a typo, not a setting (LoRA scale 16x)

@@ -45,5 +45,6 @@ def save_merged_checkpoint(adapter, roles, path: str, metadata: dict[str, str], 
         return write_merged_checkpoint(adapter.source_checkpoint, path, adapter.unet_ldm_keys, metadata,
                                        adapter.prediction_type, unet_state=roles.merged_state_dict("student"),
                                        overwrite=True)
-    return write_ldm_checkpoint(path, adapter, metadata, overwrite=True, dtype=dtype,
-                                unet_state=roles.merged_state_dict("student"))
+    return write_ldm_checkpoint(path, family=adapter.family, unet=adapter.network, text_encoders=adapter.text_encoders,
+                                vae=adapter.vae, prediction_type=adapter.prediction_type, metadata=metadata,
+                                overwrite=True, dtype=dtype, unet_state=roles.merged_state_dict("student"))

@@ -571,8 +571,12 @@ class DecoupledDMDTrainer:
         return path
 
     def _metadata(self, file_format: str) -> dict[str, str]:
-        return student_metadata(self.config, self.step, self.adapter, self.guidance_scale, kind=file_format,
-                                base=self.identity().base)
+        config, adapter = self.config, self.adapter
+        return student_metadata(config, self.step, guidance_scale=self.guidance_scale, family=adapter.family,
+                                prediction_type=adapter.prediction_type,
+                                resolution=config.resolution_hw() or adapter.default_resolution,
+                                lora_target_modules=config.lora_target_modules or adapter.default_lora_target_modules(),
+                                file_format=file_format, base=self.identity().base)
 
 
 class _RoleDenoiser:

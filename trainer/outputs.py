@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from .errors import ConfigError
 
 _HELD_LOCKS: dict[str, list] = {}  # real path -> [open lock file, depth]: re-entrant within a process
 LOCK_NAME = ".decoupled_dmd.lock"

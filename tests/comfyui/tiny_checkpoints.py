@@ -5,7 +5,6 @@ make_workflow_pngs.py (no ComfyUI import: they are built in the repo's environme
 """
 
 import sys
-from types import SimpleNamespace
 
 
 def _tiny_unet(cross_attention_dim: int, linear: bool):
@@ -34,10 +33,9 @@ def build_tiny_sd15(path: str) -> str:
                                         hidden_act="quick_gelu", projection_dim=768)).eval()
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4).eval()
-    adapter = SimpleNamespace(network=_tiny_unet(768, False), text_encoders=[clip], vae=vae, family="sd15",
-                              prediction_type="epsilon")
-    return write_ldm_checkpoint(path, adapter, {"note": "random weights, test only"}, overwrite=True,
-                                dtype=torch.float16)
+    return write_ldm_checkpoint(path, family="sd15", unet=_tiny_unet(768, False), text_encoders=[clip], vae=vae,
+                                prediction_type="epsilon", metadata={"note": "random weights, test only"},
+                                overwrite=True, dtype=torch.float16)
 
 
 def build_tiny_sdxl(path: str) -> str:
@@ -69,10 +67,9 @@ def build_tiny_sdxl(path: str) -> str:
         hidden_act="gelu", **common)).eval()
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4).eval()
-    parts = SimpleNamespace(network=unet, text_encoders=[clip_l, clip_g], vae=vae, family="sdxl",
-                            prediction_type="epsilon")
-    return write_ldm_checkpoint(path, parts, {"note": "random weights, test only"}, overwrite=True,
-                                dtype=torch.float16)
+    return write_ldm_checkpoint(path, family="sdxl", unet=unet, text_encoders=[clip_l, clip_g], vae=vae,
+                                prediction_type="epsilon", metadata={"note": "random weights, test only"},
+                                overwrite=True, dtype=torch.float16)
 
 
 def build_tiny_sd2_unet(path: str) -> str:
