@@ -27,33 +27,17 @@ def stage(name: str, started: float) -> float:
 
 def build_sdxl_checkpoint(folder: str) -> str:
     """Random SDXL base-architecture parts written as one LDM-layout fp16 file (the tokenizer is a tiny stand-in)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     from decoupled_dmd.trainer.formats import write_ldm_checkpoint
+    from decoupled_dmd.trainer.random_models import build_parts, text_encoder_configs, unet_config, vae_config
     from decoupled_dmd.trainer.tiny_models import write_tiny_clip_tokenizer
 
     path = os.path.join(folder, "sdxl_random.safetensors")
     write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"), max_length=77)
     if os.path.exists(path):
         return path
-    unet = UNet2DConditionModel(
-        sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
-    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                          num_attention_heads=12, **common))
-    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                        num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
-                                                        **common))
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-
-    return write_ldm_checkpoint(path, family="sdxl", unet=unet, text_encoders=[clip_l, clip_g], vae=vae,
-                                prediction_type="epsilon", metadata={"bench": "1"}, dtype=torch.float16,
+    parts = build_parts(unet_config("sdxl"), text_encoder_configs("sdxl"), vae_config("sdxl"))
+    return write_ldm_checkpoint(path, family="sdxl", unet=parts.unet, text_encoders=parts.text_encoders,
+                                vae=parts.vae, prediction_type="epsilon", metadata={"bench": "1"}, dtype=torch.float16,
                                 overwrite=True)
 
 

@@ -32,20 +32,16 @@ import time
 
 import torch
 
-from decoupled_dmd.demo.cost import SDXL_UNET
+from decoupled_dmd.trainer.random_models import (
+    TINY_TOKENIZER_SPECIAL_TOKENS,
+    build_parts,
+    build_unet,
+    text_encoder_configs,
+    unet_config,
+    vae_config,
+)
 
 GIB = 1024 ** 3
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              hidden_act="quick_gelu", projection_dim=768)
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              hidden_act="gelu", projection_dim=1280)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
 PROMPTS = ["a portrait of an old fisherman, golden hour", "a red fox in fresh snow, telephoto",
            "an isometric illustration of a tiny city", "a bowl of ramen on a wooden table, film photo",
            "a watercolor of a lighthouse in a storm", "a robot gardener tending tomatoes",
@@ -55,50 +51,30 @@ TRAIN_SETTINGS = dict(mixed_precision="bf16", gradient_checkpointing=True, netwo
                       max_train_steps=1000, save_every_n_steps=0, sample_every_n_steps=0)
 
 
-def _quarter(config: dict) -> dict:
-    small = dict(config)
-    small["block_out_channels"] = tuple(c // 4 for c in config["block_out_channels"])
-    heads = config["attention_head_dim"]
-    small["attention_head_dim"] = (tuple(max(1, h // 4) for h in heads) if isinstance(heads, tuple)
-                                   else max(1, heads // 4))
-    small["norm_num_groups"] = 8
-    if "transformer_layers_per_block" in small:
-        small["transformer_layers_per_block"] = (1, 1, 2)
-    return small
+def _unet_config(family: str, small: bool) -> dict:
+    """The family's full UNet, or (small) a quarter of its widths with SDXL's transformer depth cut to (1, 1, 2)."""
+    if not small:
+        return unet_config(family)
+    return unet_config(family, width_divisor=4, transformer_layers=(1, 1, 2) if family == "sdxl" else None)
 
 
 def build_adapter(family: str, device: str, small: bool = False, weight_dtype: torch.dtype | None = None):
     """An SDXL or SD1.5 teacher with random weights, built directly on `device` (weights bf16 on CUDA)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from decoupled_dmd.demo.models import write_clip_tokenizer
     from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
     from decoupled_dmd.trainer.schedules import DiscreteVPSchedule
 
-    torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tempfile.mkdtemp(prefix="gpu-check-tok-"),
                                                                    max_length=77))
-    specs = [(CLIPTextModel, CLIP_L)] if family == "sd15" else [(CLIPTextModel, CLIP_L),
-                                                                 (CLIPTextModelWithProjection, CLIP_G)]
-    unet_config = SD15_UNET if family == "sd15" else SDXL_UNET
-    if small:
-        unet_config = _quarter(unet_config)
-        specs = [(cls, dict(spec, num_hidden_layers=2)) for cls, spec in specs]
+    encoders = text_encoder_configs(family, layers=2 if small else None, special_tokens=TINY_TOKENIZER_SPECIAL_TOKENS)
     weight_dtype = weight_dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(weight_dtype)  # build in the weight dtype: no fp32 copy of the UNet ever exists
-    try:
-        with torch.device(device):
-            encoders = [cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                           pad_token_id=1, **spec)).eval().requires_grad_(False) for cls, spec in specs]
-            unet = UNet2DConditionModel(**unet_config).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.device(device):
-        vae = AutoencoderKL(**VAE, scaling_factor=0.18215 if family == "sd15" else 0.13025).eval().requires_grad_(False)
-    return DiffusersAdapter(unet, encoders, [tokenizer] * len(encoders), DiscreteVPSchedule.scaled_linear(), "epsilon",
-                            vae=vae)
+    # UNet and encoders built in the weight dtype: no fp32 copy of the UNet ever exists; the VAE stays fp32
+    parts = build_parts(_unet_config(family, small), encoders, vae_config(family), device=device, dtype=weight_dtype,
+                        seed=0)
+    return DiffusersAdapter(parts.unet, parts.text_encoders, [tokenizer] * len(encoders),
+                            DiscreteVPSchedule.scaled_linear(), "epsilon", vae=parts.vae)
 
 
 def _sync():
@@ -409,8 +385,6 @@ def graph_checks(trainer, adapter, x, level, cond) -> dict:
 
 def _plan_verdict(small: bool) -> str:
     """The plan's answer for a 24 GiB limit, made on the meta device before any weight exists."""
-    from diffusers import UNet2DConditionModel
-
     from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
     from decoupled_dmd.trainer.config import config_from_dict
     from decoupled_dmd.trainer.memory_plan import (
@@ -425,9 +399,7 @@ def _plan_verdict(small: bool) -> str:
     config = config_from_dict(dict(TRAIN_SETTINGS, resolution=256 if small else 1024, memory_limit_gb=24))
 
     def plan_for(changed):
-        unet_config = _quarter(SDXL_UNET) if small else SDXL_UNET
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**unet_config).requires_grad_(False)
+        unet = build_unet(_unet_config("sdxl", small), device="meta").requires_grad_(False)
         unet.to(torch.bfloat16 if changed.mixed_precision == "bf16" else torch.float32)
         adapter = DiffusersAdapter(unet, [], [], DiscreteVPSchedule.scaled_linear(), "epsilon")
         adapter.latent_downscale = 8

@@ -23,13 +23,6 @@ import time
 logger = logging.getLogger("decoupled_dmd.benchmark")
 
 GIB = 1024 ** 3
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
 CASES = {
     # name: (model, latent size (these cost models have no VAE: 32 latents = SDXL at 256 px), training settings)
     "tiny": ("tiny", None, dict(student_timesteps=None, train_batch_size=16, fake_updates_per_step=2, network_dim=8,
@@ -39,6 +32,7 @@ CASES = {
     "sdxl": ("sdxl", 16, dict(student_timesteps=[999, 749, 499, 249], train_batch_size=1, fake_updates_per_step=1,
                                network_dim=64, network_alpha=8.0)),
 }
+WIDTH_DIVISORS = {"sdxl": 1, "sdxl-quarter": 4}  # the SDXL-architecture models: SDXL's UNet at 1 / divisor width
 
 
 def _rss_bytes(field: str = "VmRSS") -> int:
@@ -60,30 +54,22 @@ def _reset_peak() -> None:
 
 def build_sdxl_adapter(width_divisor: int = 1, seed: int = 0):
     """An SDXL-architecture teacher with random weights (UNet at 1/width_divisor of SDXL's channels)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     from ..trainer.adapters.diffusers import DiffusersAdapter
+    from ..trainer.random_models import TINY_TOKENIZER_SPECIAL_TOKENS, build_parts, text_encoder_configs, unet_config
     from ..trainer.schedules import DiscreteVPSchedule
     from .models import write_clip_tokenizer
 
-    torch.manual_seed(seed)
     folder = tempfile.mkdtemp(prefix="dmd-cost-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, max_length=77))
-    encoders = []
-    for hidden, cls in ((768, CLIPTextModel), (1280, CLIPTextModelWithProjection)):
-        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden,
-                                num_hidden_layers=1, num_attention_heads=hidden // 64, max_position_embeddings=77,
-                                projection_dim=1280, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-        encoders.append(cls(config).eval().requires_grad_(False))
-    unet_config = dict(SDXL_UNET)
-    if width_divisor > 1:
-        unet_config["block_out_channels"] = tuple(c // width_divisor for c in SDXL_UNET["block_out_channels"])
-        unet_config["attention_head_dim"] = tuple(max(1, h // width_divisor) for h in SDXL_UNET["attention_head_dim"])
-        unet_config["norm_num_groups"] = 32 // width_divisor
-    unet = UNet2DConditionModel(**unet_config).eval().requires_grad_(False)
-    return DiffusersAdapter(unet, encoders, [tokenizer, tokenizer], DiscreteVPSchedule.scaled_linear(), "epsilon")
+    # one-layer encoders of SDXL's widths with a 1x MLP (quick_gelu, 1280-d projections): the UNet dominates
+    encoders = text_encoder_configs("sdxl", layers=1, mlp_ratio=1, vocab_size=len(tokenizer),
+                                    special_tokens=TINY_TOKENIZER_SPECIAL_TOKENS, hidden_act="quick_gelu",
+                                    projection_dim=1280)
+    parts = build_parts(unet_config("sdxl", width_divisor=width_divisor), encoders, seed=seed)
+    return DiffusersAdapter(parts.unet, parts.text_encoders, [tokenizer, tokenizer], DiscreteVPSchedule.scaled_linear(),
+                            "epsilon")
 
 
 def measure_case(case: dict) -> dict:
@@ -106,7 +92,7 @@ def measure_case(case: dict) -> dict:
 
         adapter = DiffusersAdapter.from_pretrained(TEACHER_DIR)
     else:
-        adapter = build_sdxl_adapter(4 if model == "sdxl-quarter" else 1)
+        adapter = build_sdxl_adapter(WIDTH_DIVISORS[model])
     weight_bytes = sum(p.numel() * p.element_size() for p in adapter.network.parameters())
     loaded = _rss_bytes()
     out = {"case": case["case"], "mode": case["mode"], "weight_bytes": weight_bytes,
@@ -197,16 +183,11 @@ def available_memory_bytes() -> int:
 
 def estimate_weight_bytes(size: str) -> int:
     """fp32 bytes of a case's UNet, counted on the meta device (nothing allocated)."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from ..trainer.random_models import build_unet, unet_config
 
     if CASES[size][0] == "tiny":
         return 2 * 1024 ** 2
-    config = dict(SDXL_UNET)
-    if size == "sdxl-quarter":
-        config.update(block_out_channels=(80, 160, 320), attention_head_dim=(1, 2, 5), norm_num_groups=8)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+    unet = build_unet(unet_config("sdxl", width_divisor=WIDTH_DIVISORS[size]), device="meta")
     return 4 * sum(p.numel() for p in unet.parameters())
 
 

@@ -1,4 +1,4 @@
-"""Tiny SD1.5- and SDXL-shaped teachers built from config with the real diffusers/transformers classes.
+"""Tiny SD1.5- and SDXL-shaped teachers: random_models.py's tiny configs written as diffusers model folders.
 
 They need no download: tests and the `builtin:tiny-sd15` / `builtin:tiny-sdxl` smoke models use them to run
 every real code path (tokenizer files, text encoders, UNet, VAE, scheduler) in seconds on a CPU. Their
@@ -11,7 +11,13 @@ import json
 import os
 import tempfile
 
-import torch
+from .random_models import (
+    TINY_TOKENIZER_SPECIAL_TOKENS,
+    build_parts,
+    text_encoder_configs,
+    unet_config,
+    vae_config,
+)
 
 TINY_MODELS = ("tiny-sd15", "tiny-sd15-v", "tiny-sdxl", "tiny-flow")
 TINY_MODELS_VERSION = 2  # bump when the tiny models change, so cached copies are rebuilt
@@ -48,55 +54,34 @@ def write_tiny_clip_tokenizer(folder: str, max_length: int = 16, pad_token: str 
     return folder
 
 
-def _text_config(vocab_size: int, hidden: int, projection: int, max_length: int, act: str = "quick_gelu"):
-    from transformers import CLIPTextConfig
-
-    # Head count and activation follow the real encoders' rules (64-channel heads; OpenCLIP uses gelu), which
-    # a single-file loader has to assume because tensor shapes do not record them.
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                          num_hidden_layers=2, num_attention_heads=max(1, hidden // 64),
-                          max_position_embeddings=max_length, projection_dim=projection, bos_token_id=0,
-                          eos_token_id=1, pad_token_id=1, hidden_act=act)
-
-
 def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sample_size: int = 8) -> str:
     """Write a diffusers model folder (unet, text encoder(s), tokenizer(s), scheduler, vae) with random weights.
 
     kind: tiny-sd15 (eps), tiny-sd15-v (v-prediction), tiny-sdxl (two encoders, text_time), tiny-flow
     (pixel space, flow matching, no VAE).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTokenizer
 
     if kind not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {kind!r}; choose one of {TINY_MODELS}")
-    torch.manual_seed(seed)
     max_length = 16
     tokenizer_dir = write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"), max_length)
     vocab_size = len(CLIPTokenizer.from_pretrained(tokenizer_dir))
     sdxl = kind == "tiny-sdxl"
     pixel_space = kind == "tiny-flow"
-
-    encoder = CLIPTextModel(_text_config(vocab_size, 32, 32, max_length))
-    encoder.save_pretrained(os.path.join(folder, "text_encoder"))
-    cross_attention_dim = 32
-    unet_extra = {}
     if sdxl:
         write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), max_length, pad_token="!")  # as SDXL's
-        encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size, 32, 16, max_length, act="gelu"))
-        encoder_2.save_pretrained(os.path.join(folder, "text_encoder_2"))
-        cross_attention_dim = 64  # the two encoders' hidden states concatenated
-        unet_extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                          projection_class_embeddings_input_dim=6 * 8 + 16, transformer_layers_per_block=[1, 2],
-                          # SDXL's rule: 64 channels per head (at least one head)
-                          use_linear_projection=True, attention_head_dim=[1, 1])
+    family = "sdxl" if sdxl else "sd15"
     channels = 3 if pixel_space else 4
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        **{"attention_head_dim": 8, **unet_extra})  # SD1.x's rule: 8 heads; GroupNorm(32) as every SD UNet
-    unet.save_pretrained(os.path.join(folder, "unet"))
+    parts = build_parts(
+        unet_config(family, tiny=True, sample_size=sample_size, in_channels=channels, out_channels=channels),
+        text_encoder_configs(family, tiny=True, vocab_size=vocab_size, max_length=max_length,
+                             special_tokens=TINY_TOKENIZER_SPECIAL_TOKENS),
+        None if pixel_space else vae_config(family, tiny=True, sample_size=sample_size * 2), seed=seed)
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
+        encoder.save_pretrained(os.path.join(folder, name))
+    parts.unet.save_pretrained(os.path.join(folder, "unet"))
 
     if pixel_space:
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(folder, "scheduler"))
@@ -104,11 +89,7 @@ def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sam
         prediction_type = "v_prediction" if kind == "tiny-sd15-v" else "epsilon"
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                       prediction_type=prediction_type).save_pretrained(os.path.join(folder, "scheduler"))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            layers_per_block=1, sample_size=sample_size * 2,
-                            scaling_factor=0.13025 if sdxl else 0.18215)
-        vae.save_pretrained(os.path.join(folder, "vae"))
+        parts.vae.save_pretrained(os.path.join(folder, "vae"))
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
         json.dump({"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
                    "_tiny_model": kind}, handle)

@@ -10,29 +10,26 @@ import sys
 def _tiny_unet(cross_attention_dim: int, linear: bool):
     """A 320-wide, 2-level UNet: ComfyUI detects SD1.5 (768, conv proj_in) or SD2 (1024, linear) from it."""
     import torch
-    from diffusers import UNet2DConditionModel
+
+    from decoupled_dmd.trainer.random_models import build_unet, unet_config
 
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320, 320),
+    return build_unet(unet_config(
+        "sd15", sample_size=8, layers_per_block=1, block_out_channels=(320, 320),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, use_linear_projection=linear).eval()
+        cross_attention_dim=cross_attention_dim, use_linear_projection=linear)).eval()
 
 
 def build_tiny_sd15(path: str) -> str:
     """Random-weight SD1.5 checkpoint ComfyUI's loader accepts: tiny UNet, full CLIP-L and VAE (fp16)."""
     import torch
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from decoupled_dmd.trainer.formats import write_ldm_checkpoint
+    from decoupled_dmd.trainer.random_models import build_text_encoders, build_vae, text_encoder_configs, vae_config
 
     torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", projection_dim=768)).eval()
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4).eval()
+    clip = build_text_encoders(text_encoder_configs("sd15"))[0].eval()
+    vae = build_vae(vae_config("sd15")).eval()
     return write_ldm_checkpoint(path, family="sd15", unet=_tiny_unet(768, False), text_encoders=[clip], vae=vae,
                                 prediction_type="epsilon", metadata={"note": "random weights, test only"},
                                 overwrite=True, dtype=torch.float16)
@@ -44,30 +41,25 @@ def build_tiny_sdxl(path: str) -> str:
     list [0,0,1,1,2,2] are what ComfyUI matches; channel multipliers are free), full-size CLIP-L and
     OpenCLIP-G (ComfyUI needs them complete) and the standard VAE, fp16 (~1.9 GB)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from decoupled_dmd.trainer.formats import write_ldm_checkpoint
+    from decoupled_dmd.trainer.random_models import (
+        build_text_encoders,
+        build_unet,
+        build_vae,
+        text_encoder_configs,
+        unet_config,
+        vae_config,
+    )
 
     torch.manual_seed(0)
     # down levels: no transformer, then 1 and 2 per res block (2 res blocks each) -> [0,0,1,1,2,2];
     # up blocks mirror it, the middle block takes the last level's 2
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 320, 320),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=[1, 1, 2], attention_head_dim=5, cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816).eval()
-    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
-    clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                          num_attention_heads=12, hidden_act="quick_gelu", **common)).eval()
-    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
-        hidden_act="gelu", **common)).eval()
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4).eval()
-    return write_ldm_checkpoint(path, family="sdxl", unet=unet, text_encoders=[clip_l, clip_g], vae=vae,
+    unet = build_unet(unet_config("sdxl", sample_size=8, block_out_channels=(320, 320, 320),
+                                  transformer_layers=(1, 1, 2), attention_head_dim=5)).eval()
+    text_encoders = [encoder.eval() for encoder in build_text_encoders(text_encoder_configs("sdxl"))]
+    vae = build_vae(vae_config("sdxl")).eval()
+    return write_ldm_checkpoint(path, family="sdxl", unet=unet, text_encoders=text_encoders, vae=vae,
                                 prediction_type="epsilon", metadata={"note": "random weights, test only"},
                                 overwrite=True, dtype=torch.float16)
 
