@@ -327,8 +327,8 @@ def compare_speed(trainer, rounds: int = 3, warmup: int = 1, synchronize=None) -
 
     def use(attributes: dict, changes: dict) -> None:
         trainer.method = batched if attributes["batch_teacher_rows"] else unbatched
-        if hasattr(trainer.roles, "_fast_switch"):
-            trainer.roles._fast_switch = attributes["fast_switch"]
+        if hasattr(trainer.roles, "use_fast_switch"):
+            trainer.roles.use_fast_switch(attributes["fast_switch"])
             trainer.roles.skip_input_casts(attributes["skip_input_casts"] and base_config.mixed_precision != "no")
         trainer.graphs = graphs if attributes["cuda_graphs"] else None
         trainer.config = base_config.replace(**changes)

@@ -144,7 +144,7 @@ def test_fast_role_switch_is_the_public_peft_switch(tiny_model_dir, tmp_path):
     cond = trainer.conditioning(PROMPTS[:2])
     outputs = {}
     for fast in (True, False):
-        trainer.roles._fast_switch = fast
+        trainer.roles.use_fast_switch(fast)
         for role in ("student", "teacher", "fake", "student"):
             trainer.roles._active = None  # force the switch, through the path under test
             with torch.no_grad():

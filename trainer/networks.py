@@ -98,8 +98,7 @@ class LoraRoles(Roles):
                 p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
         self._set_trainable()
         self._active: str | None = None
-        self._fast_switch = all(hasattr(layer, "_disable_adapters") and hasattr(layer, "_active_adapter")
-                                for layer in self._layers)
+        self.use_fast_switch()
 
     def _set_trainable(self):
         # peft's set_adapter freezes inactive adapters; both stay trainable so that data parallelism sees a
@@ -107,6 +106,15 @@ class LoraRoles(Roles):
         for params in self._parameters.values():
             for p in params.values():
                 p.requires_grad_(True)
+
+    def use_fast_switch(self, fast: bool = True) -> None:
+        """Switch roles by setting peft's two flags (the default where the layers have them) or, `fast` False,
+        through peft's public calls (slower: they also toggle requires_grad on every LoRA tensor). The same
+        switch either way; the public path stays to measure the gain and to check the fast one against it.
+        The next `activate` switches afresh."""
+        self._fast_switch = fast and all(hasattr(layer, "_disable_adapters") and hasattr(layer, "_active_adapter")
+                                         for layer in self._layers)
+        self._active = None
 
     def skip_input_casts(self, skip: bool = True) -> None:
         """Let each LoRA layer take its input in the dtype it comes in (peft casts it to the fp32 adapter weights
