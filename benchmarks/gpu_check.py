@@ -240,8 +240,8 @@ def run_part(name: str, small: bool) -> dict:
 
 
 def speed_part(family: str, resolution: int, small: bool) -> dict:
-    """Seconds per generator update before and after each waste cut, on one trainer (demo.cost.compare_speed)."""
-    from decoupled_dmd.demo.cost import compare_speed
+    """Seconds per generator update before and after each waste cut, on one trainer (research.cost.compare_speed)."""
+    from decoupled_dmd.research.cost import compare_speed
     from decoupled_dmd.trainer.config import config_from_dict
     from decoupled_dmd.trainer.loop import DecoupledDMDTrainer
 
@@ -478,7 +478,7 @@ def markdown(results: dict) -> str:
                   f"{s['speedup_student_4_merged_with_decode']:.1f}x merged) |"]
     speed = results["parts"].get("sdxl-speed", {})
     if "variants" in speed:
-        from decoupled_dmd.demo.cost import speed_markdown
+        from decoupled_dmd.research.cost import speed_markdown
 
         lines += ["", speed_markdown({f"SDXL {speed['resolution']} px": speed["variants"]})]
     prof = results["parts"].get("profile", {})

@@ -250,3 +250,20 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(demo_main())
+
+
+def benchmark_main(argv: list[str] | None = None) -> int:
+    """`dmd-benchmark`: the research harness's benchmark (research/benchmark.py), which runs from a checkout (an
+    editable install maps decoupled_dmd to it); a plain pip install does not ship the harness and says so."""
+    import importlib
+
+    try:
+        module = importlib.import_module("decoupled_dmd.research.benchmark")  # by name: the product never imports it
+    except ModuleNotFoundError as error:
+        if "research" not in str(error):
+            raise
+        print("dmd-benchmark runs the research harness, which only a checkout has: clone the repository, "
+              "`pip install -e .` in it, and run dmd-benchmark (or python -m decoupled_dmd.research.benchmark) "
+              "there", file=sys.stderr)
+        return 2
+    return module.benchmark_main(argv)

@@ -15,7 +15,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOLDERS = ("trainer", "demo", "nodes", "benchmarks", "scripts")
+FOLDERS = ("trainer", "demo", "nodes", "research", "benchmarks", "scripts")
 BLOCK = 6  # lines: a repeated block is this many identical (stripped, non-blank) lines in a row
 
 

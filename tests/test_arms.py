@@ -1,4 +1,4 @@
-"""Arms over training seeds (demo/arms.py): every arm is a valid recipe, the report's paired tests are the
+"""Arms over training seeds (research/arms.py): every arm is a valid recipe, the report's paired tests are the
 hand-computed ones, a run trains the real trainer and stores what a report needs, and the comparison with the
 teacher's rows is paired."""
 
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from decoupled_dmd.demo import arms
+from decoupled_dmd.research import arms
 
 
 def test_seeds_parse_and_every_arm_is_a_valid_recipe(tmp_path):

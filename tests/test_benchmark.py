@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from decoupled_dmd.demo.benchmark import MODES, VARIANTS, benchmark_main, plan_jobs
-from decoupled_dmd.demo.cost import cost_markdown, measure_case, naive_estimate_bytes
+from decoupled_dmd.research.benchmark import MODES, VARIANTS, benchmark_main, plan_jobs
+from decoupled_dmd.research.cost import cost_markdown, measure_case, naive_estimate_bytes
 
 
 def test_plans_cover_the_papers_ablations():
@@ -92,7 +92,7 @@ def test_unknown_variant_fails_naming_the_choices(bad, tmp_path, capsys):
 
 def test_a_runs_score_is_the_mean_of_its_late_evaluations():
     """One checkpoint of an oscillating run is a lottery: the score averages the last third of training."""
-    from decoupled_dmd.demo.benchmark import late_mean, late_steps
+    from decoupled_dmd.research.benchmark import late_mean, late_steps
 
     history = [{"step": 0, "frechet": 900.0}, {"step": 20, "frechet": 1.0}, {"step": 40, "frechet": 2.0},
                {"step": 60, "frechet": 4.0, "name": "x"}]
@@ -103,7 +103,8 @@ def test_a_runs_score_is_the_mean_of_its_late_evaluations():
 
 
 def test_a_stored_run_is_reused_only_for_the_same_settings(tmp_path, monkeypatch):
-    from decoupled_dmd.demo import experiment, runs
+    from decoupled_dmd.demo import experiment
+    from decoupled_dmd.research import runs
 
     folder = tmp_path / "run"
     folder.mkdir()

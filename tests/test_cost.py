@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import PROMPTS, make_trainer
 
-from decoupled_dmd.demo.cost import two_teacher_calls
+from decoupled_dmd.research.cost import two_teacher_calls
 from decoupled_dmd.trainer.accounting import CostMeter, expected_forward_equivalents
 from decoupled_dmd.trainer.api import distill, plan_memory
 from decoupled_dmd.trainer.config import config_from_dict

@@ -126,7 +126,7 @@ def test_the_spectrum_reader_reads_renders_at_any_phase_and_any_contrast():
 
 
 def test_the_instrument_is_trained_on_perturbed_renders():
-    from decoupled_dmd.demo.training import augment_texture_images
+    from decoupled_dmd.research.training import augment_texture_images
 
     images, _, _ = sample_world(16, seed=2)
     generator = torch.Generator().manual_seed(0)
@@ -179,7 +179,7 @@ def test_diffusers_ddim_on_the_denoiser_contract_equals_a_hand_ddim():
 # --- the shipped instrument and reference -------------------------------------------------------------------------
 def test_the_shipped_instrument_reads_perturbed_renders_and_standardises_its_features():
     from decoupled_dmd.demo.metrics import Evaluator
-    from decoupled_dmd.demo.training import augment_texture_images
+    from decoupled_dmd.research.training import augment_texture_images
 
     evaluator = Evaluator(reference_file="", world="texture")
     images, prompts, _ = sample_world(300, seed=4321)

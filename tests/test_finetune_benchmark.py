@@ -1,4 +1,4 @@
-"""The fine-tune benchmark (demo/finetune.py): the vega style, its metrics, the summary and gates by hand, and a
+"""The fine-tune benchmark (research/finetune.py): the vega style, its metrics, the summary and gates by hand, and a
 tiny run of every code path on the real trainer (a fine-tuned teacher, LoRA students, a warm start)."""
 
 import json
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from decoupled_dmd.demo import finetune
-from decoupled_dmd.demo.benchmark import benchmark_main
 from decoupled_dmd.demo.metrics import high_frequency_energy
 from decoupled_dmd.demo.texture import STYLES, background_tint, render, sample_world
 from decoupled_dmd.demo.worlds import TextureWorld, get_world
+from decoupled_dmd.research import finetune
+from decoupled_dmd.research.benchmark import benchmark_main
 
 
 def test_background_tint_by_hand():

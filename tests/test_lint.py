@@ -100,9 +100,28 @@ def test_the_trainer_reaches_the_demo_only_through_the_builtin_registry():
     assert builtins.resolve("builtin:demo") == builtins.resolve("builtin:mnist")  # the old name still works
 
 
+def test_the_product_never_imports_the_research_harness_and_pip_does_not_install_it():
+    """Issue 31: research/ (the studies, the run pool, the teacher-training scripts) runs from a checkout only."""
+    import tomllib
+
+    for folder in ("trainer", "demo", "nodes"):
+        for path in _python_files(folder):
+            for level, name in _imports(path):
+                module = _resolve(path, level, name) if level else name
+                assert "research" not in module.split("."), f"{_module_of(path)} imports {module}"
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        project = tomllib.load(handle)
+    packages = project["tool"]["setuptools"]["packages"]
+    assert not [p for p in packages if "research" in p] and "decoupled_dmd.demo" in packages
+    for path in _python_files("research"):  # the harness reaches the product through its public modules
+        for level, name in _imports(path):
+            if level:
+                assert _resolve(path, level, name).split(".")[0] in ("research", "demo", "trainer"), path
+
+
 def test_no_import_cycles_even_through_lazy_imports():
     graph = {}
-    files = [p for folder in ("trainer", "demo", "nodes") for p in _python_files(folder)]
+    files = [p for folder in ("trainer", "demo", "nodes", "research") for p in _python_files(folder)]
     known = {_module_of(p) for p in files}
     for path in files:
         targets = set()

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from decoupled_dmd.demo.ca_share import ca_share, share_above
 from decoupled_dmd.demo.texture import (
     ATTRIBUTES,
     all_prompts,
@@ -19,6 +18,7 @@ from decoupled_dmd.demo.texture import (
     texture_pattern,
 )
 from decoupled_dmd.demo.worlds import get_world, sdxl_student_timesteps
+from decoupled_dmd.research.ca_share import ca_share, share_above
 
 
 # --- the world ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ cost and fit exactly as trained ones do, so the benchmarks measure real sizes wi
 
 Pure construction: nothing is read, written or downloaded here. `device="meta"` builds a skeleton without
 allocating weights; `dtype` builds directly in that dtype (no float32 copy ever exists). Users:
-tiny_models.py (the `builtin:tiny-*` teachers), demo/cost.py, benchmarks/gpu_check.py and checkpoint_io.py,
+tiny_models.py (the `builtin:tiny-*` teachers), research/cost.py, benchmarks/gpu_check.py and checkpoint_io.py,
 tests/comfyui/tiny_checkpoints.py.
 """
 

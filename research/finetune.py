@@ -61,10 +61,10 @@ def prepare_teacher(output_dir: str, mode: dict, threads: int = 2) -> dict:
     returns the world spec of the fine-tune (`worlds.get_world` rebuilds it in a worker)."""
     import torch
 
-    from .metrics import build_reference
-    from .models import TEXTURE_TEACHER_DIR, teacher_info
+    from ..demo.metrics import build_reference
+    from ..demo.models import TEXTURE_TEACHER_DIR, teacher_info
+    from ..demo.worlds import TextureWorld
     from .training import finetune_texture_teacher
-    from .worlds import TextureWorld
 
     folder = os.path.join(output_dir, "finetune", f"teacher_{STYLE}")
     reference = os.path.join(output_dir, "finetune", f"reference_{STYLE}.safetensors")
@@ -92,7 +92,7 @@ def prepare_teacher(output_dir: str, mode: dict, threads: int = 2) -> dict:
 
 def _job(arm: str, seed: int, steps: int, eval_every: int, world, output_dir: str, mode: dict,
          overrides: dict, network_weights: str = "") -> dict:
-    from .worlds import get_world
+    from ..demo.worlds import get_world
 
     settings = dict(SETTINGS, **overrides, seed=seed, max_train_steps=steps,
                     student_timesteps=get_world(world).student_timesteps(STUDENT_STEPS))
@@ -126,10 +126,10 @@ def plan_warm(output_dir: str, mode: dict, finetune_world: dict, base_results: l
 
 def teacher_at_student_cost(finetune_world: dict, per_prompt: int, seed: int = 4242) -> dict:
     """The fine-tune itself at the student's cost: 4 Euler steps with CFG (8 network calls), and 8 steps (16)."""
+    from ..demo.metrics import Evaluator, teacher_samples
+    from ..demo.models import teacher_info
+    from ..demo.worlds import get_world
     from ..trainer.adapters.diffusers import DiffusersAdapter
-    from .metrics import Evaluator, teacher_samples
-    from .models import teacher_info
-    from .worlds import get_world
 
     world = get_world(finetune_world)
     adapter = DiffusersAdapter.from_pretrained(world.teacher_dir)
@@ -192,7 +192,7 @@ def like_with_like(by_arm: dict[str, list[dict]]) -> dict:
     """(iii) against (ii) as like with like: late means (the same window) at matched update budgets, paired by
     seed; and (iii)'s late mean at a quarter of (ii)'s budget against (ii)'s late mean at its end (the goal).
     A first crossing of a noisy curve against a late mean, as before, favoured (iii)."""
-    from .stats import paired_seed_test
+    from ..demo.stats import paired_seed_test
 
     scratch = {r["seed"]: r for r in by_arm["scratch"]}
     warm = {r["seed"]: r for r in by_arm["warm"]}
@@ -339,9 +339,9 @@ def run_finetune_benchmark(output_dir: str, mode: dict, jobs: int = 2, overrides
                            threads: int = 2) -> str:
     """Build the fine-tune, train every arm (resumable: each run's result is a JSON file), write
     finetune.json, finetune.png and return the markdown section."""
-    from .metrics import Evaluator
+    from ..demo.metrics import Evaluator
+    from ..demo.worlds import get_world
     from .runs import _write_json, run_jobs
-    from .worlds import get_world
 
     finetune_world = prepare_teacher(output_dir, mode, threads)
     first = run_jobs(plan_first(output_dir, mode, finetune_world, overrides), jobs)

@@ -28,7 +28,7 @@ from ..trainer.schedules import timestep_level_bounds
 def ca_profile(adapter, prompts: list[str], guidance_scale: float, min_timestep: int = 20, max_timestep: int = 980,
                levels: int = 40, seed: int = 0, teacher_steps: int = 50, samples=None) -> dict:
     """raw(tau) and normalised(tau) on a uniform grid of `levels` levels over the allowed range."""
-    from .metrics import teacher_samples
+    from ..demo.metrics import teacher_samples
 
     schedule = adapter.schedule
     low, high = timestep_level_bounds(schedule, min_timestep, max_timestep)

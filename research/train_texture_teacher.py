@@ -13,7 +13,7 @@ import logging
 import torch
 
 from decoupled_dmd.demo.models import TEXTURE_TEACHER_DIR
-from decoupled_dmd.demo.training import train_texture_teacher
+from decoupled_dmd.research.training import train_texture_teacher
 
 
 def main() -> None:

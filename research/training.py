@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TRAIN_TEMPLATES, digit_prompt, to_model_range
-from .models import DigitClassifier, build_teacher_modules, save_teacher
+from ..demo.data import TRAIN_TEMPLATES, digit_prompt, to_model_range
+from ..demo.models import DigitClassifier, build_teacher_modules, save_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def train_texture_classifier(steps: int = 3000, batch_size: int = 128, learning_
     (`augment_texture_images`): texture contrast drawn in [0.2, 0.9] (the base world's 0.5, a fine-tune's 0.8),
     a whole-pixel shift of up to 3 px (the marks at any phase), a partial blur (soft marks) and Gaussian pixel
     noise; a head trained on clean renders alone read the teacher's CFG textures at 0.63."""
-    from .models import TextureClassifier
-    from .texture import draw_layout, layout_targets, render_layout, sample_attributes
+    from ..demo.models import TextureClassifier
+    from ..demo.texture import draw_layout, layout_targets, render_layout, sample_attributes
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -93,7 +93,7 @@ def train_texture_classifier(steps: int = 3000, batch_size: int = 128, learning_
         return sum(nn.functional.cross_entropy(logits[name], attributes[name]) for name in logits) + layout_loss
 
     model = _fit(model, loss_of_batch, steps, learning_rate, log_every)
-    from .texture import sample_world
+    from ..demo.texture import sample_world
 
     model.calibrate(sample_world(4000, seed=99)[0])
     return model
@@ -121,7 +121,7 @@ def augment_texture_images(images: torch.Tensor, generator: torch.Generator, max
 @torch.no_grad()
 def texture_classifier_accuracy(model, count: int = 2000, seed: int = 12345) -> dict[str, float]:
     """Per-attribute accuracy on `count` fresh world images of a seed the training never drew."""
-    from .texture import sample_world
+    from ..demo.texture import sample_world
 
     images, _, attributes = sample_world(count, seed)
     logits = model(images)
@@ -158,7 +158,7 @@ def train_teacher(folder: str, images: np.ndarray, labels: np.ndarray, steps: in
 def _texture_batches(style: str):
     """(prompts, sample_batch) of the texture world in `style` for `train_diffusion`: fresh images every call,
     index 1 + i naming `prompts[i]`. An unknown style fails here, naming the known ones."""
-    from .texture import all_prompts, get_style, make_prompt, render, sample_attributes
+    from ..demo.texture import all_prompts, get_style, make_prompt, render, sample_attributes
 
     get_style(style)
     prompts = all_prompts()
@@ -180,7 +180,7 @@ def train_texture_teacher(folder: str, steps: int = 2400, batch_size: int = 32, 
     With SDXL's offset noise (`noise_offset` 0.0357, as SDXL was trained): SD's schedule leaves the image mean
     readable at timestep 999 (alpha_bar 0.0047: over 32x32x3 pixels the signal's mean outweighs the noise's).
     """
-    from .models import build_texture_teacher_modules
+    from ..demo.models import build_texture_teacher_modules
 
     prompts, sample_batch = _texture_batches("base")
     modules = build_texture_teacher_modules(folder, seed=seed, width=width)

@@ -21,7 +21,7 @@ def run_job(job: dict) -> dict:
 
     import torch
 
-    from .experiment import run_distillation
+    from ..demo.experiment import run_distillation
 
     result_file = os.path.join(job["folder"], "result.json")
     if os.path.isfile(result_file):

@@ -17,7 +17,7 @@ import torch
 
 from decoupled_dmd.demo.data import load_mnist
 from decoupled_dmd.demo.models import TEACHER_DIR
-from decoupled_dmd.demo.training import train_teacher
+from decoupled_dmd.research.training import train_teacher
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ TABLE_METRICS = (("adherence", "adherence", "{:.3f}"), ("top1", "top-1", "{:.3f}
 
 
 def grid_for(steps: int, grid: str) -> list[int]:
-    from .worlds import flow_timesteps_matching_sdxl, shifted_flow_timesteps
+    from ..demo.worlds import flow_timesteps_matching_sdxl, shifted_flow_timesteps
 
     if grid == "sdxl":
         return flow_timesteps_matching_sdxl(steps)
@@ -89,7 +89,7 @@ def grid_for(steps: int, grid: str) -> list[int]:
 def plan_jobs(mode: dict, output_dir: str, grid: str, world: str = "mnist") -> list[dict]:
     """The training runs of `mode`; the student grids are the world's own (SDXL's for the texture world's SD
     teacher; `grid` for the MNIST flow teacher)."""
-    from .worlds import get_world
+    from ..demo.worlds import get_world
 
     timesteps = (lambda steps: grid_for(steps, grid)) if world == "mnist" else get_world(world).student_timesteps
     jobs = []
@@ -209,7 +209,7 @@ WORLD_TEACHERS = {"mnist": "the built-in MNIST flow teacher",
 
 def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float | None, teacher: dict,
              world: str = "mnist") -> str:
-    from .worlds import get_world
+    from ..demo.worlds import get_world
 
     grids = [get_world(world).student_timesteps(s) if world != "mnist" else grid_for(s, grid)
              for s in mode["student_steps"]]
@@ -277,7 +277,7 @@ def markdown(summary: dict, mode_name: str, mode: dict, grid: str, floor: float 
 
 
 def plot(results: list[dict], output_dir: str, floor: float | None) -> list[str]:
-    from .plots import save_metric_curves
+    from ..demo.plots import save_metric_curves
 
     paths = []
     metrics = [("adherence", "prompt adherence (p of what the prompt asks)"),
@@ -396,8 +396,8 @@ def _mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
 
 def _quality_section(args: argparse.Namespace, mode: dict, mode_name: str) -> tuple[list[str], bool]:
     """Train every planned run, evaluate, write quality.json and the plots; (report lines, a gate failed)."""
-    from .metrics import Evaluator
-    from .worlds import get_world
+    from ..demo.metrics import Evaluator
+    from ..demo.worlds import get_world
 
     world = get_world(args.world)
     jobs = plan_jobs(mode, args.output_dir, args.grid, world.name)
@@ -419,9 +419,9 @@ def _quality_section(args: argparse.Namespace, mode: dict, mode_name: str) -> tu
 
 def _ca_share_section(args: argparse.Namespace) -> str:
     """Before any training: where each world's CFG effect lives, relative to the student's input levels."""
+    from ..demo.worlds import get_world
     from ..trainer.adapters.diffusers import DiffusersAdapter
     from .ca_share import ca_share, ca_share_markdown, plot_ca_profiles
-    from .worlds import get_world
 
     results = {}
     for name in dict.fromkeys([args.world, "texture", "mnist"]):

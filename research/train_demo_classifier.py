@@ -10,7 +10,7 @@ import torch
 
 from decoupled_dmd.demo.data import load_mnist, write_heldout
 from decoupled_dmd.demo.models import CLASSIFIER_FILE
-from decoupled_dmd.demo.training import classifier_accuracy, train_classifier
+from decoupled_dmd.research.training import classifier_accuracy, train_classifier
 
 
 def main() -> None:

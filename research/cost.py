@@ -1,6 +1,6 @@
 """Cost of Decoupled DMD's LoRA mode against the naive full-copy mode: seconds per update and peak memory.
 
-Every measurement runs in its own process (`python -m decoupled_dmd.demo.cost CASE.json`), so its peak
+Every measurement runs in its own process (`python -m decoupled_dmd.research.cost CASE.json`), so its peak
 resident memory (VmHWM) belongs to that case alone. Models:
 - tiny: the shipped demo teacher;
 - sdxl-quarter: the SDXL UNet architecture at a quarter of its channel widths (random weights);
@@ -56,10 +56,10 @@ def build_sdxl_adapter(width_divisor: int = 1, seed: int = 0):
     """An SDXL-architecture teacher with random weights (UNet at 1/width_divisor of SDXL's channels)."""
     from transformers import CLIPTokenizer
 
+    from ..demo.models import write_clip_tokenizer
     from ..trainer.adapters.diffusers import DiffusersAdapter
     from ..trainer.random_models import TINY_TOKENIZER_SPECIAL_TOKENS, build_parts, text_encoder_configs, unet_config
     from ..trainer.schedules import DiscreteVPSchedule
-    from .models import write_clip_tokenizer
 
     folder = tempfile.mkdtemp(prefix="dmd-cost-tokenizer-")
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, max_length=77))
@@ -87,8 +87,8 @@ def measure_case(case: dict) -> dict:
     model, resolution, settings = CASES[case["case"]]
     settings = dict(settings, **case.get("settings", {}))
     if model == "tiny":
+        from ..demo.models import TEACHER_DIR
         from ..trainer.adapters.diffusers import DiffusersAdapter
-        from .models import TEACHER_DIR
 
         adapter = DiffusersAdapter.from_pretrained(TEACHER_DIR)
     else:
@@ -115,10 +115,10 @@ def measure_case(case: dict) -> dict:
         out["activation_bytes"] = _rss_bytes("VmHWM") - started_rss
         out["peak_rss"] = _rss_bytes("VmHWM")
         return out
+    from ..demo.experiment import BASE_SETTINGS
+    from ..demo.worlds import flow_timesteps_matching_sdxl
     from ..trainer.config import config_from_dict
     from ..trainer.loop import DecoupledDMDTrainer
-    from .experiment import BASE_SETTINGS
-    from .worlds import flow_timesteps_matching_sdxl
 
     values = dict(BASE_SETTINGS, **settings, training_mode=case["mode"], max_train_steps=case["steps"],
                   output_dir=case["output_dir"], pretrained_model_name_or_path="(in memory)", guidance_scale=3.0)
@@ -161,7 +161,7 @@ def _run_subprocess(case: dict, timeout: float) -> dict:
     with os.fdopen(handle, "w") as stream:
         json.dump(case, stream)
     try:
-        completed = subprocess.run([sys.executable, "-m", "decoupled_dmd.demo.cost", path], capture_output=True,
+        completed = subprocess.run([sys.executable, "-m", "decoupled_dmd.research.cost", path], capture_output=True,
                                    text=True, timeout=timeout, env=dict(os.environ, TQDM_DISABLE="1"))
     except subprocess.TimeoutExpired:
         return {**case, "error": f"timed out after {timeout:.0f} s"}
@@ -377,11 +377,11 @@ def run_speed_benchmark(models: tuple[str, ...] = ("builtin:tiny-sd15", "builtin
     LoRA rank 4, batch 2, five fake updates."""
     import torch
 
+    from ..demo.experiment import BASE_SETTINGS
+    from ..demo.worlds import flow_timesteps_matching_sdxl
     from ..trainer.api import load_teacher
     from ..trainer.config import config_from_dict
     from ..trainer.loop import DecoupledDMDTrainer
-    from .experiment import BASE_SETTINGS
-    from .worlds import flow_timesteps_matching_sdxl
 
     torch.set_num_threads(threads)
     results = {}

@@ -1,8 +1,8 @@
 """Arms over training seeds under the protocol (issue 27): the shipped texture recipe, its controls and its
 alternatives, each trained on several training seeds and scored on both splits, then compared paired by seed.
 
-    python -m decoupled_dmd.demo.arms run --arms "shipped,regression only,DM only,CA only,EMA 0.97" --seeds 0-4
-    python -m decoupled_dmd.demo.arms report --split test --teacher_samples /path/solvers_test.pt
+    python -m decoupled_dmd.research.arms run --arms "shipped,regression only,DM only,CA only,EMA 0.97" --seeds 0-4
+    python -m decoupled_dmd.research.arms report --split test --teacher_samples /path/solvers_test.pt
 
 A run trains the demo's texture student (`run.WORLD_DEMO_SETTINGS`) with its arm's settings over them, scores
 its validation-split samples every `CHECKPOINT_EVERY` updates (the stop is a choice: validation only), then
@@ -55,9 +55,9 @@ FIGURES = ("frechet", "accuracy_texture", "texture_spectrum_accuracy", "top1", "
 
 def arm_settings(arm: str, seed: int, max_train_steps: int | None = None) -> dict:
     """The TrainConfig values of `arm` at training seed `seed` (the demo's texture recipe under the arm's)."""
-    from .protocol import check_training_seed
-    from .run import WORLD_DEMO_SETTINGS
-    from .worlds import get_world
+    from ..demo.protocol import check_training_seed
+    from ..demo.run import WORLD_DEMO_SETTINGS
+    from ..demo.worlds import get_world
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from: {', '.join(ARMS)}")
@@ -98,12 +98,12 @@ def run_arm(job: dict) -> dict:
 
     import torch
 
-    from .experiment import run_distillation, sample_student
-    from .metrics import Evaluator
-    from .protocol import SPLITS
-    from .stats import interval as percentile_interval
-    from .stats import paired_bootstrap_frechet, paired_bootstrap_mean, recentre
-    from .worlds import get_world
+    from ..demo.experiment import run_distillation, sample_student
+    from ..demo.metrics import Evaluator
+    from ..demo.protocol import SPLITS
+    from ..demo.stats import interval as percentile_interval
+    from ..demo.stats import paired_bootstrap_frechet, paired_bootstrap_mean, recentre
+    from ..demo.worlds import get_world
 
     result_file = os.path.join(job["folder"], "result.json")
     wanted = json.loads(json.dumps(job["settings"]))
@@ -210,7 +210,7 @@ def load_results(output_dir: str) -> dict[str, dict[int, dict]]:
 def summarise(results: dict[str, dict[int, dict]], split: str, baseline: str = "shipped") -> dict:
     """Per arm: n seeds, mean and sample SD of each figure; against `baseline` on the shared seeds, the paired
     t-test of each figure and the seeds its observed difference would need (80% power, two-sided 5%)."""
-    from .stats import paired_seed_test, seeds_needed
+    from ..demo.stats import paired_seed_test, seeds_needed
 
     table = {}
     base = results.get(baseline, {})
@@ -238,7 +238,7 @@ def against_teacher(results: dict[str, dict[int, dict]], split: str, teacher_row
     """Each run's Frechet minus each teacher row's on the same bootstrap draws (same prompts and indices: the
     rows share their n and prompt order), with its interval and how often the run is the closer; then over the
     seeds of an arm, the mean difference and a t interval (seed spread; the teacher's one draw is shared)."""
-    from .stats import frechet_from_features, interval, paired_bootstrap_frechet, paired_seed_test, recentre
+    from ..demo.stats import frechet_from_features, interval, paired_bootstrap_frechet, paired_seed_test, recentre
 
     out = {}
     for arm, runs in results.items():
@@ -268,8 +268,8 @@ def teacher_features(samples_file: str, rows: list[str], split: str,
     split's reference features."""
     import torch
 
-    from .metrics import Evaluator
-    from .worlds import get_world
+    from ..demo.metrics import Evaluator
+    from ..demo.worlds import get_world
 
     world = get_world("texture")
     cached = torch.load(samples_file)
@@ -381,7 +381,7 @@ def quality_rows(table: dict, solver_rows: dict[str, dict], arms=STEP_ARMS) -> d
 
 
 def arms_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m decoupled_dmd.demo.arms", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m decoupled_dmd.research.arms", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and score arms x seeds (finished runs are kept)")
     run.add_argument("--arms", default="shipped", help=f"comma-separated, from: {', '.join(ARMS)}")
@@ -430,7 +430,7 @@ def arms_main(argv: list[str] | None = None) -> int:
     _write_json(os.path.join(args.output_dir, f"report_{args.split}.json"),
                 {"split": args.split, "table": table, "against_teacher": teacher})
     if args.solvers_json:
-        from .plots import save_quality_against_calls
+        from ..demo.plots import save_quality_against_calls
 
         with open(args.solvers_json, encoding="utf-8") as handle:
             solvers = json.load(handle)

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from decoupled_dmd.demo.models import TEXTURE_CLASSIFIER_FILE
-from decoupled_dmd.demo.training import texture_classifier_accuracy, train_texture_classifier
+from decoupled_dmd.research.training import texture_classifier_accuracy, train_texture_classifier
 
 
 def main() -> None:
