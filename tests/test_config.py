@@ -108,3 +108,18 @@ def test_cli_rejects_a_bad_key_before_loading_any_model(tmp_path):
     assert result.returncode == 2
     assert "did you mean 'fake_updates_per_step'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_key_has_a_value_type_with_a_parser_and_none_is_special_cased_by_name():
+    """Issue 31: no key is typed `Any`; each carries its value type, and parsing is a table lookup."""
+    from decoupled_dmd.trainer.config import _VALUE_TYPES, OptionalBool, OptionalFloat
+
+    for name, f in KEYS.items():
+        assert f.metadata["value_type"] is list or f.metadata["value_type"] in _VALUE_TYPES, name
+        assert "Any" not in str(f.type), name
+    optional = {k for k, f in KEYS.items() if f.metadata["value_type"] in (OptionalFloat, OptionalBool)}
+    assert optional == {"guidance_scale", "fake_learning_rate", "v_parameterization"}
+    config = config_from_dict({"guidance_scale": "", "fake_learning_rate": "2e-5", "v_parameterization": "yes"})
+    assert (config.guidance_scale, config.fake_learning_rate, config.v_parameterization) == (None, 2e-5, True)
+    with pytest.raises(ConfigError, match="guidance_scale: True is not a valid float"):
+        config_from_dict({"guidance_scale": True})

@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import math
 import os
-import typing
 from dataclasses import dataclass, field, fields
 
 import toml
@@ -77,8 +76,27 @@ def _number(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _key(default, help: str, choices: tuple | None = None, section: str = "training"):
-    meta = {"help": help, "choices": choices, "section": section}
+class OptionalFloat(float):
+    """Value type of a float key whose empty value means a default chosen later (None)."""
+
+
+class OptionalBool(int):
+    """Value type of a true/false key whose empty value means "detect it" (None)."""
+
+
+class Size(str):
+    """Value type of a size: an int (square) or 'width,height' text."""
+
+
+class PathOrList(str):
+    """Value type of a key that takes a file path or a list of strings."""
+
+
+def _key(default, help: str, choices: tuple | None = None, section: str = "training", value_type: type | None = None):
+    """A config key: its default, help text, allowed values, TOML section and value type (the default's own type,
+    unless `value_type` names one of `_VALUE_TYPES` for keys whose default is empty or whose values take two
+    forms)."""
+    meta = {"help": help, "choices": choices, "section": section, "value_type": value_type or type(default)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,15 +113,15 @@ class TrainConfig:
         "", "Folder with the CLIP BPE files vocab.json and merges.txt for single-file checkpoints (e.g. "
         "openai/clip-vit-large-patch14, ComfyUI's comfy/sd1_tokenizer); empty looks in the Hugging Face cache.",
         section="model")
-    v_parameterization: typing.Any = _key(
+    v_parameterization: bool | None = _key(
         None, "Single-file checkpoints: true = v-prediction, false = epsilon; empty detects it (a `v_pred` key).",
-        section="model")
+        section="model", value_type=OptionalBool)
     output_dir: str = _key("output", "Folder for the student, training states, samples and logs.", section="model")
     output_name: str = _key("dmd_student", "Base name of the saved student files.", section="model")
     prompt_file: str = _key("", "Text file with one training prompt per line (DMD needs no images).", section="model")
-    sample_prompts: typing.Any = _key(
+    sample_prompts: str | list = _key(
         "", "Prompts for preview grids: a text file path or a TOML list; empty uses the first 4 training prompts.",
-        section="model")
+        section="model", value_type=PathOrList)
     logging_dir: str = _key("", "TensorBoard and JSONL log folder; empty means <output_dir>/logs.", section="model")
     log_with: str = _key("auto", "Tracker: auto (TensorBoard if installed), tensorboard, none. JSONL is always "
                          "written.", LOG_WITH, section="model")
@@ -133,9 +151,9 @@ class TrainConfig:
         "decoupled-hybrid", "Re-noise levels of CA and DM (paper Table 1).", RENOISE_SCHEDULES, section="method")
     min_timestep: int = _key(20, "Lowest timestep re-noising may use (DMD2: 20).", section="method")
     max_timestep: int = _key(980, "Highest timestep re-noising may use (DMD2: 980).", section="method")
-    guidance_scale: typing.Any = _key(
+    guidance_scale: float | None = _key(
         None, "CFG scale alpha of the CA term; empty uses the family default (SDXL 8, SD1.5 1.75 as DMD2, else 5).",
-        section="method")
+        section="method", value_type=OptionalFloat)
     cfg_augmentation: bool = _key(
         True, "Use the CA engine. false with regularizer = dm reproduces the paper's DM-only ablation.",
         section="method")
@@ -199,10 +217,12 @@ class TrainConfig:
     network_alpha: float = _key(8.0, "LoRA alpha (DMD2 SDXL: 8).")
     lora_target_modules: list = _key([], "Module names LoRA wraps; empty uses the model family's default.")
     max_train_steps: int = _key(2000, "Generator updates to train.")
-    resolution: typing.Any = _key("", "Training resolution: 1024, or '1024,768' (width,height); empty = model default.")
+    resolution: int | str = _key("", "Training resolution: 1024, or '1024,768' (width,height); empty = model default.",
+                                 value_type=Size)
     train_batch_size: int = _key(1, "Prompts per generator update, per process.")
     learning_rate: float = _key(5e-5, "Student learning rate (DMD2 SDXL LoRA: 5e-5).")
-    fake_learning_rate: typing.Any = _key(None, "Fake-model learning rate; empty = learning_rate.")
+    fake_learning_rate: float | None = _key(None, "Fake-model learning rate; empty = learning_rate.",
+                                            value_type=OptionalFloat)
     optimizer_type: str = _key(
         "adamw", "Optimiser of both models. adafactor (transformers' Adafactor at a fixed lr: no first moment, "
         "second moment factored over each tensor's last two dims) keeps a fraction of AdamW's 8 bytes of state "
@@ -446,56 +466,68 @@ def portable_name_problem(name, reserve: int = 0) -> str | None:
     return None
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError
+
+
+def _parse_int(value):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)
+
+
+def _parse_float(value):
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value)
+
+
+def _parse_str(value):
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+# value type -> (parser, the type's name in messages)
+_VALUE_TYPES = {
+    bool: (_parse_bool, "bool"), int: (_parse_int, "int"), float: (_parse_float, "float"), str: (_parse_str, "str"),
+    OptionalFloat: (lambda v: None if v in ("", None) else _parse_float(v), "float"),
+    OptionalBool: (lambda v: None if v in ("", None) else _parse_bool(v), "bool"),
+    Size: (lambda v: v if isinstance(v, int) and not isinstance(v, bool) else str(v), "size"),
+    PathOrList: (lambda v: v, "path or list"),
+}
+
+
+def _parse_list(key: str, value):
+    if key == "student_timesteps":
+        try:
+            return parse_student_timesteps(value)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    return [str(v) for v in items]
+
+
 def _coerce(key: str, value):
-    """Convert a TOML or command-line value to the key's type, or fail naming the key."""
+    """Convert a TOML or command-line value to the key's value type, or fail naming the key."""
     f = KEYS[key]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind = type(default)
-    from_text = isinstance(value, str)
+    value_type = f.metadata["value_type"]
+    name = "list" if value_type is list else _VALUE_TYPES[value_type][1]
     try:
-        if key in ("guidance_scale", "fake_learning_rate"):
-            return None if value in ("", None) else float(value)
-        if key == "v_parameterization":
-            if value in ("", None) or isinstance(value, bool):
-                return None if value == "" else value
-            if from_text and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise ValueError
-        if key == "resolution":
-            return value if isinstance(value, int) else str(value)
-        if key == "sample_prompts":
-            return value
-        if kind is bool:
-            if from_text and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if kind is list:
-            items = [v.strip() for v in value.split(",") if v.strip()] if from_text else list(value)
-            if key == "student_timesteps":
-                try:
-                    return parse_student_timesteps(value)
-                except ValueError as error:
-                    raise ConfigError(str(error)) from None
-            return [str(v) for v in items]
-        if kind is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
+        return _parse_list(key, value) if value_type is list else _VALUE_TYPES[value_type][0](value)
     except ConfigError:
         raise  # already says what is wrong (a ConfigError is a ValueError: the line below would hide it)
     except (TypeError, ValueError):
         pass
-    raise ConfigError(f"{key}: {value!r} is not a valid {kind.__name__}; default is {default!r}")
+    raise ConfigError(f"{key}: {value!r} is not a valid {name}; default is {default!r}")
 
 
 def _unknown_key_message(key: str) -> str:
