@@ -119,6 +119,11 @@ def build_accelerator(config: TrainConfig, cpu: bool = False, trackers: bool = T
     )
 
 
+def _progress_field(name: str) -> property:
+    """A trainer attribute that reads and writes the field `name` of its `progress` (`state.Progress`)."""
+    return property(lambda self: getattr(self.progress, name), lambda self, value: setattr(self.progress, name, value))
+
+
 class DecoupledDMDTrainer:
     def __init__(self, config: TrainConfig, adapter: ModelAdapter, prompts: list[str],
                  sample_prompts: list[str] | None = None, accelerator=None,
@@ -183,13 +188,10 @@ class DecoupledDMDTrainer:
         self.accelerator.register_load_state_pre_hook(functools.partial(load_weights_hook, *hooked))
 
     # --- how far the run is (`state.Progress`) -------------------------------------------------------------
-    step = property(lambda self: self.progress.step, lambda self, value: setattr(self.progress, "step", value))
-    nonfinite_skips = property(lambda self: self.progress.nonfinite_skips,
-                               lambda self, value: setattr(self.progress, "nonfinite_skips", value))
-    successful_updates = property(lambda self: self.progress.successful_updates,
-                                  lambda self, value: setattr(self.progress, "successful_updates", value))
-    output_paths = property(lambda self: self.progress.output_paths,
-                            lambda self, value: setattr(self.progress, "output_paths", value))
+    step = _progress_field("step")
+    nonfinite_skips = _progress_field("nonfinite_skips")
+    successful_updates = _progress_field("successful_updates")
+    output_paths = _progress_field("output_paths")
 
     def identity(self) -> RunIdentity:
         """The base model's identity (name, sha256: hashed once per run), family and prediction type."""
@@ -373,7 +375,6 @@ class DecoupledDMDTrainer:
     def progress_disabled(self) -> bool:
         # TQDM_DISABLE is tqdm's own switch; an explicit `disable` would override it
         return not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
-
 
     def train_step(self) -> dict[str, float]:
         """One step of Algorithm 1 (`method.DecoupledDMD.train_step`: the student's update and the fake's), then
