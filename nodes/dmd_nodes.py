@@ -22,6 +22,7 @@ from ..trainer.config import (
     SAMPLING_SEED,
     UPDATE_NORMALIZATIONS,
 )
+from ..trainer.outputs import MetricsLog
 from . import runtime
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,42 @@ def check_resolution(resolution: int) -> str | None:
         return None
     return (f"resolution {resolution}: use 0 (the model's default: SD1.5 512, SDXL 1024) or a multiple of 8 "
             f"between {MIN_RESOLUTION} and {MAX_RESOLUTION}")
+
+
+def check_output_name(output_name) -> str | None:
+    name = output_name.strip() if isinstance(output_name, str) else ""
+    if not name or any(c in name for c in "/\\:") or name in (".", ".."):
+        return f"output_name {output_name!r}: a plain name without folders, e.g. dmd_student"
+    return None
+
+
+def save_name_problem(lora_name=None, checkpoint_name=None) -> str | None:
+    """What is wrong with Save Distilled's file names (None: nothing): the one check its validation and the Train
+    node's start both use."""
+    for name, what in ((lora_name, "lora_name"), (checkpoint_name, "checkpoint_name")):
+        if isinstance(name, str):
+            try:
+                runtime.check_file_name(name, what)
+            except ValueError as error:
+                return str(error)
+    return None
+
+
+def downstream_save_problem(prompt: dict, train_id) -> str | None:
+    """A Save Distilled node fed by this Train node (in the queued API-format prompt) whose file name ComfyUI
+    would drop it for: said before training, since ComfyUI trains for the other outputs and the student would
+    never reach models/ (pure: tested without ComfyUI)."""
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        if node.get("class_type") != "DecoupledDMD_SaveDistilled" or \
+                list(inputs.get("student") or [])[:1] != [str(train_id)]:
+            continue
+        problem = save_name_problem(inputs.get("lora_name") if inputs.get("save_lora", True) else None,
+                                    inputs.get("checkpoint_name") if inputs.get("save_checkpoint") else None)
+        if problem:
+            return (f"Save Distilled (node {node_id}) would not save: {problem}. ComfyUI leaves that node out of "
+                    "the run, so nothing is trained until it is fixed")
+    return None
 
 
 def _input_file(name: str) -> str:
@@ -204,6 +241,12 @@ class CurveHistory:
             records = entry["records"]
             entry["records"] = records[::2] + ([records[-1]] if len(records) % 2 == 0 else [])
 
+    def end(self, node_id, run: str, text: str) -> None:
+        """The run's last words become the node's kept text (how it ended)."""
+        entry = self.runs.get(str(node_id))
+        if entry is not None and entry["run"] == run:
+            entry["text"] = text
+
     def snapshot(self) -> dict:
         return {node: dict(entry, records=list(entry["records"])) for node, entry in self.runs.items()}
 
@@ -211,55 +254,109 @@ class CurveHistory:
 CURVE_HISTORY = CurveHistory()
 
 
-def _progress_callbacks(total: int, node_id, output_name: str = ""):
-    """(on_step, on_preview, on_phase) for the trainer: ComfyUI's progress bar with the latest preview sample, a
-    line of text on the node (what it is setting up; then step, loss and time left) and one curves message per
-    update for the live curves the web extension draws in the node. Cancel becomes a stop request (the trainer
-    saves and the node reports the interruption)."""
-    import uuid
+STATUS_EVENT = "decoupled_dmd.status"  # how a run ended; web/decoupled_dmd.js shows it as a toast
+RESTORED_POINTS = 500  # at most this many earlier updates are sent back to the curves when a run resumes
 
-    import comfy.model_management as mm
-    import comfy.utils
 
-    progress = comfy.utils.ProgressBar(total, node_id=node_id)
-    run = uuid.uuid4().hex
-    try:
-        from server import PromptServer
+def stopped_text(result) -> str:
+    """The Train node's last words after Cancel (or a stop signal)."""
+    if result.student_path is None:
+        return "stopped before the first update: nothing was trained or written"
+    return (f"stopped after update {result.steps_done}: a resumable state is saved in {result.state_dir}. Queue "
+            "again unchanged to continue")
 
-        instance = PromptServer.instance
-    except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log lines stay
-        instance = None
 
-    def show(text: str) -> None:
-        if instance is not None:
-            instance.send_progress_text(text, node_id)
+def finished_text(result, total: int) -> str:
+    """The Train node's last words after a finished run: what was trained and where each file is."""
+    return (f"finished {result.steps_done}/{total} updates · student LoRA {result.student_path} · resumable state "
+            f"{result.state_dir} · curves {result.metrics_file}")
 
-    def on_phase(text: str) -> None:
+
+def failed_text(error: BaseException) -> tuple[str, str]:
+    """(kind, text) for a run that raised: 'refused' for input to change (ValueError, the config's errors among
+    them), 'failed' for a fault during the run (the last good state stays)."""
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, ValueError):
+        return "refused", f"refused: {message}"
+    return "failed", f"failed: {message}"
+
+
+class NodeReporter:
+    """What the Train node shows while it runs and how the run ended: ComfyUI's progress bar with the latest
+    preview, a line of text on the node (what it is setting up; then step, loss and time left; then how it ended)
+    and one curves message per update for the live curves the web extension draws in the node; the end also as
+    a toast. Cancel becomes a stop request (the trainer saves and the node reports the interruption)."""
+
+    def __init__(self, total: int, node_id, output_name: str = ""):
+        import uuid
+
+        import comfy.model_management as mm
+        import comfy.utils
+
+        self.total, self.node_id, self.output_name = total, node_id, output_name
+        self.progress = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.interrupted = mm.InterruptProcessingException
+        self.run = uuid.uuid4().hex
+        try:
+            from server import PromptServer
+
+            self.server = PromptServer.instance
+        except Exception:  # noqa: BLE001 - no server (a script) or an older ComfyUI: the log lines stay
+            self.server = None
+
+    def show(self, text: str) -> None:
+        if self.server is not None:
+            self.server.send_progress_text(text, self.node_id)
+
+    def send(self, event: str, message: dict) -> None:
+        if self.server is not None:
+            self.server.send_sync(event, message, getattr(self.server, "client_id", None))
+
+    def on_phase(self, text: str) -> None:
         logger.info("Decoupled DMD: %s", text)
-        show(text)
+        self.show(text)
 
-    def update(step, preview=None) -> None:
+    def update(self, step, preview=None) -> None:
+        import comfy.model_management as mm
+
         try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
-            progress.update_absolute(step, total, preview)
-        except mm.InterruptProcessingException:
+            self.progress.update_absolute(step, self.total, preview)
+        except self.interrupted:
             mm.interrupt_current_processing(True)
 
-    def on_preview(step, images):
+    def on_preview(self, step, images) -> None:
         from ..trainer.outputs import image_grid
 
-        update(step, ("PNG", image_grid(images), 512))  # every preview prompt, as the samples/ grid
+        self.update(step, ("PNG", image_grid(images), 512))  # every preview prompt, as the samples/ grid
 
-    def on_step(step, logs):
-        update(step)
-        message = curve_message(run, node_id, step, total, logs)
-        show(message["text"])
-        CURVE_HISTORY.add(message, output_name)
-        if instance is not None:
-            instance.send_sync(CURVES_EVENT, message, getattr(instance, "client_id", None))
-        if step == total or step % max(1, total // 20) == 0:  # the console gets about 20 lines a run
+    def curve(self, step: int, logs: dict) -> dict:
+        message = curve_message(self.run, self.node_id, step, self.total, logs)
+        CURVE_HISTORY.add(message, self.output_name)
+        self.send(CURVES_EVENT, message)
+        return message
+
+    def on_step(self, step, logs) -> None:
+        self.update(step)
+        message = self.curve(step, logs)
+        self.show(message["text"])
+        if step == self.total or step % max(1, self.total // 20) == 0:  # the console gets about 20 lines a run
             logger.info("Decoupled DMD: %s", message["text"])
 
-    return on_step, on_preview, on_phase
+    def restore(self, records: list[dict], step: int) -> None:
+        """A resumed run: the curves of its updates up to `step` (from the run's metrics log) come back first."""
+        earlier = [record for record in records if isinstance(record.get("step"), int) and record["step"] <= step]
+        stride = max(1, -(-len(earlier) // RESTORED_POINTS))
+        for index, record in enumerate(earlier):
+            if index % stride == 0 or index == len(earlier) - 1:
+                self.curve(record["step"], record)
+
+    def end(self, kind: str, text: str) -> None:
+        """How the run ended ('finished', 'stopped', 'refused', 'failed'): on the node, in the console, as a toast,
+        and kept with the curves for a page opened later."""
+        (logger.info if kind in ("finished", "stopped") else logger.error)("Decoupled DMD: %s", text)
+        self.show(text)
+        CURVE_HISTORY.end(self.node_id, self.run, text)
+        self.send(STATUS_EVENT, {"node": str(self.node_id), "run": self.run, "kind": kind, "text": text})
 
 
 def read_prompt_lines(text: str) -> list[str]:
@@ -393,14 +490,14 @@ class Settings:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, timesteps=None, min_timestep=None, max_timestep=None):
+    def VALIDATE_INPUTS(cls, timesteps=None):
+        # Only timesteps (ComfyUI files the answer under every input named here); min_timestep and max_timestep
+        # keep ComfyUI's own min/max check, and their order is checked when the node runs.
         if isinstance(timesteps, str) and timesteps.strip():
             try:
                 runtime.parse_timesteps(timesteps)
             except ValueError as error:
                 return str(error)
-        if isinstance(min_timestep, int) and isinstance(max_timestep, int) and min_timestep >= max_timestep:
-            return f"min_timestep {min_timestep} must be below max_timestep {max_timestep}"
         return True
 
     @classmethod
@@ -412,6 +509,9 @@ class Settings:
         return cls().settings(**widgets)[0]
 
     def settings(self, **widgets):
+        low, high = widgets.get("min_timestep"), widgets.get("max_timestep")
+        if isinstance(low, int) and isinstance(high, int) and low >= high:
+            raise ValueError(f"min_timestep {low} must be below max_timestep {high}")
         values = _config_values(widgets, SETTINGS_WIDGETS)
         values.update({key: widgets[key] for key in SETTINGS_EXTRA})
         return (values,)
@@ -480,54 +580,61 @@ class Train:
                                "family (DMD2, Lightning, Hyper-SD, LCM): training then adapts it to your checkpoint. "
                                "Its rank replaces network_dim; the teacher stays the model without it."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, resolution=None, output_name=None, prompt_file=None):
-        # Inputs named here skip ComfyUI's own min/max check: check_resolution covers resolution.
-        problem = check_resolution(resolution) if isinstance(resolution, int) else None
-        if problem:
-            return problem
-        name = (output_name or "").strip() if isinstance(output_name, str) or output_name is None else ""
-        if output_name is not None and (not name or any(c in name for c in "/\\:") or name in (".", "..")):
-            return f"output_name {output_name!r}: a plain name without folders, e.g. dmd_student"
-        if isinstance(prompt_file, str) and prompt_file.strip():
-            try:
-                _input_file(prompt_file)
-            except ValueError as error:
-                return str(error)
+    def VALIDATE_INPUTS(cls, prompts=None, prompt_file=None):
+        # ComfyUI files this answer under every input named here (execution.validate_inputs), so only the two
+        # inputs that make up the training prompts are: the check that must come before the checkpoint loads.
+        # resolution and output_name get ComfyUI's own min/max check here and the rest at the Train node's start,
+        # before anything trains, beside the names of the Save Distilled nodes it feeds (ComfyUI would drop one
+        # with a bad name and train anyway).
+        if not isinstance(prompts, str) or not isinstance(prompt_file, str):
+            return True  # linked from another node: known only when the node runs
+        try:
+            _training_prompts(prompts, prompt_file)
+        except ValueError as error:
+            return str(error)
         return True
 
     def train(self, teacher, prompts, output_name, steps, max_train_steps, resolution, batch_size, network_dim,
               learning_rate, seed, preview_every, settings=None, prompt_file="", network_weights=NO_LORA,
-              unique_id=None):
+              unique_id=None, prompt=None):
         widgets = dict(locals())
         import comfy.model_management as mm
         import folder_paths
 
         from ..trainer.config import config_from_dict
 
-        problem = check_resolution(resolution)
-        if problem:
-            raise ValueError(problem)
-        training_prompts = _training_prompts(prompts, prompt_file)
-        output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
-        config = config_from_dict(dict(train_config_values(widgets, settings), output_dir=output_dir,
-                                       guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
-        on_step, on_preview, on_phase = _progress_callbacks(max_train_steps, unique_id, output_name.strip())
-        result = runtime.train_in_comfyui(teacher, config, training_prompts, preview_prompt_lines(settings),
-                                 should_stop=mm.processing_interrupted, on_step=on_step, on_preview=on_preview,
-                                 on_phase=on_phase)
+        reporter = NodeReporter(max_train_steps, unique_id, output_name.strip())
+        try:
+            problem = (check_resolution(resolution) or check_output_name(output_name)
+                       or downstream_save_problem(prompt or {}, unique_id))
+            if problem:
+                raise ValueError(problem)
+            training_prompts = _training_prompts(prompts, prompt_file)
+            output_dir = os.path.join(folder_paths.get_output_directory(), "decoupled_dmd", output_name.strip())
+            config = config_from_dict(dict(train_config_values(widgets, settings), output_dir=output_dir,
+                                           guidance_scale=teacher.guidance_scale, uncond_mode=teacher.uncond_mode))
+            result = runtime.train_in_comfyui(
+                teacher, config, training_prompts, preview_prompt_lines(settings),
+                should_stop=mm.processing_interrupted, on_step=reporter.on_step, on_preview=reporter.on_preview,
+                on_phase=reporter.on_phase,
+                on_resume=lambda step: reporter.restore(MetricsLog.of(config).read(), step))
+        except mm.InterruptProcessingException:
+            reporter.end("stopped", "stopped before the first update: nothing was trained or written")
+            raise
+        except Exception as error:
+            reporter.end(*failed_text(error))
+            raise
         if result.interrupted:
-            if result.student_path is None:
-                logger.info("Decoupled DMD stopped before its first update: nothing was trained or written")
-            else:
-                logger.info("Decoupled DMD stopped at step %d; state saved in %s (queue again unchanged to "
-                            "continue)", result.steps_done, result.state_dir)
+            reporter.end("stopped", stopped_text(result))
             mm.interrupt_current_processing(False)
             raise mm.InterruptProcessingException()
-        return runtime.train_outputs(teacher, result)
+        outputs = runtime.train_outputs(teacher, result)
+        reporter.end("finished", finished_text(result, max_train_steps))
+        return outputs
 
 
 class SaveDistilled:
@@ -556,15 +663,10 @@ class SaveDistilled:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name=None, checkpoint_name=None):
-        for name, what in ((lora_name, "lora_name"), (checkpoint_name, "checkpoint_name")):
-            if name is None:
-                continue
-            try:
-                runtime.check_file_name(name, what)
-            except ValueError as error:
-                return str(error)
-        return True
+    def VALIDATE_INPUTS(cls, lora_name=None):
+        # Only lora_name (ComfyUI files the answer under every input named here); checkpoint_name is checked when
+        # the node saves, and both are checked by the Train node that feeds it before it trains.
+        return save_name_problem(lora_name=lora_name) or True
 
     def save(self, student, save_lora, lora_name, save_checkpoint, checkpoint_name):
         lora_path = runtime.save_lora_file(student, lora_name) if save_lora else ""

@@ -7,6 +7,7 @@ functions, so the node classes import (and CI checks their schemas) without it.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from ..trainer.config import ConfigError, portable_name_problem
 from ..trainer.formats import checkpoint_metadata, read_student_metadata, student_timesteps
 from ..trainer.outputs import MetricsLog, own_output_dir
 from ..trainer.schedules import DiscreteVPSchedule, parse_student_timesteps
+
+logger = logging.getLogger(__name__)
 
 # --- the web extension's route -------------------------------------------------------------------------------
 CURVES_ROUTE = "/decoupled_dmd/curves"
@@ -33,6 +36,11 @@ def register_routes(history) -> bool:
         return False
     instance = getattr(PromptServer, "instance", None)
     if instance is None or not hasattr(instance, "routes"):
+        return False
+    if any(getattr(route, "path", None) == CURVES_ROUTE for route in instance.routes):
+        # Registered already (the pack imported twice under two names): a second GET would make aiohttp refuse
+        # the whole route table when ComfyUI starts its server, so this import adds none.
+        logger.warning("[Decoupled DMD] %s is registered already; not adding it again", CURVES_ROUTE)
         return False
     from aiohttp import web
 
@@ -58,7 +66,7 @@ class TrainResult:
 
 def train_in_comfyui(teacher: Teacher, config, prompts: list[str], sample_prompts: list[str] | None = None,
             should_stop=lambda: False, on_step=lambda step, logs: None, on_preview=lambda step, images: None,
-            on_phase=lambda text: None) -> TrainResult:
+            on_phase=lambda text: None, on_resume=lambda step: None) -> TrainResult:
     """Run the Decoupled DMD trainer on a ComfyUI teacher in this process; adapters are removed afterwards."""
 
     import comfy.model_management as mm
@@ -78,7 +86,8 @@ def train_in_comfyui(teacher: Teacher, config, prompts: list[str], sample_prompt
         stopped["flag"] = stopped["flag"] or bool(should_stop())
         return stopped["flag"]
 
-    callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview, on_phase=on_phase)
+    callbacks = TrainerCallbacks(should_stop=stop, on_step=on_step, on_preview=keep_preview, on_phase=on_phase,
+                                 on_resume=on_resume)
     with own_output_dir(config.output_dir):
         preflight(config, with_teacher=False)  # a resume that cannot continue fails before the UNet is prepared
         on_phase("loading the teacher's UNet for training")

@@ -7,7 +7,20 @@ import pytest
 import torch
 
 from decoupled_dmd import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-from decoupled_dmd.nodes.dmd_nodes import LoadTeacher, Settings, Train, check_resolution, read_prompt_lines
+from decoupled_dmd.nodes.dmd_nodes import (
+    FewStepSampler,
+    LoadTeacher,
+    SaveDistilled,
+    Settings,
+    Train,
+    check_output_name,
+    check_resolution,
+    downstream_save_problem,
+    failed_text,
+    finished_text,
+    read_prompt_lines,
+    stopped_text,
+)
 from decoupled_dmd.nodes.runtime import (
     check_file_name,
     parse_timesteps,
@@ -90,12 +103,83 @@ def test_validation_messages_say_what_to_change():
     assert check_resolution(0) is None and check_resolution(1024) is None
     assert "multiple of 8" in check_resolution(100000)
     assert "multiple of 8" in check_resolution(100)
-    assert Train.VALIDATE_INPUTS(resolution=512, output_name="run", prompt_file="") is True
-    assert Settings.VALIDATE_INPUTS(timesteps="999,499", min_timestep=20, max_timestep=980) is True
+    assert Train.VALIDATE_INPUTS(prompts="a cat", prompt_file="") is True
+    assert "no training prompts" in Train.VALIDATE_INPUTS(prompts=" \n# only a note\n", prompt_file="")
+    assert Train.VALIDATE_INPUTS(prompts="", prompt_file=None) is True  # linked: checked when the node runs
+    assert Settings.VALIDATE_INPUTS(timesteps="999,499") is True
     assert "strictly decreasing" in Settings.VALIDATE_INPUTS(timesteps="499,999")
-    assert "below max_timestep" in Settings.VALIDATE_INPUTS(min_timestep=500, max_timestep=400)
-    assert "plain name" in Train.VALIDATE_INPUTS(output_name="../x")
+    with pytest.raises(ValueError, match="below max_timestep"):
+        Settings().settings(**{**_settings_widgets(), "min_timestep": 500, "max_timestep": 400})
+    assert "plain name" in check_output_name("../x") and check_output_name("run") is None
+    assert "inside its models folder" in SaveDistilled.VALIDATE_INPUTS(lora_name="../evil")
     assert read_prompt_lines("a cat\n\n# note\n  a dog ") == ["a cat", "a dog"]
+
+
+def _settings_widgets() -> dict:
+    inputs = Settings.INPUT_TYPES()
+    return {name: spec[1]["default"] for section in ("required", "optional") for name, spec in inputs[section].items()}
+
+
+def test_each_validation_answer_is_filed_under_the_inputs_it_concerns():
+    """ComfyUI files a VALIDATE_INPUTS answer under every input the function names: each node names only the
+    inputs its answers are about."""
+    import inspect
+
+    named = {cls.__name__: inspect.getfullargspec(cls.VALIDATE_INPUTS).args[1:]
+             for cls in (Train, Settings, SaveDistilled, FewStepSampler)}
+    assert named == {"Train": ["prompts", "prompt_file"], "Settings": ["timesteps"], "SaveDistilled": ["lora_name"],
+                     "FewStepSampler": ["timesteps"]}
+
+
+def test_a_bad_save_distilled_name_is_refused_by_the_train_node_that_feeds_it():
+    prompt = {"5": {"class_type": "DecoupledDMD_Train", "inputs": {}},
+              "6": {"class_type": "DecoupledDMD_SaveDistilled",
+                    "inputs": {"student": ["5", 2], "save_lora": True, "lora_name": "../evil",
+                               "save_checkpoint": False, "checkpoint_name": "/abs"}}}
+    problem = downstream_save_problem(prompt, "5")
+    assert "node 6" in problem and "lora_name" in problem and "nothing is trained" in problem
+    assert downstream_save_problem(prompt, "7") is None  # fed by another Train node
+    prompt["6"]["inputs"].update(lora_name="fine", save_checkpoint=True)
+    assert "checkpoint_name" in downstream_save_problem(prompt, "5")
+    prompt["6"]["inputs"].update(save_checkpoint=False)
+    assert downstream_save_problem(prompt, "5") is None
+
+
+def test_how_a_run_ended_is_said_with_what_to_do_and_where_the_files_are():
+    from types import SimpleNamespace
+
+    from decoupled_dmd.trainer.config import ConfigError
+    from decoupled_dmd.trainer.loop import TrainingFailed
+
+    result = SimpleNamespace(student_path="/o/run/run.safetensors", state_dir="/o/run/state-000003", steps_done=3,
+                             metrics_file="/o/run/logs/metrics.jsonl")
+    assert "state-000003" in stopped_text(result) and "Queue again unchanged" in stopped_text(result)
+    assert "nothing was trained" in stopped_text(SimpleNamespace(student_path=None))
+    text = finished_text(result, 6)
+    assert all(part in text for part in ("3/6", "run.safetensors", "state-000003", "metrics.jsonl"))
+    assert failed_text(ConfigError("resolution 12: use 16")) == ("refused", "refused: resolution 12: use 16")
+    assert failed_text(TrainingFailed("every update was non-finite"))[0] == "failed"
+
+
+def test_exceptions_keep_their_package_name_when_comfyui_imports_the_pack_by_path():
+    from decoupled_dmd.trainer.errors import public_name
+
+    exec_globals = {"__name__": "/x/custom_nodes/ComfyUI-DecoupledDMD.trainer.errors"}
+    exec("class Oops(ValueError):\n    pass", exec_globals)
+    assert public_name(exec_globals["Oops"]).__module__ == "decoupled_dmd.trainer.errors"
+
+
+def test_only_the_first_copy_of_the_pack_claims_the_process(monkeypatch, tmp_path):
+    import sys
+
+    from decoupled_dmd import copies
+
+    monkeypatch.delitem(sys.modules, copies.CLAIM, raising=False)
+    first, second = tmp_path / "ComfyUI-DecoupledDMD", tmp_path / "decoupled-dmd"
+    first.mkdir()
+    second.mkdir()
+    assert copies.claim(str(first)) is None and copies.claim(str(first)) is None  # the same folder again
+    assert copies.claim(str(second)) == str(first.resolve())
 
 
 def test_file_names_cannot_escape_the_models_folder():
@@ -164,7 +248,9 @@ def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
                 assert isinstance(value, str)
         if node["class_type"] == "DecoupledDMD_Train":
             assert NODE_CLASS_MAPPINGS["DecoupledDMD_Train"].VALIDATE_INPUTS(
-                **{k: given[k] for k in ("resolution", "output_name", "prompt_file")}) is True
+                **{k: given[k] for k in ("prompts", "prompt_file")}) is True
+            assert check_resolution(given["resolution"]) is None and check_output_name(given["output_name"]) is None
+            assert downstream_save_problem(graph, node_id) is None
 
 
 @pytest.mark.parametrize("name", _workflow_names())

@@ -26,6 +26,7 @@ from .accounting import CostMeter
 from .config import ConfigError, TrainConfig, checked_timestep_bounds
 from .denoiser import Conditioning, Denoiser, ModelAdapter, PromptCache
 from .ema import StudentEma
+from .errors import public_name
 from .export import SAVE_DTYPES, save_merged_checkpoint, student_tensors
 from .formats import atomic_save_safetensors, read_init_lora, student_metadata
 from .graphs import GraphedCalls, uses_cuda_graphs
@@ -64,6 +65,7 @@ def with_init_lora(config: TrainConfig, init, adapter: ModelAdapter) -> TrainCon
                           list(config.lora_target_modules))
 
 
+@public_name
 class TrainingFailed(RuntimeError):
     """A run that cannot go on (every update non-finite); the message names the likely causes and the last good
     state."""
@@ -77,6 +79,7 @@ class TrainerCallbacks:
     on_step: Callable[[int, dict], None] = lambda step, logs: None
     on_preview: Callable[[int, Tensor], None] = lambda step, images: None
     on_phase: Callable[[str], None] = lambda text: None  # what the run is doing before and between steps
+    on_resume: Callable[[int], None] = lambda step: None  # a resumed run goes on after this step (logged before)
 
 
 @dataclass
@@ -427,6 +430,7 @@ class DecoupledDMDTrainer:
                                        config.output_dir)
                 self.callbacks.on_phase(f"continuing the run in {config.output_dir} at step {self.step} "
                                         f"of {config.max_train_steps}")
+                self.callbacks.on_resume(self.step)
             else:
                 self.callbacks.on_phase(f"starting a fresh run in {config.output_dir}")
             return self._train()

@@ -29,11 +29,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .config import ConfigError
+from .errors import public_name
 from .graphs import uses_cuda_graphs
 
 GIB = 1024 ** 3
 
 
+@public_name
 class MemoryPlanError(ConfigError):
     """The run would not fit its memory limit; the message names the settings that would make it fit."""
 

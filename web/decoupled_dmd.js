@@ -9,6 +9,8 @@ import {
 
 const NODE_TYPE = "DecoupledDMD_Train";
 const EVENT = "decoupled_dmd.curves";
+const STATUS_EVENT = "decoupled_dmd.status"; // how a run ended (nodes/dmd_nodes.py: NodeReporter.end)
+const SEVERITY = { finished: "success", stopped: "warn", refused: "error", failed: "error" };
 const ROUTE = "/decoupled_dmd/curves";
 const PANEL_HEIGHT = 80;
 const WIDGET_HEIGHT = PANEL_HEIGHT * PANELS.length;
@@ -151,6 +153,17 @@ app.registerExtension({
       const curves = curvesWidget(node);
       if (curves.store.add(detail)) draw(curves.canvas, curves.store);
       app.graph.setDirtyCanvas(true, false);
+    });
+    api.addEventListener(STATUS_EVENT, ({ detail }) => {
+      // the text is also the node's progress text; the toast reaches a creator looking elsewhere in the graph
+      const node = findNode(detail.node);
+      if (node?.dmdCurves) node.dmdCurves.store.text = detail.text;
+      app.extensionManager?.toast?.add({
+        severity: SEVERITY[detail.kind] ?? "info",
+        summary: `Decoupled DMD Train: ${detail.kind}`,
+        detail: detail.text,
+        life: detail.kind === "finished" ? 8000 : 15000,
+      });
     });
     await restore();
   },

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from safetensors import safe_open
+from server_process import REPO, make_base, start_server
 from train_inputs import set_train_inputs, training_nodes
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
@@ -78,6 +79,37 @@ def test_nodes_are_registered_with_namespaced_ids_and_categories(comfy_server):
     assert "Cannot import" not in "\n".join(line for line in comfy_server.log().splitlines() if "DecoupledDMD" in line)
 
 
+def test_two_copies_of_the_pack_start_and_the_first_one_wins(tmp_path):
+    """A Registry install (`decoupled-dmd`) beside a git clone: ComfyUI starts, the nodes and the curves route
+    work once, and the copy loaded second says so in one line naming both folders."""
+    import shutil
+    import subprocess
+    import urllib.request
+
+    base = str(tmp_path)
+    make_base(base)
+    os.symlink(REPO, os.path.join(base, "custom_nodes", "ComfyUI-DecoupledDMD"))
+    copy = os.path.join(base, "custom_nodes", "decoupled-dmd")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if os.path.isfile(os.path.join(REPO, name)):
+            os.makedirs(os.path.dirname(os.path.join(copy, name)), exist_ok=True)
+            shutil.copyfile(os.path.join(REPO, name), os.path.join(copy, name))
+    with start_server(base) as server:
+        ours = [name for name in server.get("/object_info") if name.startswith("DecoupledDMD_")]
+        assert len(ours) == 5
+        with urllib.request.urlopen(server.url + "/decoupled_dmd/curves") as response:
+            assert response.status == 200 and isinstance(json.load(response), dict)
+        log = server.log()
+    skipped = [line for line in log.splitlines() if "another copy of this pack is already loaded" in line]
+    assert len(skipped) == 1, log[-3000:]
+    folders = {os.path.realpath(REPO), os.path.realpath(copy)}
+    assert all(folder in skipped[0] for folder in folders), skipped
+    ours = [line for line in log.splitlines() if "DecoupledDMD" in line or "decoupled-dmd" in line]
+    assert not [line for line in ours if "Cannot import" in line or "Error" in line], ours
+
+
 def test_pyproject_passes_comfyuis_own_registry_parser(comfy_server):
     """comfy_config is the parser ComfyUI shares with comfy-cli's registry publishing."""
     import sys
@@ -144,7 +176,7 @@ def test_training_writes_lora_checkpoint_state_and_images(comfy_server, trained)
     assert os.path.isfile(os.path.join(run_dir, "state-000002", "trainer_state.json"))
     log = comfy_server.log()  # the node's progress text, also in the console
     for said in ("Decoupled DMD: loading the teacher's UNet", "Decoupled DMD: starting a fresh run",
-                 "Decoupled DMD: step 2/2 · loss"):
+                 "Decoupled DMD: step 2/2 · loss", "Decoupled DMD: finished 2/2 updates · student LoRA "):
         assert said in log, said
     images = _images(trained)
     assert any(name.startswith(f"{RUN}_few_step") for name in images)
@@ -200,6 +232,11 @@ def test_cancel_saves_a_resumable_state_and_resume_continues(comfy_server, train
     with open(metrics, encoding="utf-8") as handle:
         steps = [json.loads(line)["step"] for line in handle]
     assert steps[-1] == stopped_at + 1 and steps.count(stopped_at + 1) == 1
+    assert f"stopped after update {stopped_at}: a resumable state is saved" in comfy_server.log()
+    # the resumed run's curves start at update 1 again (restored from the log), and keep how the run ended
+    kept = comfy_server.get("/decoupled_dmd/curves")["3"]
+    assert [r["step"] for r in kept["records"]] == list(range(1, stopped_at + 2)), kept["records"]
+    assert kept["output_name"] == name and kept["text"].startswith(f"finished {stopped_at + 1}/{stopped_at + 1}")
 
 
 def test_queueing_a_finished_run_again_is_refused_with_what_to_do(comfy_server, trained):
@@ -207,6 +244,8 @@ def test_queueing_a_finished_run_again_is_refused_with_what_to_do(comfy_server, 
     assert entry["status"]["status_str"] == "error"
     message = " ".join(str(e.get("exception_message", "")) for e in _errors(entry))
     assert "already finished" in message and "max_train_steps" in message and "output_name" in message
+    # ComfyUI names the type by module: the pack's, not the path it imported the pack from
+    assert _errors(entry)[0]["exception_type"] == "decoupled_dmd.trainer.errors.ConfigError"
 
 
 def _save_only_graph_with(name: str, **train) -> dict:
@@ -301,19 +340,48 @@ def test_the_distill_from_speed_lora_workflow_starts_from_the_speed_lora_and_sam
     assert metadata["decoupled_dmd.network_dim"] == "8"  # the rank came from the speed LoRA, not network_dim 4
 
 
-@pytest.mark.parametrize("node, change, words", [
-    ("3", {"resolution": 100000}, "resolution"),
-    ("3", {"prompt_file": "no_such_prompts.txt"}, "prompt_file"),
-    ("3", {"output_name": "../escape"}, "output_name"),
-    ("4", {"lora_name": "../../evil"}, "lora_name"),
+@pytest.mark.parametrize("node, change, inputs, words", [
+    ("3", {"resolution": 100000}, {"resolution"}, "bigger than max"),
+    ("3", {"prompt_file": "no_such_prompts.txt"}, {"prompts", "prompt_file"}, "prompt_file"),
+    ("3", {"prompts": " \n# a note only\n"}, {"prompts", "prompt_file"}, "no training prompts"),
+    ("4", {"lora_name": "../../evil"}, {"lora_name"}, "lora_name"),
+    ("15", {"timesteps": "499,999"}, {"timesteps"}, "strictly decreasing"),
 ])
-def test_bad_input_is_a_node_error_that_says_what_to_change(comfy_server, node, change, words):
+def test_bad_input_is_a_node_error_filed_once_under_its_input(comfy_server, node, change, inputs, words):
+    """Refused when queued (before any model loads), each message once and under the inputs it is about."""
     graph = _save_only_graph("ci_bad")
     graph[node]["inputs"].update(change)
     status, body = comfy_server.queue(graph)
     assert status == 400
-    messages = json.dumps(body["node_errors"][node])
-    assert words in messages
+    errors = body["node_errors"][node]["errors"]
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == sorted(inputs), errors
+    assert all(words in e["message"] + e["details"] for e in errors), errors
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"resolution": 100}, "multiple of 8"),
+    ({"output_name": "../escape"}, "output_name"),
+])
+def test_bad_input_comfyui_cannot_check_is_refused_when_the_train_node_starts(comfy_server, change, words):
+    graph = _save_only_graph("ci_bad_at_start")
+    graph["3"]["inputs"].update(change)
+    errors = _errors(comfy_server.run(graph))
+    assert errors and errors[0]["node_id"] == "3" and errors[0]["exception_type"] == "ValueError", errors
+    assert words in errors[0]["exception_message"] and "refused: " in comfy_server.log()
+
+
+def test_a_save_distilled_comfyui_would_drop_stops_the_train_node_before_it_trains(comfy_server):
+    """ComfyUI leaves an invalid output node out and runs the others: the Train node feeding it refuses to start,
+    so no run trains for a LoRA that would never reach models/loras."""
+    name = "ci_dropped_save"
+    graph = _train_graph(name)
+    graph["4"]["inputs"]["lora_name"] = "../evil"
+    status, body = comfy_server.queue(graph)
+    assert status == 200 and "4" in body["node_errors"], body  # the other outputs still run
+    errors = _errors(comfy_server.wait(body["prompt_id"]))
+    assert errors and errors[0]["node_id"] == "3", errors
+    assert "Save Distilled (node 4)" in errors[0]["exception_message"]
+    assert not os.path.exists(os.path.join(comfy_server.base, "output", "decoupled_dmd", name, "logs"))
 
 
 def test_a_non_sd_model_is_refused_with_a_message(comfy_server):

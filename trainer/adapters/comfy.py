@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import Conditioning, ModelAdapter
+from ..errors import public_name
 from ..schedules import DiscreteVPSchedule, append_dims
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ SUPPORTED_FAMILIES = "SD1.5 and SDXL (eps or v-prediction)"
 CLIP_CHUNK = 77  # tokens per CLIP window
 
 
+@public_name
 class UnsupportedModelError(ValueError):
     """A MODEL this trainer cannot distil; the message says which models it takes."""
 

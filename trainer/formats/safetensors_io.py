@@ -13,7 +13,7 @@ import struct
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, public_name
 from ..outputs import atomic_write
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -23,6 +23,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
+@public_name
 class CheckpointError(ConfigError):
     """A checkpoint file that cannot be used, with what to do instead."""
 
