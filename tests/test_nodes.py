@@ -210,12 +210,38 @@ def _workflow_names():
     return sorted(f[: -len(".api.json")] for f in os.listdir(os.path.join(WORKFLOWS, "api")) if f.endswith(".api.json"))
 
 
-def test_every_workflow_has_both_formats():
+def test_every_workflow_has_both_formats_and_a_numbered_title():
+    """The Templates browser shows each file's name as its card's title (ComfyUI lists a pack's templates in
+    directory order): the names say what each does, numbered in the order a creator uses them."""
     names = _workflow_names()
-    assert {"distill_sdxl", "distill_with_style_lora", "distill_from_speed_lora", "sample_few_step",
-            "sample_stock_nodes"} <= set(names)
+    assert [name.split(" - ")[0] for name in names] == [str(n) for n in range(1, len(names) + 1)], names
+    assert [name.split(" - ")[1].split()[0] for name in names] == ["Distil"] * 3 + ["Sample"] * 2
     for name in names:
         assert os.path.isfile(os.path.join(WORKFLOWS, f"{name}.json")), name
+        assert os.path.isfile(os.path.join(WORKFLOWS, f"{name}.jpg")), name
+
+
+def test_the_sampling_templates_load_what_the_distil_templates_write_by_default():
+    """A creator who runs the templates in order: the sampling ones read the LoRA file that Save Distilled writes
+    with its defaults (the all-in-one checkpoint is off by default)."""
+    graphs = {}
+    for name in _workflow_names():
+        with open(os.path.join(WORKFLOWS, "api", f"{name}.api.json"), encoding="utf-8") as handle:
+            graphs[name] = json.load(handle)
+    written = set()
+    for name, graph in graphs.items():
+        for node in graph.values():
+            if node["class_type"] == "DecoupledDMD_SaveDistilled":
+                inputs = node["inputs"]
+                assert inputs["save_lora"] and not inputs["save_checkpoint"], name
+                written.add(check_file_name(inputs["lora_name"]))
+    assert "dmd_student_lora.safetensors" in written  # template 1's; 2 and 3 write their own names
+    for name, graph in graphs.items():
+        if not name.split(" - ")[1].startswith("Sample"):
+            continue
+        loras = {node["inputs"]["lora_name"] for node in graph.values() if node["class_type"] == "LoraLoader"}
+        files = {node["inputs"].get("metadata_file") for node in graph.values()} - {None, ""}
+        assert loras == files == {"dmd_student_lora.safetensors"} or (loras <= written and not files), name
 
 
 @pytest.mark.parametrize("name", _workflow_names())

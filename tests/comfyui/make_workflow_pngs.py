@@ -10,10 +10,9 @@ are noise.
     python tests/comfyui/tiny_checkpoints.py sdxl <ComfyUI base>/models/checkpoints/tiny_sdxl_vega_v1.safetensors
     python tests/comfyui/make_workflow_pngs.py --url http://127.0.0.1:8188 --checkpoint tiny_sdxl_vega_v1.safetensors
 
-Order: distill_sdxl first (its LoRA and checkpoint feed the two sample workflows; its LoRA also stands in for
-the style LoRA of distill_with_style_lora and for both the style and the speed LoRA of
-distill_from_speed_lora). Each distil run writes to output/decoupled_dmd/<run>/ and models/loras|checkpoints
-of that ComfyUI (the names get a counter when they exist).
+Order: template 1 first (its LoRA feeds the two sample workflows; it also stands in for the style LoRA of
+template 2 and for both the style and the speed LoRA of template 3). Each distil run writes to
+output/decoupled_dmd/<run>/ and models/loras|checkpoints of that ComfyUI (the names get a counter when they exist).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import urllib.request
 import uuid
 
 from train_inputs import set_train_inputs
+from workflow_names import DISTIL, DISTIL_SPEED, DISTIL_STYLE, SAMPLE_FEW_STEP, SAMPLE_STOCK  # this folder
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 TINY_TRAIN = dict(prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4,
@@ -100,7 +100,7 @@ def _tiny_distil(graph: dict, checkpoint: str, run: str, save_checkpoint: bool) 
 
 def make_pngs(url: str, checkpoint: str, out_dir: str = WORKFLOWS, run_prefix: str = "png",
               log=print) -> dict[str, str]:
-    """Run the four workflows and write <out_dir>/<name>.png; returns {name: path}."""
+    """Run the five workflows and write <out_dir>/<name>.png; returns {name: path}."""
     client = Client(url)
     written: dict[str, str] = {}
 
@@ -112,40 +112,40 @@ def make_pngs(url: str, checkpoint: str, out_dir: str = WORKFLOWS, run_prefix: s
         log(f"{name}: {path} ({os.path.getsize(path)} bytes)")
 
     started = time.time()
-    graph, workflow = _load("distill_sdxl")
+    graph, workflow = _load(DISTIL)
     entry = client.run(_tiny_distil(graph, checkpoint, f"{run_prefix}_student", save_checkpoint=True), workflow)
-    save("distill_sdxl", entry, "14")
+    save(DISTIL, entry, "14")
     lora, student_checkpoint = _written(entry, "4")
-    log(f"  distill_sdxl took {time.time() - started:.0f} s; wrote {lora}, {student_checkpoint}")
+    log(f"  {DISTIL} took {time.time() - started:.0f} s; wrote {lora}, {student_checkpoint}")
 
-    graph, workflow = _load("sample_few_step")
-    graph["1"]["inputs"]["ckpt_name"] = student_checkpoint
-    graph["4"]["inputs"]["metadata_file"] = student_checkpoint
+    graph, workflow = _load(SAMPLE_FEW_STEP)
+    graph["1"]["inputs"]["ckpt_name"] = checkpoint
+    graph["7"]["inputs"]["lora_name"] = graph["4"]["inputs"]["metadata_file"] = lora
     graph["3"]["inputs"].update(width=64, height=64)
     graph["6"]["inputs"]["filename_prefix"] = "workflow_png_sample_few_step"
-    save("sample_few_step", client.run(graph, workflow), "6")
+    save(SAMPLE_FEW_STEP, client.run(graph, workflow), "6")
 
-    graph, workflow = _load("sample_stock_nodes")
+    graph, workflow = _load(SAMPLE_STOCK)
     graph["1"]["inputs"]["ckpt_name"] = checkpoint
     graph["2"]["inputs"]["lora_name"] = lora
     graph["4"]["inputs"].update(width=64, height=64)
     graph["7"]["inputs"]["filename_prefix"] = "workflow_png_sample_stock_nodes"
-    save("sample_stock_nodes", client.run(graph, workflow), "7")
+    save(SAMPLE_STOCK, client.run(graph, workflow), "7")
 
     started = time.time()
-    graph, workflow = _load("distill_with_style_lora")
+    graph, workflow = _load(DISTIL_STYLE)
     graph = _tiny_distil(graph, checkpoint, f"{run_prefix}_style_student", save_checkpoint=False)
     graph["9"]["inputs"]["lora_name"] = lora  # stand-in for a style LoRA: the student LoRA made above
-    save("distill_with_style_lora", client.run(graph, workflow), "14")
-    log(f"  distill_with_style_lora took {time.time() - started:.0f} s")
+    save(DISTIL_STYLE, client.run(graph, workflow), "14")
+    log(f"  {DISTIL_STYLE} took {time.time() - started:.0f} s")
 
     started = time.time()
-    graph, workflow = _load("distill_from_speed_lora")
+    graph, workflow = _load(DISTIL_SPEED)
     graph = _tiny_distil(graph, checkpoint, f"{run_prefix}_own_student", save_checkpoint=False)
     graph["9"]["inputs"]["lora_name"] = lora  # stand-ins: the student LoRA made above as style and speed LoRA
     graph["3"]["inputs"]["network_weights"] = lora
-    save("distill_from_speed_lora", client.run(graph, workflow), "14")
-    log(f"  distill_from_speed_lora took {time.time() - started:.0f} s")
+    save(DISTIL_SPEED, client.run(graph, workflow), "14")
+    log(f"  {DISTIL_SPEED} took {time.time() - started:.0f} s")
     return written
 
 

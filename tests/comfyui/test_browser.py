@@ -18,6 +18,7 @@ import time
 import pytest
 from test_server import TINY_TRAIN, WORKFLOWS, _errors, load_workflow
 from train_inputs import set_train_inputs
+from workflow_names import DISTIL, DISTIL_SPEED, DISTIL_STYLE  # this folder
 
 sys.path.insert(0, os.path.join(os.path.dirname(WORKFLOWS), "scripts"))
 try:  # the thumbnail script drives the same Chromium the same way
@@ -32,7 +33,7 @@ if not CHROMIUM:
 
 EXTENSION = "DecoupledDMD.LiveCurves"
 SCREENSHOTS = os.environ.get("COMFYUI_SCREENSHOTS", "")
-TRAIN_ID = 3  # the Train node of distill_sdxl (UI and API twin share ids)
+TRAIN_ID = 3  # the Train node of template 1 (UI and API twin share ids)
 # the Train node in page code (1.58 may hold node ids as strings)
 TRAIN_JS = f"(window.app.graph.getNodeById({TRAIN_ID}) ?? window.app.graph.getNodeById('{TRAIN_ID}'))"
 EVERYDAY = ["prompts", "output_name", "steps", "max_train_steps", "resolution", "batch_size", "network_dim",
@@ -133,7 +134,7 @@ def test_every_template_opens_from_the_templates_browser_with_its_thumbnail(comf
         assert missing == [], (name, missing)
 
 
-@pytest.mark.parametrize("name", ["distill_sdxl", "distill_with_style_lora", "distill_from_speed_lora"])
+@pytest.mark.parametrize("name", [DISTIL, DISTIL_STYLE, DISTIL_SPEED])
 def test_the_frontend_lays_out_the_workflow_without_overlaps(browser_page, name):
     """The boxes the frontend itself computes (its own widget heights and title bars), not the JSON's sizes."""
     _load(browser_page, name)
@@ -148,7 +149,7 @@ def test_the_frontend_lays_out_the_workflow_without_overlaps(browser_page, name)
 
 
 def test_the_train_node_shows_the_everyday_settings_and_guidance_says_auto(browser_page):
-    _load(browser_page, "distill_sdxl")
+    _load(browser_page, DISTIL)
     nodes = {str(n["id"]): n for n in _nodes(browser_page)}  # (1.58 may hold ids as strings)
     train = nodes[str(TRAIN_ID)]
     names = [w["name"] for w in train["widgets"] if w["name"] != "control_after_generate"]
@@ -177,10 +178,10 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
         page.evaluate(f"async () => await window.app.extensionManager.setting.set('{VUE_NODES}', "
                       f"{'true' if display == 'vue_nodes' else 'false'})")
     run = f"browser_curves_{display}"
-    _load(page, "distill_sdxl")
+    _load(page, DISTIL)
     client_id = page.evaluate("async () => (await import('/scripts/api.js')).api.clientId")
     assert client_id
-    graph = load_workflow("distill_sdxl")
+    graph = load_workflow(DISTIL)
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
     steps = 4
@@ -213,11 +214,14 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     }}""")
     assert curves["steps"] == list(range(1, steps + 1))
     assert {"loss_generator", "gen_mean", "gen_std", "grad_norm_student"} <= set(curves["keys"])
-    assert curves["text"].startswith(f"step {steps}/{steps}")
-    # the node's progress text (ComfyUI's own text widget, or DOM text in the newer display) shows the last step
+    ended = f"finished {steps}/{steps} updates · student LoRA "
+    assert curves["text"].startswith(ended), curves["text"]
+    # how the run ended is the node's progress text (ComfyUI's own text widget, or DOM text in the newer display)
+    # and a toast, which a creator looking elsewhere in the graph sees
     texts = page.evaluate(f"() => {TRAIN_JS}.widgets.map(w => String(w.value ?? ''))")
-    assert (any(t.startswith(f"step {steps}/{steps} · loss") for t in texts)
-            or f"step {steps}/{steps} · loss" in page.inner_text("body")), texts
+    assert any(t.startswith(ended) for t in texts) or ended in page.inner_text("body"), texts
+    page.wait_for_function("() => [...document.querySelectorAll('.p-toast-message')].some(t => "
+                           "t.innerText.includes('Decoupled DMD Train: finished'))", timeout=30_000)
     assert curves["coloured"] > 100, curves  # lines were drawn, not just the empty panels
     box = _focus(page, TRAIN_ID)  # at 100%
     page.wait_for_timeout(300)
@@ -226,7 +230,7 @@ def test_live_curves_draw_in_the_train_node_while_it_trains(comfy_server, browse
     assert shown[0] > 250 and shown[1] > 200, shown  # on the page, at a readable size
     # the curves widget is not part of the saved workflow: widgets_values keep the node's inputs
     saved = page.evaluate("() => window.app.graph.serialize().nodes.find(n => n.type === 'DecoupledDMD_Train')")
-    shipped = next(n for n in _ui_workflow("distill_sdxl")["nodes"] if n["id"] == TRAIN_ID)
+    shipped = next(n for n in _ui_workflow(DISTIL)["nodes"] if n["id"] == TRAIN_ID)
     # (the frontend's own progress-text widget, "$$...", is saved too by some versions: not ours to change)
     frontends = page.evaluate(f"() => {TRAIN_JS}.widgets.filter(w => "
                               "w.name.startsWith('$$') && w.serialize !== false).length")
@@ -249,12 +253,12 @@ def test_a_reloaded_page_draws_the_curves_of_the_run_it_missed(comfy_server, bro
     assert [r["step"] for r in kept[ours[0]]["records"]] == [1, 2, 3, 4]
     page.reload()
     page.wait_for_function(f"() => window.app?.extensions?.some(e => e.name === '{EXTENSION}')", timeout=120_000)
-    workflow = _ui_workflow("distill_sdxl")
+    workflow = _ui_workflow(DISTIL)
     train = next(n for n in workflow["nodes"] if n["id"] == TRAIN_ID)
     assert train["widgets_values"][1] == "dmd_student"  # output_name, after prompts
-    _load(page, "distill_sdxl", workflow)
+    _load(page, DISTIL, workflow)
     page.wait_for_timeout(1000)
     assert page.evaluate(f"() => {TRAIN_JS}.dmdCurves?.store.records.length ?? 0") == 0  # another run's name
     train["widgets_values"][1] = run
-    _load(page, "distill_sdxl", workflow)
+    _load(page, DISTIL, workflow)
     page.wait_for_function(f"() => {TRAIN_JS}.dmdCurves?.store.records.length === 4", timeout=30_000)

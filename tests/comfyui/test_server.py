@@ -9,6 +9,7 @@ import pytest
 from safetensors import safe_open
 from server_process import REPO, make_base, start_server
 from train_inputs import set_train_inputs, training_nodes
+from workflow_names import DISTIL, DISTIL_SPEED, SAMPLE_FEW_STEP, SAMPLE_STOCK  # this folder
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "workflows")
 
@@ -30,7 +31,7 @@ def _errors(entry) -> list:
 
 
 def _train_graph(name: str, **train) -> dict:
-    graph = load_workflow("distill_sdxl")
+    graph = load_workflow(DISTIL)
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"
     set_train_inputs(graph, **{**TINY_TRAIN, "output_name": name, **train})
@@ -144,18 +145,20 @@ def test_every_listed_template_opens_with_its_thumbnail(comfy_server):
     """The Templates browser: GET /workflow_templates lists the pack's UI workflows (not the API twins), and
     each one and its thumbnail can be fetched where the frontend asks for them."""
     import urllib.request
+    from urllib.parse import quote
 
     listed = comfy_server.get("/workflow_templates")
-    ours = {module: names for module, names in listed.items() if "distill_sdxl" in names}
+    ours = {module: names for module, names in listed.items() if DISTIL in names}
     assert len(ours) == 1, listed
     (module, names), = ours.items()
     assert sorted(names) == sorted(f[: -len(".json")] for f in os.listdir(WORKFLOWS) if f.endswith(".json"))
     for name in names:
-        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{module}/{name}.json") as response:
+        where = f"{comfy_server.url}/api/workflow_templates/{module}/{quote(name)}"  # the frontend's fetch encodes it
+        with urllib.request.urlopen(f"{where}.json") as response:
             graph = json.load(response)
         assert graph["nodes"] and any(n["type"].startswith("DecoupledDMD_") or n["type"] == "LoraLoader"
                                       for n in graph["nodes"])
-        with urllib.request.urlopen(f"{comfy_server.url}/api/workflow_templates/{module}/{name}.jpg") as response:
+        with urllib.request.urlopen(f"{where}.jpg") as response:
             assert response.read(3) == b"\xff\xd8\xff"  # a JPEG
 
 
@@ -190,17 +193,23 @@ def test_training_writes_lora_checkpoint_state_and_images(comfy_server, trained)
 
 
 def test_saved_files_load_in_stock_loaders_and_sample(comfy_server, trained):
-    few = load_workflow("sample_few_step")
-    few["1"]["inputs"]["ckpt_name"] = f"{RUN}.safetensors"
-    few["4"]["inputs"]["metadata_file"] = f"{RUN}.safetensors"
+    few = load_workflow(SAMPLE_FEW_STEP)  # base checkpoint + student LoRA -> Few-Step Sampler
+    few["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    few["7"]["inputs"]["lora_name"] = few["4"]["inputs"]["metadata_file"] = f"{RUN}_lora.safetensors"
     few["3"]["inputs"].update(width=64, height=64)
-    few["6"]["inputs"]["filename_prefix"] = "ci_few_step_checkpoint"
-    stock = load_workflow("sample_stock_nodes")
+    few["6"]["inputs"]["filename_prefix"] = "ci_few_step_lora"
+    # the all-in-one checkpoint instead, as the template's note says: load it, bypass the LoRA loader
+    merged = json.loads(json.dumps(few))
+    del merged["7"]
+    merged["1"]["inputs"]["ckpt_name"] = merged["4"]["inputs"]["metadata_file"] = f"{RUN}.safetensors"
+    merged["4"]["inputs"]["model"], merged["2"]["inputs"]["clip"] = ["1", 0], ["1", 1]
+    merged["6"]["inputs"]["filename_prefix"] = "ci_few_step_checkpoint"
+    stock = load_workflow(SAMPLE_STOCK)
     stock["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     stock["2"]["inputs"]["lora_name"] = f"{RUN}_lora.safetensors"
     stock["4"]["inputs"].update(width=64, height=64)
     stock["7"]["inputs"]["filename_prefix"] = "ci_stock_lora"
-    for graph in (few, stock):
+    for graph in (few, merged, stock):
         entry = comfy_server.run(graph)
         assert entry["status"]["status_str"] == "success", _errors(entry)
         assert _images(entry)
@@ -318,7 +327,7 @@ def test_the_distill_from_speed_lora_workflow_starts_from_the_speed_lora_and_sam
     loras = os.path.join(comfy_server.base, "models", "loras")
     _random_speed_lora(os.path.join(loras, f"{RUN}_lora.safetensors"), os.path.join(loras, "ci_speed.safetensors"), 8)
     name = "ci_own_student"
-    graph = load_workflow("distill_from_speed_lora")
+    graph = load_workflow(DISTIL_SPEED)
     assert graph["12"]["class_type"] == "KSampler" and graph["12"]["inputs"]["model"] == ["3", 0]
     graph["1"]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
     graph["2"]["inputs"]["uncond_mode"] = "empty_prompt"

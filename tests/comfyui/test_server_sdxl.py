@@ -10,13 +10,14 @@ import pytest
 from safetensors import safe_open
 from test_server import _errors, _images, load_workflow
 from train_inputs import set_train_inputs
+from workflow_names import DISTIL, SAMPLE_STOCK  # this folder
 
 RUN = "ci_sdxl"
 FIGURES = {}
 
 
 def _sdxl_train_graph(checkpoint: str) -> dict:
-    graph = load_workflow("distill_sdxl")  # as shipped: guidance_scale auto (family default), uncond zeros
+    graph = load_workflow(DISTIL)  # as shipped: guidance_scale auto (family default), uncond zeros
     graph["1"]["inputs"]["ckpt_name"] = checkpoint
     set_train_inputs(
         graph, prompts="a photo of a cat\na red house", resolution=64, max_train_steps=2, network_dim=4,
@@ -73,7 +74,7 @@ def test_sdxl_few_step_sampler_makes_an_image_and_lora_is_unet_only(comfy_server
 
 
 def test_sdxl_lora_loads_in_stock_loraloader_with_no_unloaded_keys(comfy_server, tiny_sdxl, sdxl_trained):
-    graph = load_workflow("sample_stock_nodes")
+    graph = load_workflow(SAMPLE_STOCK)
     graph["1"]["inputs"]["ckpt_name"] = tiny_sdxl
     graph["2"]["inputs"]["lora_name"] = f"{RUN}_lora.safetensors"
     graph["4"]["inputs"].update(width=64, height=64)
