@@ -141,3 +141,15 @@ def test_no_import_cycles_even_through_lazy_imports():
 
     for module in graph:
         visit(module, [])
+
+
+def test_the_readmes_install_commands_have_no_placeholders_to_fill_in():
+    """Every shell block in the README runs as written: no `<this repository>`-style blank to guess."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        blocks = re.findall(r"```bash\n(.*?)```", handle.read(), flags=re.S)
+    assert blocks
+    blanks = [line for block in blocks for line in block.splitlines()
+              if re.search(r"<[a-z][a-z ]*>", line.split("#")[0])]
+    assert not blanks, blanks
