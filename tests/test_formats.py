@@ -233,9 +233,11 @@ def test_lora_is_kohya_layout_and_our_own_merge_reproduces_the_student(trained):
     names = {k.split(".")[0] for k in lora}
     assert all(k.startswith("lora_unet_") for k in lora)
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in lora)
-    # every LoRA name is an LDM path of the base file (what ComfyUI's LoraLoader and A1111 look up)
-    by_kohya = {"lora_unet_" + k[len(layout.UNET_PREFIX):-len(".weight")].replace(".", "_"): k
-                for k in base if k.endswith(".weight")}
+    # an SD1.5 student names its modules by diffusers paths, as kohya's own SD1.5 LoRAs do
+    assert "lora_unet_up_blocks_0_attentions_0_proj_in" in names and not any("input_blocks" in n for n in names)
+    ldm_keys = trainer.adapter.unet_ldm_keys
+    by_kohya = {"lora_unet_" + path.replace(".", "_"): layout.UNET_PREFIX + ldm_keys[module + ".weight"]
+                for module, path in trainer.adapter.kohya_lora_names().items()}
     assert names <= by_kohya.keys()
     merged = dict(base)
     for name in names:
@@ -254,7 +256,8 @@ def test_diffusers_lora_loader_reproduces_the_student(trained, tiny_model_dir):
 
     trainer, lora_path, _, checkpoint = trained
     fresh = load_single_file(checkpoint, tokenizer_path=tokenizer_of(tiny_model_dir))
-    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(lora_path, unet_config=fresh.network.config)
+    # as StableDiffusionPipeline.load_lora_weights reads it: without the UNet's config (no LDM-path remapping)
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(lora_path)
     StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, fresh.network, adapter_name="dmd")
     fresh.network.fuse_lora(adapter_names=["dmd"])
     fused = {k.replace(".base_layer", ""): v for k, v in fresh.network.state_dict().items() if "lora_" not in k}
@@ -424,3 +427,121 @@ def test_safetensors_stream_writer_is_readable_by_the_library(tmp_path):
     assert loaded["c"].item() == 2.5
     with safe_open(str(out), framework="pt") as handle:
         assert handle.metadata() == {"m": "1"}
+
+
+# --- each family's LoRA in the names kohya's trainer writes, read by the clients creators use --------------------
+def _random_student(family: str):
+    """A real-structure UNet of `family` (every block and level of the full model, 1/32 of its width), its base
+    weights, and a random LoRA on the trainer's default targets in the kohya layout: (unet, base, lora, merged)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from decoupled_dmd.trainer.adapters.diffusers import UNET_LORA_TARGETS
+    from decoupled_dmd.trainer.formats import kohya_lora_state_dict, kohya_module_names, lora_module_names
+    from decoupled_dmd.trainer.random_models import unet_config
+
+    config = unet_config(family, width_divisor=32, transformer_layers=(1, 1, 1) if family == "sdxl" else None)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    rank, alpha = 4, 2.0
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=UNET_LORA_TARGETS, init_lora_weights=False))
+    peft_state = get_peft_model_state_dict(unet)
+    ldm = lora_module_names(layout.unet_key_map(config, base.keys()))
+    lora = kohya_lora_state_dict(peft_state, kohya_module_names(family, ldm, {m: m for m in ldm}), alpha)
+    merged = dict(base)
+    for key, down in peft_state.items():
+        if key.endswith("lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            up, weight = peft_state[f"{module}.lora_B.weight"], base[f"{module}.weight"]
+            delta = (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            merged[f"{module}.weight"] = weight + delta
+    return config, base, lora, merged
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_diffusers_load_lora_weights_injects_every_module_and_reproduces_our_merge(family, tmp_path):
+    """diffusers-based front ends call the pipeline's `load_lora_weights`: the SD pipeline reads the file without
+    the UNet's config (only diffusers paths resolve), the SDXL pipeline with it (LDM paths are remapped)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    config, base, lora, merged = _random_student(family)
+    path = str(tmp_path / "student.safetensors")
+    save_file(lora, path)
+    fresh = UNet2DConditionModel(**config)
+    fresh.load_state_dict(base)
+    mixin = StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
+    state, alphas = mixin.lora_state_dict(path, **({"unet_config": fresh.config} if family == "sdxl" else {}))
+    mixin.load_lora_into_unet(state, alphas, fresh, adapter_name="dmd")
+    injected = sum(1 for module in fresh.modules() if "dmd" in getattr(module, "lora_A", {}))
+    assert injected == len({k.split(".")[0] for k in lora}) > 50
+    fresh.fuse_lora(adapter_names=["dmd"])
+    fused = {k.replace(".base_layer", ""): v for k, v in fresh.state_dict().items() if "lora_" not in k}
+    assert fused.keys() == merged.keys()
+    for key, value in merged.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-6)
+
+
+def a1111_module_key(kohya_name: str) -> str:
+    """The module a LoRA key names for the A1111 / Forge LoRA loader, by its rules (extensions-builtin/Lora):
+    kohya's SD1.x diffusers paths are converted to compvis ones by block arithmetic fixed to SD's two layers per
+    block; other `lora_unet_` names (SDXL's LDM paths) are looked up with the prefix swapped."""
+    import re
+
+    resnet = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+              "conv_shortcut": "skip_connection"}
+    rules = [
+        (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+         lambda b, kind, j, rest: f"input_blocks_{1 + 3 * int(b) + int(j)}_{1 if kind == 'attentions' else 0}_"
+                                  f"{rest if kind == 'attentions' else resnet[rest]}"),
+        (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+         lambda kind, j, rest: f"middle_block_{1 if kind == 'attentions' else 2 * int(j)}_"
+                               f"{rest if kind == 'attentions' else resnet[rest]}"),
+        (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+         lambda b, kind, j, rest: f"output_blocks_{3 * int(b) + int(j)}_{1 if kind == 'attentions' else 0}_"
+                                  f"{rest if kind == 'attentions' else resnet[rest]}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda b: f"input_blocks_{3 * int(b) + 3}_0_op"),
+        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+         lambda b: f"output_blocks_{3 * int(b) + 2}_{1 + (int(b) != 0)}_conv"),
+    ]
+    for pattern, to_compvis in rules:
+        match = re.fullmatch(pattern, kohya_name)
+        if match:
+            return "diffusion_model_" + to_compvis(*match.groups())
+    return kohya_name.replace("lora_unet_", "diffusion_model_", 1)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_key_maps_to_a_module_by_the_a1111_forge_loader_rules(family):
+    config, base, lora, _ = _random_student(family)
+    ldm = layout.unet_key_map(config, base.keys())
+    modules = {"diffusion_model_" + v[: -len(".weight")].replace(".", "_"): v for v in ldm.values()
+               if v.endswith(".weight")}
+    names = {k.split(".")[0] for k in lora}
+    unmatched = sorted(name for name in names if a1111_module_key(name) not in modules)
+    assert not unmatched, unmatched[:5]
+    for name in names:  # the LoRA's shape fits the module it lands on
+        weight = base[next(k for k, v in ldm.items() if v == modules[a1111_module_key(name)])]
+        assert lora[f"{name}.lora_up.weight"].shape[0] == weight.shape[0]
+        assert lora[f"{name}.lora_down.weight"].shape[1] == weight.shape[1]
+
+
+def test_students_written_with_ldm_paths_before_still_read():
+    """SD1.5 students written before kohya's diffusers paths (`lora_unet_input_blocks_1_1_proj_in`) read back
+    through `peft_from_kohya` and as `network_weights`."""
+    from decoupled_dmd.trainer.formats import kohya_lora_state_dict, lora_aliases, lora_module_names, peft_from_kohya
+
+    config, base, lora, _ = _random_student("sd15")
+    ldm = lora_module_names(layout.unet_key_map(config, base.keys()))
+    peft_new, rank, alpha = peft_from_kohya(lora, ldm, {m: m for m in ldm})
+    old = kohya_lora_state_dict(peft_new, ldm, alpha)
+    assert any("input_blocks" in k for k in old)
+    peft_old, rank_old, alpha_old = peft_from_kohya(old, ldm, {m: m for m in ldm})
+    assert (rank_old, alpha_old) == (rank, alpha) and peft_old.keys() == peft_new.keys()
+    assert all(torch.equal(peft_old[k], peft_new[k]) for k in peft_new)
+    aliases = {}
+    for module, ldm_module in ldm.items():
+        aliases.update(lora_aliases(module, module, ldm_module))
+    assert {k.split(".")[0] for k in old} <= aliases.keys() and {k.split(".")[0] for k in lora} <= aliases.keys()

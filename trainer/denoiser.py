@@ -95,6 +95,17 @@ class ModelAdapter(ABC):
     def default_lora_target_modules(self) -> list[str]:
         """Module names LoRA wraps by default for this backbone."""
 
+    def kohya_lora_names(self) -> dict[str, str] | None:
+        """{backbone module: the path kohya's own trainer gives it in a LoRA file} for this family
+        (`formats.kohya_module_names`); None where the backbone has no LDM layout (the file keeps peft names).
+        Here the backbone's modules carry diffusers names, which `unet_ldm_keys` maps to LDM ones."""
+        from .formats import kohya_module_names, lora_module_names
+
+        if self.unet_ldm_keys is None:
+            return None
+        ldm = lora_module_names(self.unet_ldm_keys)
+        return kohya_module_names(self.family, ldm, {module: module for module in ldm})
+
     def lora_aliases(self) -> dict[str, str]:
         """{name a LoRA file may use for a backbone module: that module's own name} (kohya, ComfyUI, diffusers)."""
         from .formats import lora_aliases, lora_module_names

@@ -7,7 +7,6 @@ from torch import Tensor
 
 from .formats import (
     kohya_lora_state_dict,
-    lora_module_names,
     write_ldm_checkpoint,
     write_merged_checkpoint,
 )
@@ -16,18 +15,18 @@ from .networks import LoraRoles
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def student_tensors(roles, ldm_keys: dict[str, str] | None, network_alpha: float,
+def student_tensors(roles, ldm_keys: dict[str, str] | None, kohya_names: dict[str, str] | None, network_alpha: float,
                     dtype: torch.dtype) -> tuple[str, dict[str, Tensor]]:
-    """(format, tensors) of the student role in `roles`: a kohya LoRA (`lora_unet_<ldm path>`) or a full UNet in
-    LDM names, where the backbone has an LDM layout (`ldm_keys`: backbone name -> LDM name); diffusers/peft
-    names otherwise."""
+    """(format, tensors) of the student role in `roles`: a kohya LoRA (`lora_unet_<path>`, in `kohya_names`: the
+    paths kohya's trainer uses for the family) or a full UNet in LDM names, where the backbone has an LDM layout
+    (`ldm_keys`: backbone name -> LDM name); diffusers/peft names otherwise."""
     from .ldm_layout import UNET_PREFIX
 
     if isinstance(roles, LoraRoles):
         peft_state = roles.peft_state_dict("student")
-        if ldm_keys is None:
+        if kohya_names is None:
             return "lora", {f"unet.{k}": v.to(dtype) for k, v in peft_state.items()}
-        return "lora", kohya_lora_state_dict(peft_state, lora_module_names(ldm_keys), network_alpha, dtype)
+        return "lora", kohya_lora_state_dict(peft_state, kohya_names, network_alpha, dtype)
     state = roles.merged_state_dict("student")
     if ldm_keys is None:
         return "unet", {k: v.to(dtype) for k, v in state.items()}

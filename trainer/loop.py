@@ -563,8 +563,8 @@ class DecoupledDMDTrainer:
         if accelerator.is_main_process:
             config, dtype = self.config, SAVE_DTYPES[self.config.save_precision]
             with self.student_in_use():  # the state keeps the trained weights; the files, the ones users get
-                file_format, tensors = student_tensors(self.roles, self.adapter.unet_ldm_keys, config.network_alpha,
-                                                       dtype)
+                file_format, tensors = student_tensors(self.roles, self.adapter.unet_ldm_keys,
+                                                       self.adapter.kohya_lora_names(), config.network_alpha, dtype)
                 # this run's own file: overwritten at each save
                 atomic_save_safetensors(tensors, path, self._metadata(file_format), overwrite=True)
                 logger.info("step %d: student saved to %s, state to %s", self.step, path, state_dir)

@@ -169,6 +169,8 @@ def test_training_writes_lora_checkpoint_state_and_images(comfy_server, trained)
     with safe_open(lora, "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
+    # SD1.5: the diffusers paths kohya's own SD1.5 LoRAs use, every one (diffusers' loader reads no other)
+    assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")) for k in keys)
     assert json.loads(metadata["decoupled_dmd.student_timesteps"]) == [999, 749, 499, 249]
     assert metadata["decoupled_dmd.train_steps"] == "2"
     with safe_open(checkpoint, "pt") as handle:

@@ -63,6 +63,9 @@ def test_sdxl_few_step_sampler_makes_an_image_and_lora_is_unet_only(comfy_server
     with safe_open(os.path.join(comfy_server.base, "models", "loras", f"{RUN}_lora.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert keys and all(k.startswith("lora_unet_") for k in keys)
+    # SDXL: the LDM paths kohya's own SDXL LoRAs use
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for k in keys)
     # the cross-attention on the 2048-wide SDXL context is among the trained layers
     assert any("attn2_to_k" in k for k in keys)
     run_dir = os.path.join(comfy_server.base, "output", "decoupled_dmd", RUN)

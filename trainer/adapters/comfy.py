@@ -200,16 +200,29 @@ class ComfyAdapter(ModelAdapter):
         return images[..., :3].movedim(-1, 1).float().clamp(0.0, 1.0).cpu()  # (B, H, W, C) -> (B, 3, H, W)
 
     # --- the rest ----------------------------------------------------------------------------------------
-    def lora_aliases(self) -> dict[str, str]:
-        """ComfyUI's UNet has LDM names; diffusers names come from ComfyUI's own map (as its LoraLoader reads)."""
+    def _diffusers_module_names(self) -> dict[str, str]:
+        """{LDM module: diffusers module} from ComfyUI's own map (the one its LoraLoader reads)."""
         import comfy.utils
-
-        from ..formats import lora_aliases
 
         to_diffusers = {}
         for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(self.base_model.model_config.unet_config).items():
             if diffusers_key.endswith(".weight"):
                 to_diffusers[ldm_key[: -len(".weight")]] = diffusers_key[: -len(".weight")]
+        return to_diffusers
+
+    def kohya_lora_names(self) -> dict[str, str]:
+        """ComfyUI's UNet has LDM names: kohya's SDXL paths as they are, its SD1.5 paths through ComfyUI's map."""
+        from ..formats import kohya_module_names, lora_module_names
+
+        ldm = {module: module for module in lora_module_names(self.unet_ldm_keys)}
+        to_diffusers = self._diffusers_module_names() if self.family != "sdxl" else {}
+        return kohya_module_names(self.family, ldm, {module: to_diffusers.get(module, module) for module in ldm})
+
+    def lora_aliases(self) -> dict[str, str]:
+        """ComfyUI's UNet has LDM names; diffusers names come from ComfyUI's own map (as its LoraLoader reads)."""
+        from ..formats import lora_aliases
+
+        to_diffusers = self._diffusers_module_names()
         aliases: dict[str, str] = {}
         for name, module in self.network.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

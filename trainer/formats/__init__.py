@@ -21,6 +21,7 @@ from .lora import (
     InitLora,
     is_kohya_lora,
     kohya_lora_state_dict,
+    kohya_module_names,
     lora_aliases,
     lora_module_names,
     peft_from_kohya,
@@ -73,7 +74,8 @@ __all__ = [
     "CheckpointInfo", "canonical_clip_state", "clip_l_state", "hf_to_open_clip", "inspect_checkpoint",
     "open_clip_to_hf", "write_ldm_checkpoint", "write_merged_checkpoint",
     # lora
-    "LORA_PARTS", "TEXT_ENCODER_PREFIXES", "InitLora", "is_kohya_lora", "kohya_lora_state_dict", "lora_aliases",
+    "LORA_PARTS", "TEXT_ENCODER_PREFIXES", "InitLora", "is_kohya_lora", "kohya_lora_state_dict", "kohya_module_names",
+    "lora_aliases",
     "lora_module_names", "peft_from_kohya", "read_init_lora",
     # metadata
     "KOHYA_BASE_VERSION", "METHOD", "MODELSPEC_ARCHITECTURE", "PATH_KEYS", "checkpoint_metadata",

@@ -1,5 +1,6 @@
-"""LoRA keys both ways: the student written in the kohya layout (`lora_unet_<ldm path>`) and read back, and the
-LoRA files a creator already has (kohya, diffusers / peft, ComfyUI layouts) read as the student's warm start.
+"""LoRA keys both ways: the student written in the kohya layout (`lora_unet_<path>`, in the paths kohya's own trainer
+uses for the family) and read back, and the LoRA files a creator already has (kohya, diffusers / peft, ComfyUI
+layouts) read as the student's warm start.
 """
 
 from __future__ import annotations
@@ -15,24 +16,36 @@ from .safetensors_io import CheckpointError, file_sha256, read_safetensors_heade
 
 
 # --- LoRA in the kohya layout ---------------------------------------------------------------------------------
-def kohya_lora_state_dict(peft_state: dict[str, Tensor], ldm_modules: dict[str, str], alpha: float,
+def kohya_module_names(family: str, ldm_modules: dict[str, str], diffusers_modules: dict[str, str]) -> dict[str, str]:
+    """{network module: the path kohya's own trainer names it by}: SDXL LoRAs in LDM paths
+    (`lora_unet_input_blocks_4_1_proj_in`: kohya trains SDXL on the sgm UNet), SD1.x/2.x LoRAs in diffusers paths
+    (`lora_unet_down_blocks_0_attentions_0_proj_in`: kohya trains them on a diffusers-layout UNet). ComfyUI and
+    A1111/Forge read both; diffusers' `load_lora_weights` reads an SD1.5 file only in diffusers paths."""
+    return dict(ldm_modules) if family == "sdxl" else dict(diffusers_modules)
+
+
+def kohya_lora_state_dict(peft_state: dict[str, Tensor], kohya_modules: dict[str, str], alpha: float,
                           dtype=None) -> dict[str, Tensor]:
-    """peft `<module>.lora_A/B.weight` -> kohya `lora_unet_<ldm_path>.lora_down/lora_up.weight` + `.alpha`.
+    """peft `<module>.lora_A/B.weight` -> kohya `lora_unet_<path>.lora_down/lora_up.weight` + `.alpha`, the path
+    from `kohya_modules` (see `kohya_module_names`).
 
     The scale is alpha / rank in both conventions, so the weights carry over unchanged.
     """
     out = {}
     for key, value in peft_state.items():
         module, part = re.match(r"(.+)\.(lora_A|lora_B)\.weight$", key).groups()
-        name = "lora_unet_" + ldm_modules[module].replace(".", "_")
+        name = "lora_unet_" + kohya_modules[module].replace(".", "_")
         out[f"{name}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = value.to(dtype) if dtype else value
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
     return out
 
 
-def peft_from_kohya(tensors: dict[str, Tensor], ldm_modules: dict[str, str]) -> tuple[dict[str, Tensor], int, float]:
-    """The inverse of `kohya_lora_state_dict`: (peft state dict, rank, alpha)."""
-    by_kohya = {"lora_unet_" + ldm.replace(".", "_"): module for module, ldm in ldm_modules.items()}
+def peft_from_kohya(tensors: dict[str, Tensor], *module_paths: dict[str, str]) -> tuple[dict[str, Tensor], int, float]:
+    """The inverse of `kohya_lora_state_dict`: (peft state dict, rank, alpha). Each of `module_paths` is a
+    {network module: path} naming the kohya keys may use (LDM paths, diffusers paths): students written before
+    SD1.5 files took kohya's diffusers paths still read."""
+    by_kohya = {"lora_unet_" + path.replace(".", "_"): module for paths in module_paths
+                for module, path in paths.items()}
     state, ranks, alphas = {}, set(), set()
     for key, value in tensors.items():
         name, _, part = key.partition(".")
