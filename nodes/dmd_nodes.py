@@ -457,7 +457,7 @@ class Settings:
                 "default": default("optimizer_type"),
                 "tooltip": "adamw (DMD2's choice) or adafactor: a fraction of AdamW's optimiser memory (full-size "
                            "SDXL UNet, LoRA rank 64: about 3 GB less), for cards that run short."}),
-            "save_every": ("INT", {"default": 250, "min": 0, "max": 100000,
+            "save_every": ("INT", {"default": default("save_every_n_steps"), "min": 0, "max": 100000,
                                    "tooltip": "Save the LoRA and a resumable state every N steps; 0 = at the end "
                                               "(and on Cancel)."}),
             "resume": ("BOOLEAN", {"default": True,
