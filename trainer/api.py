@@ -259,7 +259,7 @@ def apply_student(adapter: ModelAdapter, student_path: str, force: bool = False)
     ldm_keys = adapter.unet_ldm_keys or {}
     if file_format == "lora":
         if is_kohya_lora(tensors):
-            ldm = lora_module_names(ldm_keys)  # LDM paths (SDXL, and SD1.5 students written before 2026-12-08)
+            ldm = lora_module_names(ldm_keys)  # LDM paths (SDXL, and SD1.5 students written before 2026-12-07)
             state, rank, alpha = peft_from_kohya(tensors, ldm, {module: module for module in ldm})
         else:
             state = {k.removeprefix("unet."): v.float() for k, v in tensors.items()}
