@@ -61,19 +61,27 @@ def save_name_problem(lora_name=None, checkpoint_name=None) -> str | None:
 
 
 def downstream_save_problem(prompt: dict, train_id) -> str | None:
-    """A Save Distilled node fed by this Train node (in the queued API-format prompt) whose file name ComfyUI
-    would drop it for: said before training, since ComfyUI trains for the other outputs and the student would
-    never reach models/ (pure: tested without ComfyUI)."""
+    """A pack node fed by this Train node (in the queued API-format prompt) that ComfyUI would drop for a bad
+    input: a Save Distilled with a file name that leaves its models folder, a Few-Step Sampler with bad timesteps.
+    Said before training, since ComfyUI trains for the other outputs and that output would never be written
+    (pure: tested without ComfyUI)."""
     for node_id, node in prompt.items():
         inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
-        if node.get("class_type") != "DecoupledDMD_SaveDistilled" or \
-                list(inputs.get("student") or [])[:1] != [str(train_id)]:
+        fed = any(isinstance(value, list) and value[:1] == [str(train_id)] for value in inputs.values())
+        if not fed:
             continue
-        problem = save_name_problem(inputs.get("lora_name") if inputs.get("save_lora", True) else None,
-                                    inputs.get("checkpoint_name") if inputs.get("save_checkpoint") else None)
+        if node.get("class_type") == "DecoupledDMD_SaveDistilled":
+            problem = save_name_problem(inputs.get("lora_name") if inputs.get("save_lora", True) else None,
+                                        inputs.get("checkpoint_name") if inputs.get("save_checkpoint") else None)
+            what = "Save Distilled"
+        elif node.get("class_type") == "DecoupledDMD_FewStepSampler":
+            answer = FewStepSampler.VALIDATE_INPUTS(timesteps=inputs.get("timesteps"))
+            problem, what = (None if answer is True else answer), "Few-Step Sampler"
+        else:
+            continue
         if problem:
-            return (f"Save Distilled (node {node_id}) would not save: {problem}. ComfyUI leaves that node out of "
-                    "the run, so nothing is trained until it is fixed")
+            return (f"{what} (node {node_id}) would not run: {problem}. ComfyUI leaves that node out of the run, so "
+                    "nothing is trained until it is fixed")
     return None
 
 

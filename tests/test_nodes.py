@@ -143,6 +143,8 @@ def test_a_bad_save_distilled_name_is_refused_by_the_train_node_that_feeds_it():
     assert "checkpoint_name" in downstream_save_problem(prompt, "5")
     prompt["6"]["inputs"].update(save_checkpoint=False)
     assert downstream_save_problem(prompt, "5") is None
+    prompt["7"] = {"class_type": "DecoupledDMD_FewStepSampler", "inputs": {"model": ["5", 0], "timesteps": "499,999"}}
+    assert "Few-Step Sampler (node 7)" in downstream_save_problem(prompt, "5")
 
 
 def test_how_a_run_ended_is_said_with_what_to_do_and_where_the_files_are():
