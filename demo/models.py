@@ -199,12 +199,12 @@ class TextureClassifier(nn.Module):
         return self.heads(self.features(images))
 
 
-def load_classifier(path: str = CLASSIFIER_FILE, kind: type = DigitClassifier) -> nn.Module:
+def load_classifier(path: str = CLASSIFIER_FILE, architecture: type = DigitClassifier) -> nn.Module:
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
-        script = "train_texture_classifier" if kind is TextureClassifier else "train_demo_classifier"
+        script = "train_texture_classifier" if architecture is TextureClassifier else "train_demo_classifier"
         raise FileNotFoundError(f"no classifier weights at {path!r}; run scripts/{script}.py")
-    model = kind()
+    model = architecture()
     model.load_state_dict(load_file(path))
     return model.eval().requires_grad_(False)

@@ -55,7 +55,7 @@ class World:
     teacher_dir = ""
     classifier_file = ""
     reference_file = ""
-    classifier_kind: type = models.DigitClassifier
+    classifier_architecture: type = models.DigitClassifier
     attributes: dict[str, tuple[str, ...]] = {}
     settings: dict = {}  # TrainConfig values this world's runs use over experiment.BASE_SETTINGS
     # the teacher's sampler in the demo's comparison rows: a solvers.SOLVERS name, or None for the trainer's own
@@ -93,7 +93,7 @@ class World:
         return self.name
 
     def load_classifier(self):
-        return models.load_classifier(self.classifier_file, self.classifier_kind)
+        return models.load_classifier(self.classifier_file, self.classifier_architecture)
 
     def teacher_info(self) -> dict:
         return models.teacher_info(self.teacher_dir)
@@ -104,7 +104,7 @@ class MnistWorld(World):
     teacher_dir = models.TEACHER_DIR
     classifier_file = models.CLASSIFIER_FILE
     reference_file = models.REFERENCE_FILE
-    classifier_kind = models.DigitClassifier
+    classifier_architecture = models.DigitClassifier
 
     @property
     def attributes(self):
@@ -156,7 +156,7 @@ class TextureWorld(World):
     name = "texture"
     solver = "dpmpp_2m"  # the closest to the 50-step teacher at 4 to 16 calls (docs/evidence.md)
     classifier_file = models.TEXTURE_CLASSIFIER_FILE
-    classifier_kind = models.TextureClassifier
+    classifier_architecture = models.TextureClassifier
     # Eq. 7's targets: the real images' per-image mean and variance (4,000 images of seed 99)
     settings = {"mean_variance_target_mean": -0.03, "mean_variance_target_var": 0.164}
 

@@ -281,7 +281,7 @@ def finished_text(result, total: int) -> str:
 
 
 def failed_text(error: BaseException) -> tuple[str, str]:
-    """(kind, text) for a run that raised: 'refused' for input to change (ValueError, the config's errors among
+    """(outcome, text) for a run that raised: 'refused' for input to change (ValueError, the config's errors among
     them), 'failed' for a fault during the run (the last good state stays)."""
     message = str(error).strip() or type(error).__name__
     if isinstance(error, ValueError):
@@ -358,13 +358,13 @@ class NodeReporter:
             if index % stride == 0 or index == len(earlier) - 1:
                 self.curve(record["step"], record)
 
-    def end(self, kind: str, text: str) -> None:
+    def end(self, outcome: str, text: str) -> None:
         """How the run ended ('finished', 'stopped', 'refused', 'failed'): on the node, in the console, as a toast,
         and kept with the curves for a page opened later."""
-        (logger.info if kind in ("finished", "stopped") else logger.error)("Decoupled DMD: %s", text)
+        (logger.info if outcome in ("finished", "stopped") else logger.error)("Decoupled DMD: %s", text)
         self.show(text)
         CURVE_HISTORY.end(self.node_id, self.run, text)
-        self.send(STATUS_EVENT, {"node": str(self.node_id), "run": self.run, "kind": kind, "text": text})
+        self.send(STATUS_EVENT, {"node": str(self.node_id), "run": self.run, "outcome": outcome, "text": text})
 
 
 def read_prompt_lines(text: str) -> list[str]:

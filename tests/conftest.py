@@ -16,9 +16,9 @@ def tiny_model_dir(tmp_path_factory):
 
     built = {}
 
-    def get(kind: str = "tiny-sd15") -> str:
-        if kind not in built:
-            built[kind] = build_tiny_pipeline(str(tmp_path_factory.mktemp(kind)), kind)
+    def get(name: str = "tiny-sd15") -> str:
+        if name not in built:
+            built[name] = build_tiny_pipeline(str(tmp_path_factory.mktemp(name)), name)
         return built[kind]
 
     return get

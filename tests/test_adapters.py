@@ -7,15 +7,15 @@ from decoupled_dmd.trainer.adapters.diffusers import DiffusersAdapter
 from decoupled_dmd.trainer.denoiser import PromptCache
 
 
-@pytest.mark.parametrize("kind, family, prediction_type", [
+@pytest.mark.parametrize("tiny, family, prediction_type", [
     ("tiny-sd15", "sd15", "epsilon"), ("tiny-sd15-v", "sd15", "v_prediction"),
     ("tiny-sdxl", "sdxl", "epsilon"), ("tiny-flow", "flow", "flow"),
 ])
-def test_x0_agrees_with_diffusers_schedulers(tiny_model_dir, kind, family, prediction_type):
+def test_x0_agrees_with_diffusers_schedulers(tiny_model_dir, tiny, family, prediction_type):
     """x0 from the adapter and the noise it implies rebuild x_t and the raw output with diffusers' formulas."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    folder = tiny_model_dir(kind)
+    folder = tiny_model_dir(tiny)
     adapter = DiffusersAdapter.from_pretrained(folder)
     assert (adapter.family, adapter.prediction_type) == (family, prediction_type)
     cond = adapter.encode_prompts(["a photo of the cat", "a red house"])

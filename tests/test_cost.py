@@ -283,7 +283,7 @@ def test_plan_before_loading_matches_the_plan_of_the_loaded_model(tiny_model_dir
     settings = dict(network_dim=4, network_alpha=4, train_batch_size=2, resolution=64, fake_updates_per_step=2)
     before, _ = plan_memory(config_from_dict(dict(settings, pretrained_model_name_or_path=tiny_model_dir("tiny-sdxl"),
                                                   prompt_file="unused")), device="cpu")
-    trainer = make_trainer(tiny_model_dir, tmp_path, kind="tiny-sdxl", **settings)
+    trainer = make_trainer(tiny_model_dir, tmp_path, tiny="tiny-sdxl", **settings)
     after = trainer.memory_plan
     assert after is not None and before is not None
     for part in ("base weights", "trained weights (fp32, student + fake)", "optimizer states", "VAE"):
@@ -334,7 +334,7 @@ def test_cli_reports_a_plan_that_does_not_fit_without_a_traceback(tiny_model_dir
 def test_skipping_lora_input_casts_under_bf16_autocast_trains_bit_for_bit(tiny_model_dir, tmp_path):
     states = []
     for skip in (False, True):
-        trainer = make_trainer(tiny_model_dir, tmp_path / str(skip), kind="tiny-sdxl", mixed_precision="bf16",
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(skip), tiny="tiny-sdxl", mixed_precision="bf16",
                                max_train_steps=2)
         assert all(not layer.cast_input_dtype_enabled for layer in trainer.roles._layers)  # the trainer's default
         trainer.roles.skip_input_casts(skip)
@@ -426,7 +426,7 @@ def test_training_with_replayed_no_grad_calls_is_bit_for_bit_the_eager_run(tiny_
 
     states, replays = [], []
     for graphed in (False, True):
-        trainer = make_trainer(tiny_model_dir, tmp_path / str(graphed), kind="tiny-sdxl", max_train_steps=3,
+        trainer = make_trainer(tiny_model_dir, tmp_path / str(graphed), tiny="tiny-sdxl", max_train_steps=3,
                                batch_fake_samples=True)  # rows leave the batched samples: several shapes
         assert trainer.graphs is None  # a CPU run: no graphs
         if graphed:

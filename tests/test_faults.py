@@ -33,9 +33,9 @@ def settings(tmp_path, **overrides):
     return values
 
 
-def trainer_for(tiny_model_dir, tmp_path, kind="tiny-sd15", callbacks=None, **overrides):
+def trainer_for(tiny_model_dir, tmp_path, tiny="tiny-sd15", callbacks=None, **overrides):
     config = config_from_dict(settings(tmp_path, **overrides))
-    adapter = DiffusersAdapter.from_pretrained(tiny_model_dir(kind))
+    adapter = DiffusersAdapter.from_pretrained(tiny_model_dir(tiny))
     return DecoupledDMDTrainer(config, adapter, PROMPTS, callbacks=callbacks)
 
 
@@ -186,10 +186,10 @@ def test_resume_with_another_teacher_is_refused(tiny_model_dir, tmp_path):
     other = DecoupledDMDTrainer(config, DiffusersAdapter.from_pretrained(str(retrained)), PROMPTS)
     with pytest.raises(ConfigError, match="sha256"):
         other.train()
-    v_prediction = trainer_for(tiny_model_dir, tmp_path, kind="tiny-sd15-v", resume="latest", max_train_steps=4)
+    v_prediction = trainer_for(tiny_model_dir, tmp_path, tiny="tiny-sd15-v", resume="latest", max_train_steps=4)
     with pytest.raises(ConfigError, match="predicts epsilon"):
         v_prediction.train()
-    sdxl = trainer_for(tiny_model_dir, tmp_path, kind="tiny-sdxl", resume="latest", max_train_steps=4)
+    sdxl = trainer_for(tiny_model_dir, tmp_path, tiny="tiny-sdxl", resume="latest", max_train_steps=4)
     with pytest.raises(ConfigError, match="sd15 model"):
         sdxl.train()
 

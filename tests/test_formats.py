@@ -31,8 +31,8 @@ from decoupled_dmd.trainer.outputs import atomic_write
 PROMPTS = ["a photo of the cat", "a red house"]
 
 
-def tokenizer_of(tiny_model_dir, kind="tiny-sd15"):
-    return os.path.join(tiny_model_dir(kind), "tokenizer")
+def tokenizer_of(tiny_model_dir, tiny="tiny-sd15"):
+    return os.path.join(tiny_model_dir(tiny), "tokenizer")
 
 
 def raw_tensor_bytes(path):
@@ -50,11 +50,11 @@ def raw_tensor_bytes(path):
 
 
 # --- the key layout ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["tiny-sd15", "tiny-sdxl"])
-def test_our_diffusers_to_ldm_map_inverts_diffusers_own_conversion(tiny_model_dir, kind):
+@pytest.mark.parametrize("tiny", ["tiny-sd15", "tiny-sdxl"])
+def test_our_diffusers_to_ldm_map_inverts_diffusers_own_conversion(tiny_model_dir, tiny):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    unet = DiffusersAdapter.from_pretrained(tiny_model_dir(kind)).network
+    unet = DiffusersAdapter.from_pretrained(tiny_model_dir(tiny)).network
     state = unet.state_dict()
     keys = layout.unet_key_map(dict(unet.config), state.keys())
     assert len(set(keys.values())) == len(keys)  # one LDM name per weight
@@ -92,11 +92,11 @@ def test_unet_config_is_derived_from_tensor_shapes_for_a_distilled_layout():
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["tiny-sd15", "tiny-sdxl", "tiny-sd15-v"])
-def test_single_file_loads_the_same_model_as_the_diffusers_folder(tiny_model_dir, ldm_checkpoint, kind):
-    reference = DiffusersAdapter.from_pretrained(tiny_model_dir(kind))
-    path = ldm_checkpoint(kind, torch.float32)
-    adapter = load_teacher(path, tokenizer_path=tokenizer_of(tiny_model_dir, kind))
+@pytest.mark.parametrize("tiny", ["tiny-sd15", "tiny-sdxl", "tiny-sd15-v"])
+def test_single_file_loads_the_same_model_as_the_diffusers_folder(tiny_model_dir, ldm_checkpoint, tiny):
+    reference = DiffusersAdapter.from_pretrained(tiny_model_dir(tiny))
+    path = ldm_checkpoint(tiny, torch.float32)
+    adapter = load_teacher(path, tokenizer_path=tokenizer_of(tiny_model_dir, tiny))
     assert (adapter.family, adapter.prediction_type) == (reference.family, reference.prediction_type)
     assert adapter.source_checkpoint == os.path.abspath(path)
     for mine, theirs in [(adapter.network, reference.network), (adapter.vae, reference.vae),
@@ -327,10 +327,10 @@ def test_every_file_carries_the_metadata_a_loader_needs(trained):
 
 def test_ldm_round_trip_is_exact(tiny_model_dir, ldm_checkpoint, tmp_path):
     """LDM -> our model -> LDM gives back every tensor unchanged (fp32 source)."""
-    for kind in ("tiny-sd15", "tiny-sdxl"):
-        source = ldm_checkpoint(kind, torch.float32)
-        adapter = load_single_file(source, tokenizer_path=tokenizer_of(tiny_model_dir, kind))
-        again = write_ldm_checkpoint(str(tmp_path / f"{kind}.safetensors"), family=adapter.family, unet=adapter.network,
+    for tiny in ("tiny-sd15", "tiny-sdxl"):
+        source = ldm_checkpoint(tiny, torch.float32)
+        adapter = load_single_file(source, tokenizer_path=tokenizer_of(tiny_model_dir, tiny))
+        again = write_ldm_checkpoint(str(tmp_path / f"{tiny}.safetensors"), family=adapter.family, unet=adapter.network,
                                      text_encoders=adapter.text_encoders, vae=adapter.vae,
                                      prediction_type=adapter.prediction_type)
         original, rewritten = load_file(source), load_file(again)
@@ -494,14 +494,14 @@ def a1111_module_key(kohya_name: str) -> str:
               "conv_shortcut": "skip_connection"}
     rules = [
         (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
-         lambda b, kind, j, rest: f"input_blocks_{1 + 3 * int(b) + int(j)}_{1 if kind == 'attentions' else 0}_"
-                                  f"{rest if kind == 'attentions' else resnet[rest]}"),
+         lambda b, part, j, rest: f"input_blocks_{1 + 3 * int(b) + int(j)}_{1 if part == 'attentions' else 0}_"
+                                  f"{rest if part == 'attentions' else resnet[rest]}"),
         (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
-         lambda kind, j, rest: f"middle_block_{1 if kind == 'attentions' else 2 * int(j)}_"
-                               f"{rest if kind == 'attentions' else resnet[rest]}"),
+         lambda part, j, rest: f"middle_block_{1 if part == 'attentions' else 2 * int(j)}_"
+                               f"{rest if part == 'attentions' else resnet[rest]}"),
         (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
-         lambda b, kind, j, rest: f"output_blocks_{3 * int(b) + int(j)}_{1 if kind == 'attentions' else 0}_"
-                                  f"{rest if kind == 'attentions' else resnet[rest]}"),
+         lambda b, part, j, rest: f"output_blocks_{3 * int(b) + int(j)}_{1 if part == 'attentions' else 0}_"
+                                  f"{rest if part == 'attentions' else resnet[rest]}"),
         (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda b: f"input_blocks_{3 * int(b) + 3}_0_op"),
         (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
          lambda b: f"output_blocks_{3 * int(b) + 2}_{1 + (int(b) != 0)}_conv"),

@@ -21,12 +21,12 @@ def test_hybrid_ca_levels_are_cleaner_than_the_student_step(tiny_model_dir, tmp_
         assert trainer.level_bounds[0] < logs["tau_dm"] <= trainer.level_bounds[1]
 
 
-@pytest.mark.parametrize("kind", ["tiny-sd15", "tiny-flow"])
-def test_prediction_step_weighting_scales_each_steps_loss_and_gradient(tiny_model_dir, tmp_path, kind):
-    timesteps = [1000, 750, 500, 250] if kind == "tiny-flow" else [999, 749, 499, 249]
+@pytest.mark.parametrize("tiny", ["tiny-sd15", "tiny-flow"])
+def test_prediction_step_weighting_scales_each_steps_loss_and_gradient(tiny_model_dir, tmp_path, tiny):
+    timesteps = [1000, 750, 500, 250] if tiny == "tiny-flow" else [999, 749, 499, 249]
     steps_seen = set()
     for seed in (0, 1, 2):  # one update per pair of fresh trainers: after it their weights (and Adam) differ
-        trainers = [make_trainer(tiny_model_dir, tmp_path / f"{mode}{seed}", kind=kind, max_grad_norm=0.0, seed=seed,
+        trainers = [make_trainer(tiny_model_dir, tmp_path / f"{mode}{seed}", tiny=tiny, max_grad_norm=0.0, seed=seed,
                                  train_batch_size=1, student_timesteps=timesteps, generator_step_weighting=mode)
                     for mode in ("x0", "prediction")]
         plain, weighted = trainers
@@ -34,7 +34,7 @@ def test_prediction_step_weighting_scales_each_steps_loss_and_gradient(tiny_mode
         # hand values: d x0 / d prediction is sigma / alpha for eps and sigma for flow; the weights are its
         # inverse, divided by their mean over the grid
         alpha, sigma = weighted.adapter.schedule.alpha_sigma(torch.tensor(weighted.levels, dtype=torch.float64))
-        inverse = alpha / sigma if kind == "tiny-sd15" else 1.0 / sigma
+        inverse = alpha / sigma if tiny == "tiny-sd15" else 1.0 / sigma
         assert torch.allclose(weighted.step_weights, inverse / inverse.mean(), rtol=1e-9)
         assert weighted.step_weights[0] < weighted.step_weights[-1]  # the noisiest step weighs least
         # the weighting draws no random numbers: both trainers train the same step on the same sample

@@ -172,10 +172,10 @@ def test_lr_scheduler_decays_the_student_and_keeps_the_fake_constant(tiny_model_
     assert [rate["fake"] for rate in rates] == pytest.approx([2e-3] * 4)
 
 
-@pytest.mark.parametrize("kind", ["tiny-sdxl", "tiny-sd15-v", "tiny-flow"])
-def test_other_families_train(tiny_model_dir, tmp_path, kind):
-    timesteps = [1000, 500] if kind == "tiny-flow" else [999, 499]
-    trainer = make_trainer(tiny_model_dir, tmp_path, kind=kind, max_train_steps=1, student_timesteps=timesteps)
+@pytest.mark.parametrize("tiny", ["tiny-sdxl", "tiny-sd15-v", "tiny-flow"])
+def test_other_families_train(tiny_model_dir, tmp_path, tiny):
+    timesteps = [1000, 500] if tiny == "tiny-flow" else [999, 499]
+    trainer = make_trainer(tiny_model_dir, tmp_path, tiny=tiny, max_train_steps=1, student_timesteps=timesteps)
     path = trainer.train()
     assert load_file(path)
     logs = jsonl(tmp_path / "out" / "logs" / "metrics.jsonl")[-1]
@@ -201,13 +201,13 @@ def test_every_adapter_answers_whether_it_can_write_a_merged_checkpoint(tiny_mod
     assert "not a 'flow' model" in flow.merged_checkpoint_problem()
     assert DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sdxl")).merged_checkpoint_problem() is None
     with pytest.raises(ConfigError, match="save_merged_checkpoint"):
-        make_trainer(tiny_model_dir, tmp_path, kind="tiny-flow", save_merged_checkpoint=True)
+        make_trainer(tiny_model_dir, tmp_path, tiny="tiny-flow", save_merged_checkpoint=True)
     identity = DiffusersAdapter.from_pretrained(tiny_model_dir("tiny-sd15")).identity()
     assert len(identity["sha256"]) == 64 and os.sep not in identity["model"]
 
 
 def test_a_flow_teacher_trains_with_a_timestep_shift(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tmp_path, kind="tiny-flow", timestep_shift=3.0,
+    trainer = make_trainer(tiny_model_dir, tmp_path, tiny="tiny-flow", timestep_shift=3.0,
                            student_timesteps=[999, 900, 750, 500], max_train_steps=1)
     logs = trainer.train_step()
     assert all(math.isfinite(logs[k]) for k in ("loss_generator", "tau_ca", "tau_dm"))

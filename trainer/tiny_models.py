@@ -54,22 +54,22 @@ def write_tiny_clip_tokenizer(folder: str, max_length: int = 16, pad_token: str 
     return folder
 
 
-def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sample_size: int = 8) -> str:
+def build_tiny_pipeline(folder: str, name: str = "tiny-sd15", seed: int = 0, sample_size: int = 8) -> str:
     """Write a diffusers model folder (unet, text encoder(s), tokenizer(s), scheduler, vae) with random weights.
 
-    kind: tiny-sd15 (eps), tiny-sd15-v (v-prediction), tiny-sdxl (two encoders, text_time), tiny-flow
+    name: tiny-sd15 (eps), tiny-sd15-v (v-prediction), tiny-sdxl (two encoders, text_time), tiny-flow
     (pixel space, flow matching, no VAE).
     """
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTokenizer
 
-    if kind not in TINY_MODELS:
-        raise ValueError(f"unknown tiny model {kind!r}; choose one of {TINY_MODELS}")
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
     max_length = 16
     tokenizer_dir = write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer"), max_length)
     vocab_size = len(CLIPTokenizer.from_pretrained(tokenizer_dir))
-    sdxl = kind == "tiny-sdxl"
-    pixel_space = kind == "tiny-flow"
+    sdxl = name == "tiny-sdxl"
+    pixel_space = name == "tiny-flow"
     if sdxl:
         write_tiny_clip_tokenizer(os.path.join(folder, "tokenizer_2"), max_length, pad_token="!")  # as SDXL's
     family = "sdxl" if sdxl else "sd15"
@@ -79,20 +79,20 @@ def build_tiny_pipeline(folder: str, kind: str = "tiny-sd15", seed: int = 0, sam
         text_encoder_configs(family, tiny=True, vocab_size=vocab_size, max_length=max_length,
                              special_tokens=TINY_TOKENIZER_SPECIAL_TOKENS),
         None if pixel_space else vae_config(family, tiny=True, sample_size=sample_size * 2), seed=seed)
-    for name, encoder in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
-        encoder.save_pretrained(os.path.join(folder, name))
+    for part, encoder in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
+        encoder.save_pretrained(os.path.join(folder, part))
     parts.unet.save_pretrained(os.path.join(folder, "unet"))
 
     if pixel_space:
         FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).save_pretrained(os.path.join(folder, "scheduler"))
     else:
-        prediction_type = "v_prediction" if kind == "tiny-sd15-v" else "epsilon"
+        prediction_type = "v_prediction" if name == "tiny-sd15-v" else "epsilon"
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                       prediction_type=prediction_type).save_pretrained(os.path.join(folder, "scheduler"))
         parts.vae.save_pretrained(os.path.join(folder, "vae"))
     with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as handle:
         json.dump({"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
-                   "_tiny_model": kind}, handle)
+                   "_tiny_model": name}, handle)
     return folder
 
 

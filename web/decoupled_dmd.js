@@ -159,10 +159,10 @@ app.registerExtension({
       const node = findNode(detail.node);
       if (node?.dmdCurves) node.dmdCurves.store.text = detail.text;
       app.extensionManager?.toast?.add({
-        severity: SEVERITY[detail.kind] ?? "info",
-        summary: `Decoupled DMD Train: ${detail.kind}`,
+        severity: SEVERITY[detail.outcome] ?? "info",
+        summary: `Decoupled DMD Train: ${detail.outcome}`,
         detail: detail.text,
-        life: detail.kind === "finished" ? 8000 : 15000,
+        life: detail.outcome === "finished" ? 8000 : 15000,
       });
     });
     await restore();

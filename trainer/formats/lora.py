@@ -126,8 +126,8 @@ def read_init_lora(path: str, aliases: dict[str, str], network_alpha: float, fam
     for key in (k for k in header if k != "__metadata__"):
         part = next((p for p in LORA_PARTS if key.endswith("." + p)), None)
         prefix = key[: -len(part) - 1] if part else key.rsplit(".", 1)[0]
-        kind = LORA_PARTS.get(part) if part else ("alpha" if key.endswith(".alpha") else None)
-        if kind is None:
+        slot = LORA_PARTS.get(part) if part else ("alpha" if key.endswith(".alpha") else None)
+        if slot is None:
             if key.endswith((".dora_scale", ".hada_w1_a", ".lokr_w1", ".diff", ".diff_b", ".bias", ".w_norm")):
                 raise CheckpointError(f"network_weights: {name} holds {key!r}: only plain LoRA (down/up, A/B) "
                                       "files can start the student; LyCORIS, DoRA and full-weight diffs cannot")
@@ -139,7 +139,7 @@ def read_init_lora(path: str, aliases: dict[str, str], network_alpha: float, fam
         if prefix not in aliases:
             unknown.append(key)
             continue
-        groups.setdefault(aliases[prefix], {})[kind] = key
+        groups.setdefault(aliases[prefix], {})[slot] = key
     if text_encoder:
         raise CheckpointError(f"network_weights: {name} also adapts the text encoders ({text_encoder[0]!r}, "
                               f"{len(text_encoder)} keys); the student trains the UNet only: apply this LoRA to the "

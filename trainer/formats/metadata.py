@@ -113,11 +113,12 @@ def read_student_metadata(path: str) -> dict[str, str]:
 
 def student_format(metadata: dict[str, str]) -> str:
     """lora | unet | checkpoint (files from before `decoupled_dmd.format` existed: from the training mode)."""
-    kind = metadata.get("decoupled_dmd.format") or \
+    file_format = metadata.get("decoupled_dmd.format") or \
         ("lora" if metadata.get("decoupled_dmd.training_mode", "lora") == "lora" else "unet")
-    if kind not in ("lora", "unet", "checkpoint"):
-        raise ConfigError(f"decoupled_dmd.format {kind!r} is not lora, unet or checkpoint; the metadata is damaged")
-    return kind
+    if file_format not in ("lora", "unet", "checkpoint"):
+        raise ConfigError(f"decoupled_dmd.format {file_format!r} is not lora, unet or checkpoint; the metadata is "
+                          "damaged")
+    return file_format
 
 
 def student_timesteps(metadata: dict[str, str]) -> list[int]:
