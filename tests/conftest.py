@@ -19,7 +19,7 @@ def tiny_model_dir(tmp_path_factory):
     def get(name: str = "tiny-sd15") -> str:
         if name not in built:
             built[name] = build_tiny_pipeline(str(tmp_path_factory.mktemp(name)), name)
-        return built[kind]
+        return built[name]
 
     return get
 
