@@ -21,6 +21,7 @@ from ..trainer.config import (
     RENOISE_SCHEDULES,
     SAMPLING_SEED,
     UPDATE_NORMALIZATIONS,
+    resolution_problem,
 )
 from ..trainer.outputs import MetricsLog
 from . import runtime
@@ -35,7 +36,8 @@ DEFAULT_PROMPTS = "a photo of a cat sitting on a windowsill\na watercolor painti
 
 
 def check_resolution(resolution: int) -> str | None:
-    if resolution == 0 or (MIN_RESOLUTION <= resolution <= MAX_RESOLUTION and resolution % 8 == 0):
+    """The trainer's size rule (config.resolution_problem) with the node's floor and its 0 = the model's own."""
+    if resolution == 0 or resolution_problem(resolution, resolution, low=MIN_RESOLUTION) is None:
         return None
     return (f"resolution {resolution}: use 0 (the model's default: SD1.5 512, SDXL 1024) or a multiple of 8 "
             f"between {MIN_RESOLUTION} and {MAX_RESOLUTION}")

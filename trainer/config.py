@@ -414,27 +414,28 @@ def validate(config: TrainConfig) -> None:
         _fail("sample_prompts", "must be a file path or a list of prompts")
 
 
-def resolution_problem(width: int, height: int) -> str | None:
-    """Why a training or sampling size cannot be used (the VAE's factor 8, sane bounds), or None."""
-    low, high = MIN_RESOLUTION, MAX_RESOLUTION
+def resolution_problem(width: int, height: int, low: int = MIN_RESOLUTION) -> str | None:
+    """Why a training or sampling size cannot be used (the VAE's factor 8, sane bounds; `low`: a front end's own
+    floor), or None."""
+    high = MAX_RESOLUTION
     if not (low <= width <= high and low <= height <= high) or width % 8 or height % 8:
         return f"{width}x{height} must be multiples of 8 between {low} and {high}"
     return None
 
 
-def checked_timestep_bounds(config: TrainConfig, schedule) -> tuple[float, float]:
-    """The student timesteps and min/max_timestep checked against a teacher's schedule (ConfigError naming what
+def checked_timestep_bounds(config: TrainConfig, noise_schedule) -> tuple[float, float]:
+    """The student timesteps and min/max_timestep checked against a teacher's noise schedule (ConfigError naming what
     is out of range, or a timestep shift on a teacher that is not a flow model); returns the re-noising level
     bounds."""
     from .schedules import FlowSchedule, check_student_timesteps, timestep_level_bounds
 
-    if config.timestep_shift != 1.0 and not isinstance(schedule, FlowSchedule):
+    if config.timestep_shift != 1.0 and not isinstance(noise_schedule, FlowSchedule):
         raise ConfigError(f"timestep_shift: {config.timestep_shift:g} is for flow-matching teachers (SD3, Flux, "
                           "Lumina, Z-Image); this teacher is an SD (DDPM) model, whose timesteps need no shift: set "
                           "it to 1")
     try:
-        check_student_timesteps(schedule, config.student_timesteps, config.min_timestep)
-        return timestep_level_bounds(schedule, config.min_timestep, config.max_timestep)
+        check_student_timesteps(noise_schedule, config.student_timesteps, config.min_timestep)
+        return timestep_level_bounds(noise_schedule, config.min_timestep, config.max_timestep)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
