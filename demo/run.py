@@ -54,6 +54,68 @@ WORLD_DEMO_SETTINGS = {
 GRID_SEEDS = (10_100, 10_101)  # validation seeds: the grid is a picture to look at, not a reported figure
 
 
+def demo_settings(world, seed: int, settings: dict | None, max_train_steps: int | None, teacher_steps: int) -> dict:
+    """The trainer settings of a demo run: the world's recipe, the seed, then the caller's changes."""
+    values = dict(WORLD_DEMO_SETTINGS[world.name], seed=check_training_seed(seed), **(settings or {}))
+    if max_train_steps is not None:
+        values["max_train_steps"] = max_train_steps
+    if values.get("regression_loss_weight") and teacher_steps < values["regression_teacher_steps"]:
+        values["regression_teacher_steps"] = max(2, teacher_steps)  # --teacher_steps caps every teacher sampling
+    return values
+
+
+def score_demo_rows(evaluator, rows: dict, prompts: list[str], described: dict, world, guidance: float) -> dict:
+    """metrics.json's figures: every row scored against the reference (intervals paired with the student's row
+    where the evaluator has a reference), what each row is, the shipped 50-step rows and the noise floors."""
+    if evaluator.reference_features is not None:
+        from .evidence import score_rows
+
+        metrics = score_rows(evaluator, rows, prompts, compare_to="student")
+    else:
+        metrics = {name: evaluator(images, prompts) for name, images in rows.items()}
+    for name, about in described.items():
+        metrics[name].update(about)
+    info = world.teacher_info()
+    if "reference" in info:
+        metrics["teacher_50_steps_cfg"] = info["reference"].get(f"cfg_{guidance:g}")
+        metrics["teacher_50_steps_unguided"] = info["reference"].get("cfg_1")
+        metrics["teacher_50_steps_note"] = ("from the shipped guidance study (about 100 samples): compare its "
+                                            "Frechet with noise_floor_frechet_100, the others with noise_floor_frechet")
+        metrics["noise_floor_frechet_100"] = evaluator.noise_floor(100)
+    metrics["noise_floor_frechet"] = evaluator.noise_floor(len(prompts))
+    metrics["noise_floor_frechet_real"] = evaluator.real_noise_floor(prompts)
+    return metrics
+
+
+def write_grid(path: str, trainer, sampled: dict, world, columns: list[str], guidance: float,
+               teacher_steps: int) -> None:
+    """grid.png: for each grid seed, the teacher at its full steps, at the student's calls and at twice them,
+    then the student, on the same prompts (columns) and noises."""
+    steps = len(trainer.levels)
+    solver_name, nfe_steps = world.solver or "euler", max(1, steps // 2)
+    grid_rows = []
+    for grid_seed in GRID_SEEDS:
+        student_grid = sample_student(trainer, columns, grid_seed)[-1]
+        grid_rows += [
+            (f"teacher {teacher_steps} steps\ncfg {guidance:g}, seed {grid_seed}",
+             sampled[grid_key(grid_seed, teacher_steps, None)]),
+            (f"teacher {solver_name} {nfe_steps} st.\n({2 * nfe_steps} calls), seed {grid_seed}",
+             sampled[grid_key(grid_seed, nfe_steps, world.solver)]),
+            (f"teacher {solver_name} {steps} st.\n({2 * steps} calls), seed {grid_seed}",
+             sampled[grid_key(grid_seed, steps, world.solver)]),
+            (f"student {steps} steps\n({steps} calls), seed {grid_seed}", student_grid)]
+    save_labelled_grid(grid_rows, path, column_titles=[world.column_title(p) for p in columns])
+
+
+def write_samples(path: str, rows: dict, prompts: list[str], noise_seed: int) -> None:
+    """samples.npz: the student's and the double-calls teacher's evaluation images, for re-scoring elsewhere."""
+    student = rows["student"]
+    np.savez_compressed(path, student=student.clamp(-1, 1).numpy(),
+                        teacher_double_calls=rows["teacher_double_calls"].clamp(-1, 1).numpy(),
+                        prompts=np.array(prompts), seed=np.array(noise_seed), note=np.array(
+                            f"images {tuple(student.shape)} in [-1, 1]; prompts[i] asked for image i"))
+
+
 def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_prompt: int | None = None,
              seed: int = 0, teacher_dir: str | None = None, teacher_steps: int = 50, settings: dict | None = None,
              reference_file: str | None = None, should_stop=None, world="texture", split: str = "test",
@@ -68,12 +130,8 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     world = get_world(world)
     teacher_dir = teacher_dir or world.teacher_dir
     os.makedirs(output_dir, exist_ok=True)
-    values = dict(WORLD_DEMO_SETTINGS[world.name], seed=check_training_seed(seed), **(settings or {}))
+    values = demo_settings(world, seed, settings, max_train_steps, teacher_steps)
     split = get_split(split)
-    if max_train_steps is not None:
-        values["max_train_steps"] = max_train_steps
-    if values.get("regression_loss_weight") and teacher_steps < values["regression_teacher_steps"]:
-        values["regression_teacher_steps"] = max(2, teacher_steps)  # --teacher_steps caps every teacher sampling
     if eval_per_prompt is None:  # about 256 evaluation samples (the benchmark's evidence: 512)
         eval_per_prompt = max(1, 256 // len(world.grid_prompts()))
     evaluator = Evaluator(reference_file, world=world, split=split.name)
@@ -82,7 +140,7 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
     prompts = world.evaluation_prompts(eval_per_prompt)
     steps = len(values["student_timesteps"])
     guidance = float(values.get("guidance_scale") or teacher_info(teacher_dir).get("guidance_scale", 3.0))
-    solver_name, nfe_steps, columns = world.solver or "euler", max(1, steps // 2), world.grid_prompts()
+    solver_name, columns = world.solver or "euler", world.grid_prompts()
 
     # The evaluation set: each held-out prompt `eval_per_prompt` times, one noise draw (the split's) shared by
     # all rows; the teacher at equal, double and four times the student's network calls, and the grid's teacher
@@ -114,49 +172,15 @@ def run_demo(output_dir: str, max_train_steps: int | None = None, eval_per_promp
         raise RuntimeError(f"the teacher rows were sampled at cfg {guidance:g} for {steps} steps, the trainer ran cfg "
                            f"{trainer.guidance_scale:g} for {len(trainer.levels)}")
     rows = {"student": student, **{key: sampled[key] for key in CALL_FACTORS}}
-    if evaluator.reference_features is not None:
-        from .evidence import score_rows
-
-        metrics = score_rows(evaluator, rows, prompts, compare_to="student")
-    else:
-        metrics = {name: evaluator(images, prompts) for name, images in rows.items()}
-    for name, about in described.items():
-        metrics[name].update(about)
-    info = world.teacher_info()
-    if "reference" in info:
-        metrics["teacher_50_steps_cfg"] = info["reference"].get(f"cfg_{guidance:g}")
-        metrics["teacher_50_steps_unguided"] = info["reference"].get("cfg_1")
-        metrics["teacher_50_steps_note"] = ("from the shipped guidance study (about 100 samples): compare its "
-                                            "Frechet with noise_floor_frechet_100, the others with noise_floor_frechet")
-        metrics["noise_floor_frechet_100"] = evaluator.noise_floor(100)
-    metrics["noise_floor_frechet"] = evaluator.noise_floor(len(prompts))
-    metrics["noise_floor_frechet_real"] = evaluator.real_noise_floor(prompts)
+    metrics = score_demo_rows(evaluator, rows, prompts, described, world, guidance)
     protocol = split.record(prompts, world.prompts(), {name: len(images) for name, images in rows.items()})
-
-    # The grid: same prompts (columns) and seeds for the four rows of each seed.
-    grid_rows = []
-    for grid_seed in GRID_SEEDS:
-        student_grid = sample_student(trainer, columns, grid_seed)[-1]
-        grid_rows += [
-            (f"teacher {teacher_steps} steps\ncfg {guidance:g}, seed {grid_seed}",
-             sampled[grid_key(grid_seed, teacher_steps, None)]),
-            (f"teacher {solver_name} {nfe_steps} st.\n({2 * nfe_steps} calls), seed {grid_seed}",
-             sampled[grid_key(grid_seed, nfe_steps, world.solver)]),
-            (f"teacher {solver_name} {steps} st.\n({2 * steps} calls), seed {grid_seed}",
-             sampled[grid_key(grid_seed, steps, world.solver)]),
-            (f"student {steps} steps\n({steps} calls), seed {grid_seed}", student_grid)]
-    save_labelled_grid(grid_rows, os.path.join(output_dir, "grid.png"),
-                       column_titles=[world.column_title(p) for p in columns])
+    write_grid(os.path.join(output_dir, "grid.png"), trainer, sampled, world, columns, guidance, teacher_steps)
     entries = trainer.metrics_log.read()
     save_training_curves(entries, os.path.join(output_dir, "curves.png"),
                          title=f"dmd-demo: {values['renoise_schedule']}, {steps}-step student")
     student_file = os.path.join(output_dir, "student.safetensors")
     shutil.copyfile(result.student_file, student_file)
-    np.savez_compressed(os.path.join(output_dir, "samples.npz"), student=student.clamp(-1, 1).numpy(),
-                        teacher_double_calls=rows["teacher_double_calls"].clamp(-1, 1).numpy(),
-                        prompts=np.array(prompts),
-                        seed=np.array(split.noise_seed), note=np.array(
-                            f"images {tuple(student.shape)} in [-1, 1]; prompts[i] asked for image i"))
+    write_samples(os.path.join(output_dir, "samples.npz"), rows, prompts, split.noise_seed)
     summary = {
         "protocol": protocol,
         "metrics": metrics,
