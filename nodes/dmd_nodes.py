@@ -43,6 +43,16 @@ def check_resolution(resolution: int) -> str | None:
             f"between {MIN_RESOLUTION} and {MAX_RESOLUTION}")
 
 
+def timesteps_problem(timesteps) -> str | None:
+    """What is wrong with a typed timestep grid (None: nothing, or empty: the node's other source applies)."""
+    if isinstance(timesteps, str) and timesteps.strip():
+        try:
+            runtime.parse_timesteps(timesteps)
+        except ValueError as error:
+            return str(error)
+    return None
+
+
 def check_output_name(output_name) -> str | None:
     name = output_name.strip() if isinstance(output_name, str) else ""
     if not name or any(c in name for c in "/\\:") or name in (".", ".."):
@@ -77,8 +87,7 @@ def downstream_save_problem(prompt: dict, train_id) -> str | None:
                                         inputs.get("checkpoint_name") if inputs.get("save_checkpoint") else None)
             what = "Save Distilled"
         elif node.get("class_type") == "DecoupledDMD_FewStepSampler":
-            answer = FewStepSampler.VALIDATE_INPUTS(timesteps=inputs.get("timesteps"))
-            problem, what = (None if answer is True else answer), "Few-Step Sampler"
+            problem, what = timesteps_problem(inputs.get("timesteps")), "Few-Step Sampler"
         else:
             continue
         if problem:
@@ -503,12 +512,7 @@ class Settings:
     def VALIDATE_INPUTS(cls, timesteps=None):
         # Only timesteps (ComfyUI files the answer under every input named here); min_timestep and max_timestep
         # keep ComfyUI's own min/max check, and their order is checked when the node runs.
-        if isinstance(timesteps, str) and timesteps.strip():
-            try:
-                runtime.parse_timesteps(timesteps)
-            except ValueError as error:
-                return str(error)
-        return True
+        return timesteps_problem(timesteps) or True
 
     @classmethod
     def defaults(cls) -> dict:
@@ -720,12 +724,7 @@ class FewStepSampler:
 
     @classmethod
     def VALIDATE_INPUTS(cls, timesteps=None):
-        if isinstance(timesteps, str) and timesteps.strip():
-            try:
-                runtime.parse_timesteps(timesteps)
-            except ValueError as error:
-                return str(error)
-        return True
+        return timesteps_problem(timesteps) or True
 
     def sample(self, model, positive, latent_image, seed, steps, timesteps, metadata_file, student=None):
         if timesteps.strip():
