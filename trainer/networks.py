@@ -67,9 +67,13 @@ def check_lora_targets(base: nn.Module, targets) -> None:
 
 
 def nonfinite_tensors(module: nn.Module) -> list[str]:
-    """Names of the module's floating-point weights and buffers that hold NaN or inf (a damaged checkpoint)."""
+    """Names of the module's floating-point weights and buffers that hold NaN or inf (a damaged checkpoint).
+    fp8 storage (ComfyUI's fp8 UNets) has no isfinite kernel: such a tensor is checked in float32, one at a time."""
+    def finite(tensor: Tensor) -> bool:
+        return bool(torch.isfinite(tensor.float() if tensor.element_size() == 1 else tensor).all())
+
     return [name for name, tensor in [*module.named_parameters(), *module.named_buffers()]
-            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all())]
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not finite(tensor)]
 
 
 class LoraRoles(Roles):

@@ -88,16 +88,17 @@ def make_base(base: str) -> None:
 
 
 @contextlib.contextmanager
-def start_server(base: str):
-    """ComfyUI on a free loopback port with `base` as its base directory, until the block ends."""
+def start_server(base: str, extra_args: tuple[str, ...] = (), log_name: str = "server.log"):
+    """ComfyUI on a free loopback port with `base` as its base directory (and ComfyUI's own `extra_args`, e.g.
+    `--fp8_e4m3fn-unet`), until the block ends; its console goes to `base`/`log_name`."""
     python = os.environ.get("COMFYUI_PYTHON") or next(
         (p for p in [os.path.join(ROOT, ".venv", "bin", "python")] if os.path.exists(p)), sys.executable)
     port = _free_port()
-    log_path = os.path.join(base, "server.log")
+    log_path = os.path.join(base, log_name)
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", base,
-             "--disable-auto-launch", *_frontend_args()], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+             "--disable-auto-launch", *_frontend_args(), *extra_args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     server = Server(base, port, process, log_path)
     try:
         deadline = time.time() + 180

@@ -351,6 +351,44 @@ def test_the_distill_from_speed_lora_workflow_starts_from_the_speed_lora_and_sam
     assert metadata["decoupled_dmd.network_dim"] == "8"  # the rank came from the speed LoRA, not network_dim 4
 
 
+def _storage_run(server, name: str) -> list[dict]:
+    """Two updates of the tiny SD1.5 (the graph up to Save Distilled); the run's metrics records."""
+    graph = _save_only_graph(name)
+    set_train_inputs(graph, max_train_steps=2, preview_every=0)
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", _errors(entry)
+    with open(os.path.join(server.base, "output", "decoupled_dmd", name, "logs", "metrics.jsonl"),
+              encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.fixture(scope="module")
+def fp32_storage_run(comfy_server):
+    return _storage_run(comfy_server, "ci_storage_fp32")
+
+
+# ComfyUI's weight storage flags, each with its unit roundoff u (half the gap between 1 and the next number):
+# storing a weight in the format moves it by at most a relative u, and to first order no more than that reaches
+# the teacher's outputs and a loss made of them, the fake model's denoising loss: the tolerance against the fp32
+# run (measured on 2026-12-07, worst of two updates: 0.02% bf16, 0% fp16, 0.44% e4m3fn, 0.84% e5m2, well inside
+# u). The generator's loss is not held to u: its update is a difference of two teacher predictions (CA: cond -
+# uncond; DM: real - fake), so their rounding does not cancel (measured up to 18% with e4m3fn at update 2).
+@pytest.mark.parametrize("flag, dtype, roundoff", [
+    ("--bf16-unet", "torch.bfloat16", 2.0 ** -8), ("--fp16-unet", "torch.float16", 2.0 ** -11),
+    ("--fp8_e4m3fn-unet", "torch.float8_e4m3fn", 2.0 ** -4), ("--fp8_e5m2-unet", "torch.float8_e5m2", 2.0 ** -3),
+])
+def test_the_train_node_trains_a_lora_over_every_weight_storage_comfyui_uses(comfy_server, fp32_storage_run, flag,
+                                                                             dtype, roundoff):
+    """The base stays frozen in its storage format (ComfyUI casts it on the fly), the adapters train in fp32:
+    the same seed gives the fp32 run's losses within the format's rounding."""
+    with start_server(comfy_server.base, (flag,), log_name=f"server{flag}.log") as server:
+        records = _storage_run(server, f"ci_storage{flag.replace('-', '_')}")
+        assert f"model weight dtype {dtype}, manual cast: torch.float32" in server.log()
+    for record, reference in zip(records, fp32_storage_run, strict=True):
+        assert record["loss_fake"] == pytest.approx(reference["loss_fake"], rel=roundoff), (record, reference)
+        assert 0 < record["loss_generator"] < 2 * reference["loss_generator"], (record, reference)
+
+
 @pytest.mark.parametrize("node, change, inputs, words", [
     ("3", {"resolution": 100000}, {"resolution"}, "bigger than max"),
     ("3", {"prompt_file": "no_such_prompts.txt"}, {"prompts", "prompt_file"}, "prompt_file"),
