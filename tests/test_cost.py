@@ -524,3 +524,6 @@ def test_on_a_cpu_a_plan_beyond_the_machines_ram_is_refused_before_loading(tiny_
         distill(config)
     assert memory_plan.memory_limit_bytes(config, "cpu") == 2**20
     assert memory_plan.memory_limit_bytes(config_from_dict(dict(memory_limit_gb=2.0)), "cpu") == 2 * 2**30
+    # a host's figure (ComfyUI's free memory plus the loaded UNet) replaces the process's own reading, not the limit
+    assert memory_plan.memory_limit_bytes(config, "cpu", host_available=3 * 2**30) == 3 * 2**30
+    assert memory_plan.memory_limit_bytes(config_from_dict(dict(memory_limit_gb=2.0)), "cpu", 3 * 2**30) == 2 * 2**30

@@ -507,3 +507,11 @@ def test_curve_message_carries_the_finite_curve_values_of_one_update():
     json.dumps(message, allow_nan=False)  # what the websocket sends: strict JSON
 
 
+
+
+def test_comfyuis_novram_mode_is_refused_with_what_to_do_and_lowvram_trains():
+    from decoupled_dmd.trainer.adapters.comfy import partial_loading_problem
+
+    assert "Restart ComfyUI without --novram" in partial_loading_problem("NO_VRAM")
+    assert all(partial_loading_problem(state) is None
+               for state in ("LOW_VRAM", "NORMAL_VRAM", "HIGH_VRAM", "SHARED", "CPU", "DISABLED"))

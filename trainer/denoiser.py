@@ -157,6 +157,11 @@ class ModelAdapter(ABC):
         calls cannot (a host application's internals); None: simulate this adapter itself."""
         return None
 
+    def memory_available_bytes(self, device: str) -> int | None:
+        """Memory this run may use as a host application reports it, counting what this adapter's backbone
+        already holds (the plan counts those weights); None: no host, the trainer reads the device itself."""
+        return None
+
     def text_encoder_parameters(self) -> int:
         """Parameters of the text encoders this adapter moves to the training device (0: managed elsewhere)."""
         return 0

@@ -221,7 +221,14 @@ class DecoupledDMDTrainer:
     def _plan_memory(self):
         """Plan this run's peak memory on the loaded model (front ends that load weights themselves, such as
         ComfyUI, get their plan here; the CLI plans before loading), log it, and stop if it does not fit."""
-        from .memory_plan import check_fits, knob_savings, memory_limit_bytes, plan_training_memory, skeleton_roles
+        from .memory_plan import (
+            GIB,
+            check_fits,
+            knob_savings,
+            memory_limit_bytes,
+            plan_training_memory,
+            skeleton_roles,
+        )
 
         config, device = self.config, self.accelerator.device.type
         template = self.prompt_cache.get([""])
@@ -257,7 +264,14 @@ class DecoupledDMDTrainer:
             logger.info("memory plan unavailable for this model (%s: %s)", type(error).__name__, error)
             return None
         logger.info("%s", plan.table())
-        check_fits(plan, memory_limit_bytes(config, device), lambda: knob_savings(plan_for, config, plan))
+        host = self.adapter.memory_available_bytes(device)
+        limit = memory_limit_bytes(config, device, host)
+        if limit:
+            source = ("memory_limit_gb" if config.memory_limit_gb else "the host's free memory plus the loaded UNet"
+                      if host is not None else f"the {device}'s free memory")
+            logger.info("memory: the plan's peak %.2f GiB against %.2f GiB available (%s)", plan.peak / GIB,
+                        limit / GIB, source)
+        check_fits(plan, limit, lambda: knob_savings(plan_for, config, plan))
         return plan
 
     def _prepare_prompts(self):

@@ -370,12 +370,15 @@ def knob_savings(plan_for: Callable[[object], MemoryPlan], config, base_plan: Me
     return sorted(out, key=lambda item: -item[1])
 
 
-def memory_limit_bytes(config, device: str) -> int | None:
-    """memory_limit_gb, or what this process can use: on a GPU its free memory plus what this process already
-    holds (a host such as ComfyUI has the weights the plan counts loaded already); on a CPU the RAM available
-    plus this process's resident memory; None where neither can be read."""
+def memory_limit_bytes(config, device: str, host_available: int | None = None) -> int | None:
+    """memory_limit_gb, or what the host application reports (`host_available`: ComfyUI's free memory plus the
+    weights the plan counts, ModelAdapter.memory_available_bytes), or what this process can use: on a GPU its free
+    memory plus what this process already holds; on a CPU the RAM available plus this process's resident memory;
+    None where neither can be read."""
     if config.memory_limit_gb:
         return int(config.memory_limit_gb * GIB)
+    if host_available is not None:
+        return int(host_available)
     if device == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())
     if device == "cpu":

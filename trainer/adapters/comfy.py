@@ -158,6 +158,15 @@ class ComfyAdapter(ModelAdapter):
         return ("save_merged_checkpoint: in ComfyUI the all-in-one checkpoint is written with ComfyUI's own saver "
                 "(the Train node's save_checkpoint input); set save_merged_checkpoint = false for this trainer")
 
+    def memory_available_bytes(self, device: str) -> int:
+        """ComfyUI's own free-memory figure for its device (models it keeps loaded are not free) plus the UNet's
+        weights, which are loaded already and which the plan counts."""
+        import comfy.model_management as mm
+
+        held = sum(t.numel() * t.element_size() for t in [*self.network.parameters(), *self.network.buffers()]
+                   if t.device.type != "meta")
+        return int(mm.get_free_memory(mm.get_torch_device()) + held)
+
     def planning_skeleton(self):
         """The same UNet as a diffusers module on the meta device, its config read from this UNet's LDM weight
         shapes: ComfyUI's apply_model consults device memory and copies tables, which meta tensors refuse."""
@@ -287,6 +296,19 @@ def _make_trainable(module: nn.Module) -> int:
     return replaced
 
 
+def partial_loading_problem(vram_state: str) -> str | None:
+    """Why the Train node will not train under ComfyUI's VRAM mode `vram_state` (a VRAMState name), or None.
+
+    The UNet is loaded whole for training (`force_full_load`), which ComfyUI honours in every mode but NO_VRAM:
+    there it keeps the weights in system RAM and streams them to the GPU for every call, a run many times
+    slower than it should be. --lowvram is fine: the memory plan checks first that the whole UNet fits."""
+    if vram_state == "NO_VRAM":
+        return ("ComfyUI runs with --novram: it would keep the UNet's weights in system RAM and stream them to the "
+                "GPU for every call, so training would be many times slower. Restart ComfyUI without --novram to "
+                "train (--lowvram is fine: the Train node loads the UNet whole after checking that it fits)")
+    return None
+
+
 @contextlib.contextmanager
 def trainable_unet(teacher: Teacher):
     """Load the teacher MODEL (with its patches) and yield a `ComfyAdapter` whose UNet autograd can train.
@@ -297,7 +319,12 @@ def trainable_unet(teacher: Teacher):
 
     if torch.is_inference_mode_enabled():
         raise RuntimeError("trainable_unet needs torch.inference_mode(False)")
+    problem = partial_loading_problem(mm.vram_state.name)
+    if problem:
+        raise ValueError(problem)
     patcher = teacher.model.clone()
+    mm.unload_all_models()  # what ComfyUI can free before training: other models, cached; reloaded when needed
+    mm.soft_empty_cache()
     mm.load_models_gpu([patcher], force_full_load=True)
     base = patcher.model
     replaced = _make_trainable(base.diffusion_model)
