@@ -72,7 +72,7 @@ def save_name_problem(lora_name=None, checkpoint_name=None) -> str | None:
     return None
 
 
-def downstream_save_problem(prompt: dict, train_id) -> str | None:
+def downstream_problem(prompt: dict, train_id) -> str | None:
     """A pack node fed by this Train node (in the queued API-format prompt) that ComfyUI would drop for a bad
     input: a Save Distilled with a file name that leaves its models folder, a Few-Step Sampler with bad timesteps.
     Said before training, since ComfyUI trains for the other outputs and that output would never be written
@@ -624,7 +624,7 @@ class Train:
         reporter = NodeReporter(max_train_steps, unique_id, output_name.strip())
         try:
             problem = (check_resolution(resolution) or check_output_name(output_name)
-                       or downstream_save_problem(prompt or {}, unique_id))
+                       or downstream_problem(prompt or {}, unique_id))
             if problem:
                 raise ValueError(problem)
             training_prompts = _training_prompts(prompts, prompt_file)

@@ -15,7 +15,7 @@ from decoupled_dmd.nodes.dmd_nodes import (
     Train,
     check_output_name,
     check_resolution,
-    downstream_save_problem,
+    downstream_problem,
     failed_text,
     finished_text,
     read_prompt_lines,
@@ -136,15 +136,15 @@ def test_a_bad_save_distilled_name_is_refused_by_the_train_node_that_feeds_it():
               "6": {"class_type": "DecoupledDMD_SaveDistilled",
                     "inputs": {"student": ["5", 2], "save_lora": True, "lora_name": "../evil",
                                "save_checkpoint": False, "checkpoint_name": "/abs"}}}
-    problem = downstream_save_problem(prompt, "5")
+    problem = downstream_problem(prompt, "5")
     assert "node 6" in problem and "lora_name" in problem and "nothing is trained" in problem
-    assert downstream_save_problem(prompt, "7") is None  # fed by another Train node
+    assert downstream_problem(prompt, "7") is None  # fed by another Train node
     prompt["6"]["inputs"].update(lora_name="fine", save_checkpoint=True)
-    assert "checkpoint_name" in downstream_save_problem(prompt, "5")
+    assert "checkpoint_name" in downstream_problem(prompt, "5")
     prompt["6"]["inputs"].update(save_checkpoint=False)
-    assert downstream_save_problem(prompt, "5") is None
+    assert downstream_problem(prompt, "5") is None
     prompt["7"] = {"class_type": "DecoupledDMD_FewStepSampler", "inputs": {"model": ["5", 0], "timesteps": "499,999"}}
-    assert "Few-Step Sampler (node 7)" in downstream_save_problem(prompt, "5")
+    assert "Few-Step Sampler (node 7)" in downstream_problem(prompt, "5")
 
 
 def test_how_a_run_ended_is_said_with_what_to_do_and_where_the_files_are():
@@ -278,7 +278,7 @@ def test_api_workflow_names_existing_nodes_and_valid_inputs(name):
             assert NODE_CLASS_MAPPINGS["DecoupledDMD_Train"].VALIDATE_INPUTS(
                 **{k: given[k] for k in ("prompts", "prompt_file")}) is True
             assert check_resolution(given["resolution"]) is None and check_output_name(given["output_name"]) is None
-            assert downstream_save_problem(graph, node_id) is None
+            assert downstream_problem(graph, node_id) is None
 
 
 @pytest.mark.parametrize("name", _workflow_names())
