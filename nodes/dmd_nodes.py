@@ -277,10 +277,13 @@ STATUS_EVENT = "decoupled_dmd.status"  # how a run ended; web/decoupled_dmd.js s
 RESTORED_POINTS = 500  # at most this many earlier updates are sent back to the curves when a run resumes
 
 
+NOTHING_TRAINED = "stopped before the first update: nothing was trained or written"
+
+
 def stopped_text(result) -> str:
     """The Train node's last words after Cancel (or a stop signal)."""
     if result.student_path is None:
-        return "stopped before the first update: nothing was trained or written"
+        return NOTHING_TRAINED
     return (f"stopped after update {result.steps_done}: a resumable state is saved in {result.state_dir}. Queue "
             "again unchanged to continue")
 
@@ -309,12 +312,10 @@ class NodeReporter:
     def __init__(self, total: int, node_id, output_name: str = ""):
         import uuid
 
-        import comfy.model_management as mm
         import comfy.utils
 
         self.total, self.node_id, self.output_name = total, node_id, output_name
         self.progress = comfy.utils.ProgressBar(total, node_id=node_id)
-        self.interrupted = mm.InterruptProcessingException
         self.run = uuid.uuid4().hex
         try:
             from server import PromptServer
@@ -340,7 +341,7 @@ class NodeReporter:
 
         try:  # ComfyUI's progress hook raises on Cancel: turn that into a stop request
             self.progress.update_absolute(step, self.total, preview)
-        except self.interrupted:
+        except mm.InterruptProcessingException:
             mm.interrupt_current_processing(True)
 
     def on_preview(self, step, images) -> None:
@@ -601,7 +602,7 @@ class Train:
     def VALIDATE_INPUTS(cls, prompts=None, prompt_file=None):
         # ComfyUI files this answer under every input named here (execution.validate_inputs), so only the two
         # inputs that make up the training prompts are: the check that must come before the checkpoint loads.
-        # resolution and output_name get ComfyUI's own min/max check here and the rest at the Train node's start,
+        # resolution gets ComfyUI's own min/max check here; the rest of it and output_name at the node's start,
         # before anything trains, beside the names of the Save Distilled nodes it feeds (ComfyUI would drop one
         # with a bad name and train anyway).
         if not isinstance(prompts, str) or not isinstance(prompt_file, str):
@@ -637,7 +638,7 @@ class Train:
                 on_phase=reporter.on_phase,
                 on_resume=lambda step: reporter.restore(MetricsLog.of(config).read(), step))
         except mm.InterruptProcessingException:
-            reporter.end("stopped", "stopped before the first update: nothing was trained or written")
+            reporter.end("stopped", NOTHING_TRAINED)
             raise
         except Exception as error:
             reporter.end(*failed_text(error))

@@ -259,8 +259,8 @@ def apply_student(adapter: ModelAdapter, student_path: str, force: bool = False)
     ldm_keys = adapter.unet_ldm_keys or {}
     if file_format == "lora":
         if is_kohya_lora(tensors):
-            ldm = lora_module_names(ldm_keys)  # LDM paths (SDXL, and SD1.5 students written before 2026-12-07)
-            state, rank, alpha = peft_from_kohya(tensors, ldm, {module: module for module in ldm})
+            # the family's kohya paths, and LDM paths (SD1.5 students written before 2026-12-07 used them)
+            state, rank, alpha = peft_from_kohya(tensors, adapter.kohya_lora_names() or {}, lora_module_names(ldm_keys))
         else:
             state = {k.removeprefix("unet."): v.float() for k, v in tensors.items()}
             try:
